@@ -1,0 +1,326 @@
+"""Per-language x per-layer SAE activity, its gap to English, and the paper's headline numbers.
+
+    python -m analysis.gaps PATH... [--out DIR] [--stat mass|l0|max] [--bands 0-8,9-17,18-25]
+                            [--n-boot 1000] [--seed 0] [--reference en] [--low-langs id,ca,mr,ml,hi]
+
+PATH: activation files (.h5) or run directories (RUN/activations/*.h5). Writes gaps.json,
+gaps.csv, figures/*.png and report.txt into --out (RUN/reports/ by default) and prints the report.
+How each number is computed is spelled out in analysis.report.METHODS (and in gaps.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from analysis.bands import compact, parse_bands
+from analysis.figures import write_figures
+from analysis.overlap import active_keys, feature_overlap, mean_cosine
+from analysis.render import render
+from analysis.report import GROUP_NAME, GapReport, GapRow, Headline, OverlapRow, SimilarityRow, write_csv, write_json
+from analysis.sources import LanguageSource, load_sources, resolve_paths
+from analysis.stats import cluster_bootstrap_means, nanmean, percentile_ci, wilcoxon
+from toolkit.errors import UserError
+from toolkit.store import STATS
+
+LOW_LANGS = ("id", "ca", "mr", "ml", "hi")
+REPORT_WIDTH = 80  # report.txt is the terminal report at the width it is designed for
+
+Pathish = str | Path
+
+
+def analyse(
+    paths: Pathish | Sequence[Pathish],
+    stat: str = "mass",
+    bands: str | Sequence[tuple[int, int]] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    reference: str = "en",
+    low_langs: Sequence[str] = LOW_LANGS,
+) -> GapReport:
+    """Analyse activation files (or run directories) into a GapReport; see analysis.report.METHODS."""
+    if stat not in STATS:
+        raise UserError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
+    if n_boot < 1:
+        raise UserError(f"n_boot must be at least 1 (got {n_boot}); 1000 or more for publishable intervals")
+    sources, meta = load_sources(resolve_paths([paths] if isinstance(paths, (str, Path)) else paths), reference)
+    layers = meta["layers"]
+    band_layers = parse_bands(bands, layers)
+    languages = _order(sources, reference, low_langs)
+    group = [lang for lang in low_langs if lang in sources and lang != reference]
+
+    values = {lang: sources[lang].stats(layers, stat) for lang in languages}
+    units = np.unique(np.concatenate([s.ids for s in sources.values()]))
+    reps = cluster_bootstrap_means(
+        {lang: (np.searchsorted(units, sources[lang].ids), values[lang]) for lang in languages}, len(units), n_boot, seed
+    )
+    ref_a = values[reference].mean(axis=0)
+    gaps = {lang: _pct(values[lang].mean(axis=0), ref_a) for lang in languages}
+    gap_reps = {lang: _pct(reps[lang], reps[reference]) for lang in languages}
+    pairs = {lang: _pairs(sources[lang], sources[reference]) for lang in languages}
+
+    rows = [
+        row
+        for lang in languages
+        for row in _rows(lang, stat, layers, values[lang], values[reference], gaps[lang], reps[lang], gap_reps[lang],
+                         pairs[lang], is_reference=lang == reference)
+    ]
+    headlines = [_headline(lang, [lang], gaps[lang], gap_reps[lang], layers, band_layers) for lang in languages[1:]]
+    if group:
+        group_gap = nanmean([gaps[lang] for lang in group], axis=0)
+        group_reps = nanmean([gap_reps[lang] for lang in group], axis=0)
+        headlines.insert(0, _headline(GROUP_NAME, group, group_gap, group_reps, layers, band_layers))
+    overlap, similarity = _compare(sources, languages, reference, layers, pairs)
+    return GapReport(
+        statistic=stat,
+        reference=reference,
+        languages=languages,
+        low_langs=group,
+        layers=layers,
+        bands=band_layers,
+        n_boot=n_boot,
+        seed=seed,
+        rows=rows,
+        headlines=headlines,
+        overlap=overlap,
+        similarity=similarity,
+        meta=meta,
+        sources={lang: [str(p) for p in sources[lang].paths] for lang in languages},
+        notes=_notes(sources, languages, reference, low_langs, pairs, layers, ref_a, stat),
+    )
+
+
+def write_report(report: GapReport, out_dir: Pathish) -> Path:
+    """Write gaps.json, gaps.csv, figures/*.png and report.txt into out_dir; returns out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(report, out / "gaps.json")
+    write_csv(report, out / "gaps.csv")
+    write_figures(report, out / "figures")
+    console = Console(record=True, width=REPORT_WIDTH, file=io.StringIO())
+    render(report, console)
+    (out / "report.txt").write_text(console.export_text())
+    return out
+
+
+def run_report(
+    run_dir: Pathish,
+    out_dir: Pathish | None = None,
+    stat: str = "mass",
+    bands: str | Sequence[tuple[int, int]] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    console: Console | None = None,
+    *,
+    reference: str = "en",
+    low_langs: Sequence[str] = LOW_LANGS,
+) -> GapReport:
+    """The `report` stage: analyse RUN/activations, write RUN/reports/ (or out_dir), print to `console` if given."""
+    report = analyse(run_dir, stat=stat, bands=bands, n_boot=n_boot, seed=seed, reference=reference,
+                     low_langs=low_langs)
+    write_report(report, out_dir if out_dir is not None else Path(run_dir) / "reports")
+    if console is not None:
+        render(report, console)
+    return report
+
+
+def _order(sources: dict[str, LanguageSource], reference: str, low_langs: Sequence[str]) -> list[str]:
+    others = sorted(lang for lang in sources if lang != reference and lang not in low_langs)
+    return [reference, *others, *(lang for lang in low_langs if lang in sources and lang != reference)]
+
+
+def _pct(a: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """100 (a - ref) / ref, NaN where ref is 0 or NaN."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ref != 0, 100 * (a - ref) / ref, np.nan)
+
+
+def _pairs(lang: LanguageSource, ref: LanguageSource) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the sentences both languages have (same id), in the language and in the reference."""
+    _, rows_lang, rows_ref = np.intersect1d(lang.ids, ref.ids, assume_unique=True, return_indices=True)
+    return rows_lang, rows_ref
+
+
+def _rows(
+    lang: str,
+    stat: str,
+    layers: list[int],
+    values: np.ndarray,
+    ref_values: np.ndarray,
+    gap: np.ndarray,
+    reps: np.ndarray,
+    gap_reps: np.ndarray,
+    pairs: tuple[np.ndarray, np.ndarray],
+    is_reference: bool,
+) -> list[GapRow]:
+    low, high = percentile_ci(reps)
+    gap_low, gap_high = percentile_ci(gap_reps)
+    x, y = values[pairs[0]], ref_values[pairs[1]]
+    n_par = len(pairs[0])
+    gap_par = _pct(x.mean(axis=0), y.mean(axis=0)) if n_par else np.full(len(layers), np.nan)
+    return [
+        GapRow(
+            language=lang,
+            layer=layer,
+            statistic=stat,
+            value=float(values[:, j].mean()),
+            ci_low=float(low[j]),
+            ci_high=float(high[j]),
+            gap_pct=float(gap[j]),
+            gap_parallel_pct=float(gap_par[j]),
+            p_value=np.nan if is_reference else wilcoxon(x[:, j], y[:, j]),
+            n=len(values),
+            gap_ci_low=float(gap_low[j]),
+            gap_ci_high=float(gap_high[j]),
+            n_parallel=n_par,
+        )
+        for j, layer in enumerate(layers)
+    ]
+
+
+def _headline(
+    name: str, languages: list[str], gap: np.ndarray, reps: np.ndarray, layers: list[int], bands: dict[str, list[int]]
+) -> Headline:
+    early = [layers.index(layer) for layer in bands["early"]]
+    deep = [layers.index(layer) for layer in bands["deep"]]
+    with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # all-NaN bands stay NaN
+        if np.isnan(gap[early]).all():
+            early_min, early_layer = np.nan, None
+        else:
+            i = int(np.nanargmin(gap[early]))
+            early_min, early_layer = float(gap[early][i]), bands["early"][i]
+        early_ci = percentile_ci(np.nanmin(reps[:, early], axis=1))
+        deep_mean = float(np.nanmean(gap[deep]))
+        deep_ci = percentile_ci(np.nanmean(reps[:, deep], axis=1))
+    return Headline(
+        name=name,
+        languages=languages,
+        early_min_gap=early_min,
+        early_min_layer=early_layer,
+        early_ci=(float(early_ci[0]), float(early_ci[1])),
+        deep_mean_gap=deep_mean,
+        deep_ci=(float(deep_ci[0]), float(deep_ci[1])),
+    )
+
+
+def _compare(
+    sources: dict[str, LanguageSource],
+    languages: list[str],
+    reference: str,
+    layers: list[int],
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> tuple[list[OverlapRow], list[SimilarityRow]]:
+    """Feature overlap and residual similarity with the reference, one layer's codes in memory at a time."""
+    ref = sources[reference]
+    others = [lang for lang in languages if lang != reference]
+    pair_of_row = {}
+    for lang in others:
+        rows_lang, rows_ref = pairs[lang]
+        pair_of_row[lang] = (_pair_index(sources[lang].n, rows_lang), _pair_index(ref.n, rows_ref))
+    overlap, similarity = [], []
+    for layer in layers:
+        ref_codes = ref.codes(layer)
+        ref_pooled = ref.pooled_resid(layer) if ref.has_resid(layer) else None
+        for lang in others:
+            n_pairs = len(pairs[lang][0])
+            if n_pairs == 0:
+                overlap.append(OverlapRow(lang, layer, np.nan, np.nan, 0))
+                continue
+            keys = active_keys(*sources[lang].codes(layer), pair_of_row[lang][0])
+            ref_keys = active_keys(*ref_codes, pair_of_row[lang][1])
+            overlap.append(OverlapRow(lang, layer, *feature_overlap(keys, ref_keys, n_pairs), n_pairs))
+            if ref_pooled is not None and sources[lang].has_resid(layer):
+                pooled = sources[lang].pooled_resid(layer)
+                cosine = mean_cosine(pooled[pairs[lang][0]], ref_pooled[pairs[lang][1]])
+                similarity.append(SimilarityRow(lang, layer, cosine, n_pairs))
+    return overlap, similarity
+
+
+def _pair_index(n: int, rows: np.ndarray) -> np.ndarray:
+    out = np.full(n, -1, dtype=np.int64)
+    out[rows] = np.arange(len(rows))
+    return out
+
+
+def _notes(
+    sources: dict[str, LanguageSource],
+    languages: list[str],
+    reference: str,
+    low_langs: Sequence[str],
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]],
+    layers: list[int],
+    ref_a: np.ndarray,
+    stat: str,
+) -> list[str]:
+    """What a reader must know to trust the numbers: unmatched sentences, absent languages, undefined gaps."""
+    notes = []
+    ref = sources[reference]
+    for lang in languages[1:]:
+        n_par = len(pairs[lang][0])
+        if n_par == 0:
+            notes.append(f"{lang} shares no sentence id with {reference}: parallel gaps, p-values and overlap are undefined")
+        elif n_par < sources[lang].n or n_par < ref.n:
+            notes.append(
+                f"{lang}: {n_par} parallel sentences; {sources[lang].n - n_par} of its {sources[lang].n} and "
+                f"{ref.n - n_par} of {reference}'s {ref.n} have no counterpart (left out of the parallel statistics)"
+            )
+    absent = [lang for lang in low_langs if lang not in sources]
+    if absent:
+        notes.append(f"{GROUP_NAME} headline without {', '.join(absent)} (no activation files)")
+    dead = [layer for layer, a in zip(layers, ref_a) if a == 0]
+    if dead:
+        notes.append(f"{reference} has zero mean {stat} at layer(s) {compact(dead)}: gaps are undefined there")
+    return notes
+
+
+def _default_out(paths: Sequence[str]) -> Path:
+    first = Path(paths[0])
+    if first.is_dir():
+        return first / "reports"
+    return (first.parent.parent if first.parent.name == "activations" else first.parent) / "reports"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.gaps",
+        description="Per-language x per-layer SAE activity gaps vs the reference language, with CIs, "
+        "Wilcoxon tests, feature overlap, figures and a terminal report.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="activation files (.h5) or run directories")
+    parser.add_argument("--out", help="output folder (default: RUN/reports of the first PATH)")
+    parser.add_argument("--stat", choices=STATS, default="mass", help="per-sentence statistic (default: mass)")
+    parser.add_argument("--bands", help="early,middle,deep layer ranges, e.g. 0-8,9-17,18-25 (default: thirds)")
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    parser.add_argument("--reference", default="en", help="reference language (default: en)")
+    parser.add_argument("--low-langs", default=",".join(LOW_LANGS), help="the headline group (default: %(default)s)")
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        report = analyse(
+            args.paths,
+            stat=args.stat,
+            bands=args.bands,
+            n_boot=args.n_boot,
+            seed=args.seed,
+            reference=args.reference,
+            low_langs=tuple(x.strip() for x in args.low_langs.split(",") if x.strip()),
+        )
+        out = write_report(report, args.out or _default_out(args.paths))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    render(report, console)
+    console.print(f"[dim]wrote gaps.json, gaps.csv, report.txt and figures/ to {out}[/dim]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

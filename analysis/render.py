@@ -1,0 +1,226 @@
+"""The terminal report (Rich): headline panel, language x layer gap table, per-language summary.
+
+Designed for 80 columns: when there are more layers than fit, consecutive layers of one band are
+grouped into a column showing their mean gap (26 layers -> 9 columns of 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
+
+from analysis.bands import compact, describe
+from analysis.report import GROUP_NAME, GapReport, Headline
+from analysis.stats import nanmean
+
+_LABEL_WIDTH = 7
+_CELL_WIDTH = 6  # "-26.3", "+123.4"
+_GROUP_LABEL = "med/low"
+# RdBu end points and its light centre: red = weaker than the reference, blue = stronger
+_RED, _MID, _BLUE = np.array([178, 24, 43]), np.array([247, 247, 247]), np.array([33, 102, 172])
+
+
+def render(report: GapReport, console: Console) -> None:
+    """Print the whole report."""
+    model = report.meta.get("model_id") or "unknown model"
+    console.print(Rule(f"[bold]lingogap[/bold] · SAE activity vs {report.reference} · {model}"))
+    console.print(_context(report), style="dim")
+    console.print(headline_panel(report))
+    console.print(gap_table(report, console.width))
+    console.print(summary_table(report))
+    for note in report.notes:
+        console.print(Text.assemble(("note: ", "yellow"), note))
+
+
+def headline_panel(report: GapReport) -> Panel:
+    """The paper's sentence for the medium/low-resource group (or each language when none is present)."""
+    group = report.headline(GROUP_NAME)
+    chosen = [group] if group else [h for h in report.headlines if h.name != GROUP_NAME]
+    lines: list[Text] = []
+    for h in chosen:
+        name = f"{h.name} ({', '.join(h.languages)})" if h is group else h.name
+        lines.append(Text.assemble((name, "bold"), ": ", _headline_sentence(h)))
+        lines.append(Text(_headline_detail(h), style="dim"))
+    worst = sorted((h for h in report.headlines if h.name != GROUP_NAME and _finite(h.deep_mean_gap)),
+                   key=lambda h: h.deep_mean_gap)[:3]
+    if group and worst:
+        lines.append(Text("largest deep-layer gaps: " + ", ".join(f"{h.name} {h.deep_mean_gap:+.1f} %" for h in worst)))
+    if not lines:
+        lines.append(Text(f"only {report.reference} was analysed: no gap to report"))
+    return Panel(Group(*lines), title=f"headline · {report.statistic}", title_align="left", border_style="cyan")
+
+
+def gap_table(report: GapReport, width: int = 80) -> Table:
+    """Language x layer-column table of gaps (%), cells coloured red (weaker) to blue (stronger)."""
+    max_columns = max(1, (width - _LABEL_WIDTH - 2 * (_CELL_WIDTH + 1)) // (_CELL_WIDTH + 1))
+    columns = layer_columns(report.layers, report.bands, max_columns)
+    position = {layer: j for j, layer in enumerate(report.layers)}
+    gaps = report.matrix("gap_pct", report.others)
+    rows = [(lang, gaps[i]) for i, lang in enumerate(report.others)]
+    if report.low_langs:
+        rows.append((_GROUP_LABEL, nanmean(report.matrix("gap_pct", report.low_langs), axis=0)))
+    cells = [[nanmean(g[[position[x] for x in layers]]) for _, layers in columns] + [nanmean(g)] for _, g in rows]
+    finite = [abs(v) for row in cells for v in row if _finite(v)]
+    limit = max([5.0, *finite])
+
+    grouped = any(len(layers) > 1 for _, layers in columns)
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        padding=0,
+        show_edge=False,
+        title=f"gap (%) of mean {report.statistic} vs {report.reference}, per layer{' group' if grouped else ''}",
+        caption=f"negative = weaker than {report.reference}; 'all' = mean over all layers"
+        + ("; med/low = mean of " + ", ".join(report.low_langs) if report.low_langs else ""),
+    )
+    table.add_column("layer", width=_LABEL_WIDTH, no_wrap=True)
+    for band, layers in columns:
+        label = str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+        table.add_column(f"{band or ''}\n{label}", justify="right", width=_CELL_WIDTH, no_wrap=True)
+    table.add_column("\nall", justify="right", width=_CELL_WIDTH, no_wrap=True, style="bold")
+    for k, ((lang, _), values) in enumerate(zip(rows, cells)):
+        table.add_row(
+            Text(lang, style="bold" if lang in report.low_langs or lang == _GROUP_LABEL else ""),
+            *(_gap_cell(v, limit) for v in values),
+            end_section=bool(report.low_langs) and k == len(rows) - 2,  # rule above the group row
+        )
+    return table
+
+
+def summary_table(report: GapReport) -> Table:
+    """Per language: sentences, mean A over layers, early-band minimum gap, deep-band mean gap with CI, overlap."""
+    has_sim = bool(report.similarity)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, title="per language")
+    table.add_column("lang", no_wrap=True)
+    table.add_column("n", justify="right")
+    table.add_column(f"A {report.statistic}", justify="right")
+    table.add_column("early min", justify="right", no_wrap=True)
+    table.add_column("deep mean [95 % CI]", justify="right", no_wrap=True)
+    table.add_column("Jaccard", justify="right")
+    if has_sim:
+        table.add_column("cosine", justify="right")
+    value = report.matrix("value")
+    jaccard = report.overlap_matrix("jaccard")
+    cosine = _cosine_by_language(report)
+    for i, lang in enumerate(report.languages):
+        n = next(r.n for r in report.rows if r.language == lang)
+        cells: list[Text | str] = [Text(lang, style="bold" if lang in report.low_langs else ""), str(n),
+                                   f"{nanmean(value[i]):.4g}"]
+        if lang == report.reference:
+            cells += [Text("reference", style="dim"), "", "", *([""] if has_sim else [])]
+        else:
+            j = report.others.index(lang)
+            cells += [*_headline_cells(report.headline(lang)), _fmt(nanmean(jaccard[j]), "{:.2f}")]
+            if has_sim:
+                cells.append(_fmt(cosine.get(lang, math.nan), "{:.2f}"))
+        table.add_row(*cells)
+    group = report.headline(GROUP_NAME)
+    if group:
+        table.add_section()
+        rest = [_fmt(nanmean(jaccard[[report.others.index(x) for x in report.low_langs]]), "{:.2f}")]
+        table.add_row(Text(_GROUP_LABEL, style="bold"), "", "", *_headline_cells(group), *rest,
+                      *([""] if has_sim else []))
+    return table
+
+
+def layer_columns(
+    layers: list[int], bands: dict[str, list[int]], max_columns: int
+) -> list[tuple[str | None, list[int]]]:
+    """Split the layers into at most max_columns runs of consecutive layers that never cross a band.
+
+    Returns (band name on the first column of each band, else None; layers of the column).
+    """
+    band_of = {layer: name for name, members in bands.items() for layer in members}
+    segments: list[tuple[str | None, list[int]]] = []
+    for layer in layers:
+        if segments and segments[-1][0] == band_of.get(layer):
+            segments[-1][1].append(layer)
+        else:
+            segments.append((band_of.get(layer), [layer]))
+    size = 1
+    while sum(math.ceil(len(seg) / size) for _, seg in segments) > max_columns and size < len(layers):
+        size += 1
+    columns = []
+    for band, seg in segments:
+        for k, part in enumerate(np.array_split(seg, math.ceil(len(seg) / size))):
+            columns.append((band if k == 0 else None, [int(x) for x in part]))
+    return columns
+
+
+def _context(report: GapReport) -> str:
+    meta = report.meta
+    saes = meta.get("sae_source") or "unknown SAEs"
+    n_layers = len(report.layers)
+    layers = f"{n_layers} layer{'s' if n_layers != 1 else ''} ({compact(report.layers)})"
+    return (f"statistic {report.statistic} · SAEs {saes} · {layers} · {describe(report.bands)} · "
+            f"{report.n_boot} bootstrap resamples, seed {report.seed}")
+
+
+def _headline_sentence(h: Headline) -> Text:
+    if not _finite(h.early_min_gap):
+        early = Text("no early-layer gap")
+    elif h.early_min_gap < 0:
+        early = Text.assemble("up to ", (f"{-h.early_min_gap:.2f} % lower", "bold red"), " in early layers")
+    else:
+        early = Text.assemble("never lower in early layers (", (f"{h.early_min_gap:+.2f} %", "bold blue"), " at least)")
+    if not _finite(h.deep_mean_gap):
+        deep = Text("no deep-layer gap")
+    else:
+        word, style = ("lower", "bold red") if h.deep_mean_gap < 0 else ("higher", "bold blue")
+        deep = Text.assemble((f"{abs(h.deep_mean_gap):.2f} % {word}", style), " in deep layers")
+    return Text.assemble(early, ", ", deep)
+
+
+def _headline_detail(h: Headline) -> str:
+    where = f"layer {h.early_min_layer}" if h.early_min_layer is not None else "no layer"
+    return (f"early minimum at {where}, 95 % CI [{_ci(h.early_ci)}] · deep mean 95 % CI [{_ci(h.deep_ci)}]")
+
+
+def _headline_cells(h: Headline | None) -> list[Text]:
+    if h is None:
+        return [Text(""), Text("")]
+    layer = f" (L{h.early_min_layer})" if h.early_min_layer is not None else ""
+    early = Text.assemble(_signed(h.early_min_gap), layer)
+    deep = Text.assemble(_signed(h.deep_mean_gap), f" [{_ci(h.deep_ci)}]")
+    return [early, deep]
+
+
+def _signed(v: float) -> Text:
+    if not _finite(v):
+        return Text("—", style="dim")
+    return Text(f"{v:+.1f}", style="red" if v < 0 else "blue")
+
+
+def _gap_cell(v: float, limit: float) -> Text:
+    if not _finite(v):
+        return Text("—", style="dim")
+    t = max(-1.0, min(1.0, v / limit))
+    rgb = (_MID + abs(t) * ((_RED if t < 0 else _BLUE) - _MID)).round().astype(int)
+    fg = "white" if abs(t) > 0.55 else "black"
+    return Text(f"{v:+.1f}", style=f"{fg} on rgb({rgb[0]},{rgb[1]},{rgb[2]})")
+
+
+def _ci(ci: tuple[float, float]) -> str:
+    return ", ".join("—" if not _finite(v) else f"{v:+.1f}" for v in ci)
+
+
+def _fmt(v: float, fmt: str) -> str:
+    return fmt.format(v) if _finite(v) else "—"
+
+
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _cosine_by_language(report: GapReport) -> dict[str, float]:
+    """Mean cosine similarity over layers, for the languages whose residuals were saved."""
+    out: dict[str, list[float]] = {}
+    for r in report.similarity:
+        out.setdefault(r.language, []).append(r.cosine)
+    return {lang: float(nanmean(v)) for lang, v in out.items()}

@@ -1,0 +1,1 @@
+"""Job bodies that executors run: extract, train_saes, align, evaluate, report."""

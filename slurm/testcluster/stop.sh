@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Stop the daemons that slurm/testcluster/start.sh started (and only those),
+# in reverse start order.  Safe to run when nothing is running.
+#
+#   stop.sh          stop daemons, keep state (job ids, accounting DB)
+#   stop.sh --purge  also wipe Slurm spool dirs, the private accounting DB and
+#                    logs, so the next start.sh begins from a clean slate
+set -euo pipefail
+
+RUN_DIR=/run/lingogap-testcluster
+LOG_DIR=/var/log/lingogap-testcluster
+STATE_DIR=/var/lib/lingogap-testcluster
+STOP_TIMEOUT=${LINGOGAP_TC_STOP_TIMEOUT:-60}
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+
+purge=0
+for arg in "$@"; do
+    case $arg in
+        --purge) purge=1 ;;
+        -h | --help) sed -n '2,8p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+[[ $(id -u) -eq 0 ]] || { echo "stop.sh must run as root" >&2; exit 1; }
+
+log() { echo "[testcluster] $*"; }
+
+proc_starttime() {
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    s=${s##*) }
+    awk '{print $20}' <<<"$s"
+}
+proc_state() {
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    s=${s##*) }
+    echo "${s%% *}"
+}
+
+# PID files hold "PID STARTTIME COMM"; the process is ours only if all match
+# (guards against PID reuse after a crash or reboot).
+ours_running() {
+    local f=$RUN_DIR/$1.pid pid st comm
+    [[ -f $f ]] || return 1
+    read -r pid st comm <"$f" || return 1
+    [[ -n ${pid:-} && -d /proc/$pid ]] || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]] || return 1
+    [[ $(proc_starttime "$pid") == "$st" ]] || return 1
+    [[ $(proc_state "$pid") != Z ]] || return 1  # exited, not yet reaped by PID 1
+    echo "$pid"
+}
+
+stop_one() {
+    local name=$1 pid i
+    if ! pid=$(ours_running "$name"); then
+        [[ -f $RUN_DIR/$name.pid ]] && log "$name: not running (stale PID file removed)"
+        rm -f "$RUN_DIR/$name.pid"
+        return 0
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
+        ours_running "$name" >/dev/null || break
+        sleep 0.1
+    done
+    if ours_running "$name" >/dev/null; then
+        log "$name (pid $pid) ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do ours_running "$name" >/dev/null || break; sleep 0.1; done
+    fi
+    rm -f "$RUN_DIR/$name.pid"
+    log "stopped $name (pid $pid)"
+}
+
+# Cancel jobs first, so no slurmstepd / job processes outlive slurmd.
+if ours_running slurmctld >/dev/null && ours_running slurmd >/dev/null \
+    && scontrol ping 2>/dev/null | grep -q 'is UP'; then
+    jobs=$(squeue -h -o %i 2>/dev/null || true)
+    if [[ -n $jobs ]]; then
+        log "cancelling jobs: $(echo $jobs)"
+        # shellcheck disable=SC2086
+        scancel $jobs 2>/dev/null || true
+        for ((i = 0; i < 300; i++)); do
+            [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break
+            sleep 0.1
+        done
+    fi
+fi
+
+for d in slurmd slurmctld slurmdbd mariadbd munged; do
+    stop_one "$d"
+done
+rm -f "$RUN_DIR"/daemon/*.pid 2>/dev/null || true
+
+if ((purge)); then
+    left=""
+    for d in slurmd slurmctld slurmdbd mariadbd; do
+        [[ -f $RUN_DIR/$d.pid ]] && left+=" $d"
+    done
+    [[ -z $left ]] || { echo "not purging: still running:$left" >&2; exit 1; }
+    rm -rf /var/spool/slurmctld/* /var/spool/slurmd/* "$STATE_DIR/mysql" "$LOG_DIR"/*
+    log "purged Slurm state, accounting DB and logs (job ids restart at 1)"
+fi
+log "test cluster stopped"

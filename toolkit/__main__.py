@@ -1,0 +1,5 @@
+import sys
+
+from toolkit.submit import main
+
+sys.exit(main())

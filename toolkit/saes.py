@@ -1,0 +1,313 @@
+"""Per-layer SAEs through sae-lens: pretrained releases, directories, local training, random (tests).
+
+Sources (`--sae`):
+- `pretrained:RELEASE` — `SAE.from_pretrained(RELEASE, id_template.format(i=layer))` from the hub.
+- `dir:PATH` — one sae-lens directory per layer: `PATH/layer_{i}` (or `PATH/{i}`).
+- `train` — sae-lens's `SAETrainer` on the model's own activations, all layers fed from the same
+  forward passes; saved in sae-lens format under `RUN/saes/{key}/layer_{i}` and reused when present.
+- `auto` — the preset's pretrained release when the hub answers, else `train`, saying so.
+- `random` — seeded random ReLU SAEs, for mechanics tests on the tiny model only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from toolkit.capture import ResidualCapture, hook_name, iter_batches
+from toolkit.config import Config
+from toolkit.corpus import Corpus
+from toolkit.errors import HubUnreachable, UserError
+from toolkit.models import LoadedModel
+
+HELDOUT_FRACTION = 0.1
+
+
+@dataclass
+class LayerSAE:
+    layer: int
+    sae: torch.nn.Module
+    sae_id: str
+    fve: float = math.nan
+    l0: float = math.nan
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+
+@dataclass
+class SAESet:
+    source: str  # resolved source, e.g. "local:RUN/saes/ab12" or "pretrained:gemma-scope-..."
+    layers: dict[int, LayerSAE]
+
+    @property
+    def ids(self) -> list[str]:
+        return [self.layers[i].sae_id for i in sorted(self.layers)]
+
+    def quality(self) -> dict[str, dict[str, float]]:
+        return {str(i): {"fve": s.fve, "l0": s.l0} for i, s in sorted(self.layers.items())}
+
+
+def is_heldout(sentence_id: str, fraction: float = HELDOUT_FRACTION) -> bool:
+    """Stable split by id hash: the same sentence is held out in every language and every run."""
+    digest = hashlib.sha256(sentence_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def check(sae: torch.nn.Module, layer: int, d_model: int, where: str) -> None:
+    """Refuse an SAE that cannot belong at this layer of this model."""
+    d_in = int(sae.cfg.d_in)
+    if d_in != d_model:
+        raise UserError(f"{where}: the SAE for layer {layer} has d_in={d_in} but the model width is {d_model}")
+    hook = sae.cfg.metadata.get("hook_name")
+    if hook and hook != hook_name(layer):
+        raise UserError(f"{where}: the SAE for layer {layer} was trained on hook {hook!r}, not {hook_name(layer)!r}")
+
+
+def load(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, console: Console | None = None) -> SAESet:
+    """Resolve `cfg.sae.source` into one checked SAE per layer, with quality figures measured."""
+    console = console or Console(stderr=True)
+    source = cfg.sae.source
+    if source == "auto":
+        try:
+            saes = _pretrained(cfg.sae.release, cfg.sae.id_template, layers, lm)
+        except HubUnreachable as exc:
+            console.print(f"[yellow]SAEs:[/] {exc}. Training small SAEs locally instead (cached in the run).")
+            saes = train(cfg, lm, layers, corpus, console)
+    elif source.startswith("pretrained:"):
+        saes = _pretrained(source.split(":", 1)[1], cfg.sae.id_template, layers, lm)
+    elif source.startswith("dir:"):
+        saes = _from_dir(Path(source.split(":", 1)[1]), layers, lm)
+    elif source == "train":
+        saes = train(cfg, lm, layers, corpus, console)
+    else:
+        saes = _random(cfg.sae.width, layers, lm, cfg.run.seed)
+    missing = [i for i in layers if not math.isfinite(saes.layers[i].fve)]
+    if missing:
+        measure_quality(saes, lm, _heldout(corpus), cfg.extract.batch_tokens, cfg.extract.max_length)
+    return saes
+
+
+def _pretrained(release: str, template: str, layers: list[int], lm: LoadedModel) -> SAESet:
+    from sae_lens import SAE
+
+    out = {}
+    for layer in layers:
+        sae_id = template.format(i=layer)
+        try:
+            sae = SAE.from_pretrained(release, sae_id, device=str(lm.device))
+        except ValueError as exc:  # unknown release or id: the user's typo, not the network
+            raise UserError(f"sae-lens has no SAE {sae_id!r} in release {release!r}: {exc}") from None
+        except Exception as exc:  # offline: LocalEntryNotFoundError, connection errors
+            raise HubUnreachable(
+                f"cannot download SAE {release}/{sae_id} (hub unreachable: {type(exc).__name__})"
+            ) from None
+        check(sae, layer, lm.d_model, f"{release}/{sae_id}")
+        out[layer] = LayerSAE(layer, sae.eval(), f"{release}/{sae_id}")
+    return SAESet(f"pretrained:{release}", out)
+
+
+def _from_dir(root: Path, layers: list[int], lm: LoadedModel) -> SAESet:
+    from sae_lens import SAE
+
+    out = {}
+    for layer in layers:
+        candidates = [root / f"layer_{layer}", root / str(layer)]
+        path = next((p for p in candidates if (p / "cfg.json").is_file()), None)
+        if path is None:
+            raise UserError(f"sae.source dir:{root}: no SAE for layer {layer} (expected {candidates[0]}/cfg.json)")
+        sae = SAE.load_from_disk(str(path), device=str(lm.device))
+        check(sae, layer, lm.d_model, str(path))
+        meta = _read_meta(path)
+        out[layer] = LayerSAE(layer, sae.eval(), str(path), meta.get("fve", math.nan), meta.get("l0", math.nan))
+    return SAESet(f"dir:{root.resolve()}", out)
+
+
+def _random(width: int, layers: list[int], lm: LoadedModel, seed: int) -> SAESet:
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    out = {}
+    for layer in layers:
+        torch.manual_seed(seed * 1000 + layer)
+        cfg = StandardSAEConfig(d_in=lm.d_model, d_sae=width, device=str(lm.device))
+        cfg.metadata.hook_name = hook_name(layer)
+        out[layer] = LayerSAE(layer, StandardSAE(cfg).eval(), f"random:seed{seed}/layer_{layer}")
+    return SAESet(f"random:seed{seed}", out)
+
+
+def _read_meta(path: Path) -> dict:
+    meta = path / "lingogap.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def _heldout(corpus: Corpus) -> list[tuple[str, str]]:
+    ids = [sid for sid in corpus.ids if is_heldout(sid)] or corpus.ids[:1]
+    sub = corpus.subset(ids)
+    return [pair for lang in sub.langs for pair in sub.sentences(lang)]
+
+
+def _training(corpus: Corpus) -> list[tuple[str, str]]:
+    """Training sentences, languages interleaved so any token budget covers all of them."""
+    ids = [sid for sid in corpus.ids if not is_heldout(sid)]
+    sub = corpus.subset(ids)
+    return [(sid, sub.texts[lang][i]) for i, sid in enumerate(ids) for lang in sub.langs]
+
+
+def training_key(cfg: Config, lm: LoadedModel, corpus: Corpus) -> str:
+    s = cfg.sae
+    spec = [lm.model_id, lm.revision, s.width, s.l1, s.train_tokens, s.lr, s.batch, corpus.hash, cfg.run.seed,
+            cfg.extract.max_length]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
+
+
+def train(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, console: Console) -> SAESet:
+    """Train (or reuse) one StandardSAE per layer on activations collected in one set of forward passes."""
+    from filelock import FileLock
+
+    root = cfg.run_dir / "saes" / training_key(cfg, lm, corpus)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):  # array tasks starting together train once
+        return _train_locked(cfg, lm, layers, corpus, console, root)
+
+
+def _train_locked(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, console: Console,
+                  root: Path) -> SAESet:
+    todo = [i for i in layers if not (root / f"layer_{i}" / "cfg.json").is_file()]
+    if todo:
+        console.print(
+            f"[bold]Training {len(todo)} SAE(s)[/] (width {cfg.sae.width}, L1 {cfg.sae.l1}, "
+            f"{cfg.sae.train_tokens:,} tokens each) on {lm.model_id} -> {root}"
+        )
+        buffers = collect_activations(lm, todo, _training(corpus), cfg.sae.train_tokens,
+                                      cfg.extract.batch_tokens, cfg.extract.max_length)
+        heldout = _heldout(corpus)
+        for layer in todo:
+            sae = _train_one(cfg, lm, layer, buffers.pop(layer))
+            path = root / f"layer_{layer}"
+            tmp = root / f".layer_{layer}.tmp"
+            sae.save_inference_model(str(tmp))
+            (tmp / "lingogap.json").write_text(json.dumps({"layer": layer, "hook": hook_name(layer)}))
+            os.replace(tmp, path)
+        del buffers
+    else:
+        heldout = None
+    saes = _from_dir(root, layers, lm)
+    saes.source = f"local:{root}"
+    for layer in layers:
+        saes.layers[layer].sae_id = f"local:{root.name}/layer_{layer}"
+    if todo:
+        measure_quality(saes, lm, heldout, cfg.extract.batch_tokens, cfg.extract.max_length)
+        for layer in layers:
+            s = saes.layers[layer]
+            (root / f"layer_{layer}" / "lingogap.json").write_text(
+                json.dumps({"layer": layer, "hook": hook_name(layer), "fve": s.fve, "l0": s.l0})
+            )
+        print_quality(saes, console)
+    return saes
+
+
+def collect_activations(
+    lm: LoadedModel, layers: list[int], sentences: list[tuple[str, str]], budget: int, batch_tokens: int,
+    max_length: int,
+) -> dict[int, torch.Tensor]:
+    """Up to `budget` residual vectors per layer (BOS and padding excluded) from shared forward passes."""
+    buffers = {i: torch.empty((budget, lm.d_model), dtype=torch.float32) for i in layers}
+    filled = 0
+    state = {}
+
+    def sink(layer: int, hidden: torch.Tensor) -> None:
+        state[layer] = hidden[state["keep"]].float().cpu()
+
+    with torch.inference_mode(), ResidualCapture(lm, layers, sink) as cap:
+        for batch in iter_batches(sentences, lm.tokenizer, batch_tokens, max_length):
+            state["keep"] = batch.keep.to(lm.device)
+            cap.run(batch)
+            take = min(budget - filled, int(state["keep"].sum()))
+            for layer in layers:
+                buffers[layer][filled:filled + take] = state.pop(layer)[:take]
+            filled += take
+            if filled >= budget:
+                break
+    return {i: b[:filled] for i, b in buffers.items()}
+
+
+def _train_one(cfg: Config, lm: LoadedModel, layer: int, acts: torch.Tensor):
+    from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    torch.manual_seed(cfg.run.seed * 1000 + layer)
+    sae_cfg = StandardTrainingSAEConfig(
+        d_in=lm.d_model, d_sae=cfg.sae.width, l1_coefficient=cfg.sae.l1, device=str(lm.device),
+        # Gemma's residual norm grows ~1000x with depth; normalise in training, folded back after.
+        normalize_activations="expected_average_only_in",
+    )
+    sae_cfg.metadata.hook_name = hook_name(layer)
+    sae_cfg.metadata.model_name = lm.model_id
+    batch = min(cfg.sae.batch, len(acts))
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=max(cfg.sae.train_tokens, batch), train_batch_size_samples=batch, lr=cfg.sae.lr,
+        lr_end=cfg.sae.lr / 10, lr_scheduler_name="cosineannealing", device=str(lm.device),
+        n_batches_for_norm_estimate=max(1, min(50, len(acts) // batch)), logger=LoggingConfig(log_to_wandb=False),
+    )
+    trainer = SAETrainer(trainer_cfg, StandardTrainingSAE(sae_cfg), _shuffled(acts.to(lm.device), batch, layer))
+    return trainer.fit()
+
+
+def _shuffled(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless epochs over the buffer, reshuffled each time (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(acts), generator=gen)
+        for start in range(0, len(order) - batch + 1, batch):
+            yield acts[order[start:start + batch]]
+
+
+def measure_quality(saes: SAESet, lm: LoadedModel, sentences: list[tuple[str, str]], batch_tokens: int,
+                    max_length: int) -> None:
+    """Fraction of variance explained and mean L0 per layer on held-out sentences (float64 sums)."""
+    sse = dict.fromkeys(saes.layers, 0.0)
+    sumsq = dict.fromkeys(saes.layers, 0.0)
+    active = dict.fromkeys(saes.layers, 0.0)
+    total = {i: torch.zeros(lm.d_model, dtype=torch.float64) for i in saes.layers}
+    state = {"n": 0}
+
+    def sink(layer: int, hidden: torch.Tensor) -> None:
+        x = hidden[state["keep"]].double()
+        sae = saes.layers[layer].sae
+        codes = sae.encode(x.float())
+        sse[layer] += ((x - sae.decode(codes).double()) ** 2).sum().item()
+        sumsq[layer] += (x**2).sum().item()
+        total[layer] += x.sum(0).cpu()
+        active[layer] += (codes > 0).sum().item()
+
+    with torch.inference_mode(), ResidualCapture(lm, sorted(saes.layers), sink) as cap:
+        for batch in iter_batches(sentences, lm.tokenizer, batch_tokens, max_length):
+            state["keep"] = batch.keep.to(lm.device)
+            cap.run(batch)
+            state["n"] += int(state["keep"].sum())
+    n = max(state["n"], 1)
+    for layer, s in saes.layers.items():
+        variance = sumsq[layer] - total[layer].norm().item() ** 2 / n
+        s.fve = 1.0 - sse[layer] / variance if variance > 0 else math.nan
+        s.l0 = active[layer] / n
+
+
+def print_quality(saes: SAESet, console: Console) -> None:
+    table = Table(title=f"SAE quality on held-out sentences ({saes.source})")
+    table.add_column("layer", justify="right")
+    table.add_column("d_sae", justify="right")
+    table.add_column("variance explained", justify="right")
+    table.add_column("mean L0", justify="right")
+    for layer, s in sorted(saes.layers.items()):
+        table.add_row(str(layer), str(s.d_sae), f"{s.fve:.3f}", f"{s.l0:.1f}")
+    console.print(table)

@@ -1,0 +1,393 @@
+"""HDF5 activation files: the streaming, resumable writer and the reader analysis uses.
+
+Layout (version 1) is documented in docs/hdf5.md; this module is its only writer. It imports
+h5py and numpy only, never torch, so `analysis` can use it on a laptop without a model.
+
+Writing is crash-safe by construction: each batch becomes one part file in a staging folder
+(`{name}.parts/`), written under a temporary name and renamed, so a part either exists whole or
+not at all. `finalize()` streams the parts into `{name}.tmp`, marks it complete and renames it
+over the final path. A job killed at any moment resumes after its last part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from toolkit.errors import UserError
+
+LAYOUT_VERSION = 1
+FORMAT = "lingogap-activations"
+STATS = ("mass", "l0", "max")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class StoreError(UserError):
+    """An activation file that cannot be used as it is."""
+
+
+@dataclass
+class LayerBatch:
+    """One layer's SAE codes for the kept tokens of a batch (CSR) and per-sentence stats."""
+
+    indptr: np.ndarray  # (T+1,) int64, row pointer per token
+    indices: np.ndarray  # (nnz,) int32 feature ids
+    values: np.ndarray  # (nnz,) float32, cast to the file's code dtype on write
+    mass: np.ndarray  # (S,) mean over tokens of the summed feature activations
+    l0: np.ndarray  # (S,) mean over tokens of the active-feature count
+    max: np.ndarray  # (S,) largest activation in the sentence
+    resid: np.ndarray | None = None  # (T, d_model) float32, only with save_resid
+
+
+@dataclass
+class Batch:
+    sentence_ids: list[str]
+    lengths: np.ndarray  # (S,) kept tokens per sentence (BOS and padding removed)
+    token_ids: np.ndarray  # (T,) int32
+    positions: np.ndarray  # (T,) int32, position in the tokenised sentence (BOS is 0)
+    layers: dict[int, LayerBatch] = field(default_factory=dict)
+
+
+def fingerprint(identity: dict) -> str:
+    """Hash of everything that must match for two writes to belong in one file."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ActivationWriter:
+    """Streams batches for one language (one shard) into one HDF5 file; one writer per file.
+
+    `identity` holds the attributes that define the file's content (model, SAEs, layers, corpus,
+    language...): a staging folder or a finished file made with a different identity is refused
+    unless `overwrite` is set. `extra_attrs` are stored but do not define the content.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        identity: dict,
+        layers: list[int],
+        code_dtype: str = "float16",
+        overwrite: bool = False,
+    ):
+        self.path = Path(path)
+        self.parts = self.path.with_name(self.path.name + ".parts")
+        self.identity = identity
+        self.fingerprint = fingerprint(identity)
+        self.layers = sorted(layers)
+        self.code_dtype = np.dtype(code_dtype)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(self.parts, ignore_errors=True)
+        self._check_existing()
+        self.parts.mkdir(exist_ok=True)
+        stamp = self.parts / "fingerprint.json"
+        if not stamp.exists():
+            _atomic_write_text(stamp, json.dumps({"fingerprint": self.fingerprint, **identity}, indent=1))
+        self._n_parts = len(self._part_files())
+
+    def _check_existing(self) -> None:
+        hint = "pass --overwrite to start afresh, or use another --run directory"
+        if self.path.exists():
+            with ActivationFile(self.path) as f:
+                if f.attrs.get("fingerprint") != self.fingerprint:
+                    raise StoreError(
+                        f"{self.path} was written with a different configuration "
+                        f"({_diff(f.identity, self.identity)}); {hint}"
+                    )
+        stamp = self.parts / "fingerprint.json"
+        if stamp.exists():
+            old = json.loads(stamp.read_text())
+            if old.get("fingerprint") != self.fingerprint:
+                raise StoreError(
+                    f"{self.parts} holds a partial extraction with a different configuration "
+                    f"({_diff(old, self.identity)}); {hint}"
+                )
+
+    @property
+    def complete(self) -> bool:
+        return self.path.exists()
+
+    @property
+    def n_parts(self) -> int:
+        """Batches committed so far (each batch is one part)."""
+        return self._n_parts
+
+    def _part_files(self) -> list[Path]:
+        return sorted(self.parts.glob("part-*.npz"))
+
+    def done_sentence_ids(self) -> set[str]:
+        """Ids already committed, in parts or in the finished file."""
+        if self.complete:
+            with ActivationFile(self.path) as f:
+                return set(f.sentence_ids)
+        done: set[str] = set()
+        for part in self._part_files():
+            with np.load(part) as z:
+                done.update(z["sentence_ids"].tolist())
+        return done
+
+    def write_batch(self, batch: Batch) -> None:
+        arrays = {
+            "sentence_ids": np.asarray(batch.sentence_ids, dtype=np.str_),
+            "lengths": np.asarray(batch.lengths, dtype=np.int64),
+            "token_ids": np.asarray(batch.token_ids, dtype=np.int32),
+            "positions": np.asarray(batch.positions, dtype=np.int32),
+        }
+        if int(arrays["lengths"].sum()) != len(arrays["token_ids"]):
+            raise ValueError("batch lengths do not add up to the number of tokens")
+        arrays["nnz"] = np.array([len(batch.layers[i].indices) for i in self.layers], dtype=np.int64)
+        for layer in self.layers:
+            lb = batch.layers[layer]
+            if self.code_dtype == np.float16 and lb.values.size and float(np.abs(lb.values).max()) > FLOAT16_MAX:
+                raise StoreError(
+                    f"layer {layer}: an SAE activation of {float(np.abs(lb.values).max()):.4g} overflows "
+                    "float16; rerun with --code-dtype float32"
+                )
+            arrays[f"{layer}/indptr"] = np.asarray(lb.indptr, dtype=np.int64)
+            arrays[f"{layer}/indices"] = np.asarray(lb.indices, dtype=np.int32)
+            arrays[f"{layer}/values"] = np.asarray(lb.values, dtype=self.code_dtype)
+            for stat in STATS:
+                arrays[f"{layer}/{stat}"] = np.asarray(getattr(lb, stat), dtype=np.float32)
+            if lb.resid is not None:
+                arrays[f"{layer}/resid"] = np.asarray(lb.resid, dtype=np.float32)
+        final = self.parts / f"part-{self._n_parts:06d}.npz"
+        tmp = final.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        self._n_parts += 1
+
+    def finalize(self, attrs: dict, layer_attrs: dict[int, dict] | None = None) -> Path:
+        """Consolidate the parts into the final file (atomically) and remove them."""
+        if self.complete:
+            return self.path
+        parts = self._part_files()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        with h5py.File(tmp, "w") as h5:
+            _write_consolidated(h5, parts, self.layers, self.code_dtype)
+            for key, value in {**attrs, **self.identity}.items():
+                h5.attrs[key] = _attr(value)
+            h5.attrs["format"] = FORMAT
+            h5.attrs["layout_version"] = LAYOUT_VERSION
+            h5.attrs["fingerprint"] = self.fingerprint
+            h5.attrs["identity"] = json.dumps(self.identity, sort_keys=True)
+            for layer, extra in (layer_attrs or {}).items():
+                for key, value in extra.items():
+                    h5[f"layers/{layer}"].attrs[key] = _attr(value)
+            h5.attrs["complete"] = True
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return self.path
+
+
+def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], code_dtype: np.dtype) -> None:
+    # Sizes first (tiny arrays), so every dataset is created at its final shape with fitting chunks.
+    n_sent = n_tok = 0
+    nnz = np.zeros(len(layers), dtype=np.int64)
+    resid_width = None
+    for part in parts:
+        with np.load(part) as z:
+            n_sent += len(z["lengths"])
+            n_tok += int(z["lengths"].sum())
+            nnz += z["nnz"]
+            if f"{layers[0]}/resid" in z.files:
+                resid_width = z[f"{layers[0]}/resid"].shape[1]
+
+    def make(name: str, dtype, n: int, width: int | None = None) -> h5py.Dataset:
+        shape = (n,) if width is None else (n, width)
+        rows = max(1, min(n, 65536 // (width or 1)))  # ~64k values per chunk, never more rows than exist
+        chunks = (rows,) if width is None else (rows, width)
+        checksum = h5py.check_string_dtype(np.dtype(dtype)) is None  # HDF5 cannot checksum variable-length data
+        return h5.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fletcher32=checksum)
+
+    out = {
+        "ids": make("sentences/id", h5py.string_dtype(), n_sent),
+        "offsets": make("sentences/token_offsets", np.int64, n_sent + 1),
+        "token_ids": make("tokens/id", np.int32, n_tok),
+        "positions": make("tokens/position", np.int32, n_tok),
+    }
+    for k, layer in enumerate(layers):
+        g = f"layers/{layer}"
+        out[f"{layer}/indptr"] = make(f"{g}/codes/indptr", np.int64, n_tok + 1)
+        out[f"{layer}/indices"] = make(f"{g}/codes/indices", np.int32, int(nnz[k]))
+        out[f"{layer}/values"] = make(f"{g}/codes/values", code_dtype, int(nnz[k]))
+        for stat in STATS:
+            out[f"{layer}/{stat}"] = make(f"{g}/stats/{stat}", np.float32, n_sent)
+        if resid_width:
+            out[f"{layer}/resid"] = make(f"{g}/resid", np.float32, n_tok, resid_width)
+    out["offsets"][0] = 0
+    for layer in layers:
+        out[f"{layer}/indptr"][0] = 0
+    s = t = 0
+    z_nnz = np.zeros(len(layers), dtype=np.int64)
+    for part in parts:
+        with np.load(part) as z:
+            lengths = z["lengths"]
+            ds, dt = len(lengths), int(lengths.sum())
+            out["ids"][s:s + ds] = z["sentence_ids"].astype(object)
+            out["offsets"][s + 1:s + ds + 1] = t + np.cumsum(lengths)
+            out["token_ids"][t:t + dt] = z["token_ids"]
+            out["positions"][t:t + dt] = z["positions"]
+            for k, layer in enumerate(layers):
+                n = int(z["nnz"][k])
+                out[f"{layer}/indptr"][t + 1:t + dt + 1] = z_nnz[k] + z[f"{layer}/indptr"][1:]
+                out[f"{layer}/indices"][z_nnz[k]:z_nnz[k] + n] = z[f"{layer}/indices"]
+                out[f"{layer}/values"][z_nnz[k]:z_nnz[k] + n] = z[f"{layer}/values"]
+                for stat in STATS:
+                    out[f"{layer}/{stat}"][s:s + ds] = z[f"{layer}/{stat}"]
+                if resid_width:
+                    out[f"{layer}/resid"][t:t + dt] = z[f"{layer}/resid"]
+                z_nnz[k] += n
+            s, t = s + ds, t + dt
+    h5.attrs["n_sentences"] = n_sent
+    h5.attrs["n_tokens"] = n_tok
+
+
+def _attr(value):
+    if isinstance(value, (dict, list, tuple)) and not (
+        isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, np.integer)) for v in value)
+    ):
+        return json.dumps(value, sort_keys=True)
+    if value is None:
+        return ""
+    return value
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if k != "fingerprint" and old.get(k) != new.get(k))
+    if not keys:
+        return "unknown difference"
+    return "; ".join(f"{k}: {old.get(k)!r} on disk vs {new.get(k)!r} now" for k in keys[:3])
+
+
+class ActivationFile:
+    """Read-only view of one finished activation file. Use as a context manager or call close()."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except FileNotFoundError:
+            raise StoreError(f"{self.path}: no such activation file") from None
+        except OSError as exc:
+            raise StoreError(
+                f"{self.path} is truncated or corrupt ({exc}); delete it and run extract again"
+            ) from None
+        attrs = self._h5.attrs
+        if attrs.get("format") != FORMAT:
+            self.close()
+            raise StoreError(f"{self.path} is not a lingogap activation file")
+        if int(attrs.get("layout_version", -1)) > LAYOUT_VERSION:
+            self.close()
+            raise StoreError(
+                f"{self.path} has layout version {attrs['layout_version']}, newer than this lingogap "
+                f"reads ({LAYOUT_VERSION}); upgrade lingogap"
+            )
+        if not bool(attrs.get("complete", False)):
+            self.close()
+            raise StoreError(f"{self.path} is incomplete; run extract again to finish it")
+
+    def __enter__(self) -> "ActivationFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "_h5", None) is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def _read(self, name: str, sel=slice(None)) -> np.ndarray:
+        try:
+            return self._h5[name][sel]
+        except KeyError:
+            raise StoreError(f"{self.path} has no dataset {name!r}") from None
+        except OSError as exc:  # fletcher32 checksum or truncated chunk
+            raise StoreError(f"{self.path} is corrupt: reading {name} failed ({exc})") from None
+
+    @property
+    def attrs(self) -> dict:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self._h5.attrs.items()}
+
+    @property
+    def identity(self) -> dict:
+        return json.loads(self._h5.attrs.get("identity", "{}"))
+
+    @property
+    def language(self) -> str:
+        return str(self._h5.attrs["language"])
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(k) for k in self._h5["layers"].keys())
+
+    @property
+    def sentence_ids(self) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else str(s) for s in self._read("sentences/id")]
+
+    @property
+    def token_offsets(self) -> np.ndarray:
+        return self._read("sentences/token_offsets")
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        return self._read("tokens/id")
+
+    @property
+    def n_sentences(self) -> int:
+        return int(self._h5.attrs["n_sentences"])
+
+    def stats(self, layer: int, stat: str = "mass") -> np.ndarray:
+        if stat not in STATS:
+            raise StoreError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
+        return self._read(f"layers/{layer}/stats/{stat}").astype(np.float64)
+
+    def codes(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CSR arrays (indptr, indices, values as float32) of all kept tokens at `layer`."""
+        g = f"layers/{layer}/codes"
+        return self._read(f"{g}/indptr"), self._read(f"{g}/indices"), self._read(f"{g}/values").astype(np.float32)
+
+    def has_resid(self, layer: int) -> bool:
+        return f"layers/{layer}/resid" in self._h5
+
+    def resid(self, layer: int, sel=slice(None)) -> np.ndarray:
+        return self._read(f"layers/{layer}/resid", sel)
+
+    def pooled_resid(self, layer: int) -> np.ndarray:
+        """(S, d_model) mean residual per sentence, read one sentence at a time."""
+        offsets = self.token_offsets
+        ds = self._h5[f"layers/{layer}/resid"]
+        return np.stack([ds[a:b].mean(axis=0) for a, b in zip(offsets[:-1], offsets[1:])])
+
+
+def activation_files(run_dir: str | Path) -> dict[str, list[Path]]:
+    """Finished activation files of a run, by language (shards of one language together)."""
+    folder = Path(run_dir) / "activations"
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.glob("*.h5")):
+        found.setdefault(path.name.split(".")[0], []).append(path)
+    return found
+
+
+def shard_name(lang: str, shard: int, n_shards: int) -> str:
+    return f"{lang}.h5" if n_shards == 1 else f"{lang}.shard{shard:03d}-of-{n_shards:03d}.h5"

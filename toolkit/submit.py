@@ -1,0 +1,104 @@
+"""The command line: `python -m toolkit.submit STAGE [flags]` (also installed as `lingogap`).
+
+This module parses, plans and submits; the work itself lives in `jobs/`. Flags are generated from
+the `toolkit.config` dataclasses, so `--help`, YAML keys and the Python API never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+
+from toolkit import __version__
+from toolkit.config import SECTIONS, Config
+from toolkit.errors import UserError
+
+STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "extract": ("stream every layer's SAE codes into RUN/activations/{lang}.h5", ("model", "sae", "extract")),
+    "train-saes": ("train (or reuse) one SAE per layer on the model's activations", ("model", "sae", "extract")),
+    "report": ("per-language, per-layer activation gaps vs English: tables, figures, JSON/CSV", ("report",)),
+    "align": ("train activation-aware LoRA adapters for the target languages", ("model", "sae", "extract", "align")),
+    "evaluate": ("ARC-Challenge, MMLU, HellaSwag per language through lm-eval, base vs adapted", ("model", "eval")),
+    "pipeline": ("submit extract -> report (-> align -> evaluate) as one dependent chain",
+                 ("model", "sae", "extract", "report", "align", "eval")),
+    "status": ("show the jobs of a run: stage, language, job id, state, elapsed, log, last error", ()),
+    "cancel": ("cancel a run's queued or running jobs", ()),
+}
+PREFIX = {"sae": "sae-"}
+
+
+def flag_of(section: str, f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + PREFIX.get(section, "") + f.name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lingogap", description="Multilingual SAE activation gaps, activation-aware LoRA, benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"lingogap {__version__}")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for stage, (help_text, sections) in STAGES.items():
+        p = sub.add_parser(stage, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+        p.add_argument("--config", metavar="YAML", help="YAML config file (CLI flags override it)")
+        p.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, run nothing")
+        p.add_argument("--debug", action="store_true", help="show tracebacks; run jobs in-process")
+        for section in ("run", *sections):
+            group = p.add_argument_group(section)
+            for f in dataclasses.fields(SECTIONS[section]):
+                kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "help": f.metadata["help"],
+                                          "default": argparse.SUPPRESS}
+                if isinstance(f.default, bool):
+                    kwargs["action"] = argparse.BooleanOptionalAction
+                else:
+                    kwargs["type"] = type(f.default)
+                    kwargs["metavar"] = f.name.upper()
+                    if f.metadata.get("choices"):
+                        kwargs["choices"] = f.metadata["choices"]
+                group.add_argument(flag_of(section, f), **kwargs)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cli: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            cli.setdefault(section, {})[name] = value
+    return Config.build(cli, getattr(args, "config", None))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    console = Console(stderr=True)
+    try:
+        cfg = config_from_args(args)
+        if debug:
+            cfg.run.executor = "debug" if cfg.run.executor == "local" else cfg.run.executor
+        from toolkit import cluster
+
+        if getattr(args, "dry_run", False):
+            from toolkit import plan
+
+            plan.show(cfg, args.stage, Console())
+            return 0
+        return cluster.dispatch(cfg, args.stage, console)
+    except UserError as exc:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]; rerun the same command to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
