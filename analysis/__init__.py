@@ -18,7 +18,7 @@ _EXPORTS = {
     "write_report": "analysis.gaps",
     "run_report": "analysis.gaps",
     "LOW_LANGS": "analysis.gaps",
-    "render": "analysis.render",
+    "render": "analysis.terminal",
     "GapReport": "analysis.report",
     "GapRow": "analysis.report",
     "Headline": "analysis.report",

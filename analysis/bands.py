@@ -18,7 +18,7 @@ def default_bands(layers: Sequence[int]) -> dict[str, list[int]]:
     layers = sorted(layers)
     if len(layers) < 3:
         return {"early": layers[:1], "middle": layers[1:-1], "deep": layers[-1:]}
-    return {name: [int(x) for x in part] for name, part in zip(BAND_NAMES, np.array_split(layers, 3))}
+    return {name: [int(x) for x in part] for name, part in zip(BAND_NAMES, np.array_split(layers, 3), strict=True)}
 
 
 def parse_bands(spec: str | Sequence[tuple[int, int]] | None, layers: Sequence[int]) -> dict[str, list[int]]:
@@ -33,7 +33,10 @@ def parse_bands(spec: str | Sequence[tuple[int, int]] | None, layers: Sequence[i
         raise UserError(f"bands {spec!r}: give three inclusive layer ranges, early,middle,deep, e.g. 0-8,9-17,18-25")
     if not (ranges[0][1] < ranges[1][0] and ranges[1][1] < ranges[2][0]):
         raise UserError(f"bands {spec!r}: the ranges must be in order and must not overlap")
-    bands = {name: [int(x) for x in sorted(layers) if lo <= x <= hi] for name, (lo, hi) in zip(BAND_NAMES, ranges)}
+    bands = {
+        name: [int(x) for x in sorted(layers) if lo <= x <= hi]
+        for name, (lo, hi) in zip(BAND_NAMES, ranges, strict=True)
+    }
     for name in ("early", "deep"):
         if not bands[name]:
             raise UserError(

@@ -15,7 +15,6 @@ from matplotlib.colors import Colormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from analysis.report import GROUP_NAME, GapReport
-from analysis.stats import nanmean
 
 DPI = 150
 _BAND_SHADE = {"early": "#f2f2f2", "middle": "#ffffff", "deep": "#f2f2f2"}
@@ -62,14 +61,14 @@ def gap_lines(report: GapReport) -> Figure:
         ax.plot(x, gaps[i], style, marker="o", markersize=2.5, linewidth=1.3, color=palette[i], label=lang)
         ax.fill_between(x, low[i], high[i], color=palette[i], alpha=0.12, linewidth=0)
     if report.low_langs:
-        group = nanmean(report.matrix("gap_pct", report.low_langs), axis=0)
-        ax.plot(x, group, color="black", linewidth=2.4, label=f"{GROUP_NAME} mean")
+        ax.plot(x, report.group_gap(), color="black", linewidth=2.4, label=f"{GROUP_NAME} mean")
     ax.set_xlabel("layer")
     ax.set_ylabel(f"gap vs {report.reference} (%)")
     ax.set_xlim(x.min() - 0.5, x.max() + 0.5)
     ax.set_xticks(x if len(x) <= 30 else x[:: int(np.ceil(len(x) / 30))])
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    if report.others:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_title(
         f"{_stat_name(report)}: gap vs {report.reference} (95 % bootstrap CI){_model_suffix(report)}",
         fontsize=10,
@@ -103,7 +102,7 @@ def _heatmap_axes(report: GapReport, n_rows: int):
 def _label_heatmap(ax, report: GapReport, languages: list[str]) -> None:
     ax.set_xticks(range(len(report.layers)), [str(layer) for layer in report.layers], fontsize=7)
     ax.set_yticks(range(len(languages)), languages, fontsize=8)
-    for tick, lang in zip(ax.get_yticklabels(), languages):
+    for tick, lang in zip(ax.get_yticklabels(), languages, strict=True):
         tick.set_fontweight("bold" if lang in report.low_langs else "normal")
     ax.set_xlabel("layer")
     ax.tick_params(length=0)
@@ -124,7 +123,9 @@ def _annotate(ax, values: np.ndarray, fmt: str, dark) -> None:
     size = 6 if values.shape[1] > 18 else 7
     for (i, j), v in np.ndenumerate(values):
         if np.isfinite(v):
-            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=size, color="white" if dark(v) else "black")
+            label = fmt.format(v)
+            colour = "white" if dark(v) else "black"
+            ax.text(j, i, "0" if label == "-0" else label, ha="center", va="center", fontsize=size, color=colour)
 
 
 def _shade_bands(ax, report: GapReport) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,10 +22,10 @@ from rich.console import Console
 from analysis.bands import compact, parse_bands
 from analysis.figures import write_figures
 from analysis.overlap import active_keys, feature_overlap, mean_cosine
-from analysis.render import render
 from analysis.report import GROUP_NAME, GapReport, GapRow, Headline, OverlapRow, SimilarityRow, write_csv, write_json
 from analysis.sources import LanguageSource, load_sources, resolve_paths
-from analysis.stats import cluster_bootstrap_means, nanmean, percentile_ci, wilcoxon
+from analysis.stats import cluster_bootstrap_means, nanmean, percentile_ci, quiet_nan, wilcoxon
+from analysis.terminal import render
 from toolkit.errors import UserError
 from toolkit.store import STATS
 
@@ -50,6 +49,8 @@ def analyse(
         raise UserError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
     if n_boot < 1:
         raise UserError(f"n_boot must be at least 1 (got {n_boot}); 1000 or more for publishable intervals")
+    if isinstance(low_langs, str):  # "id,ca,mr" from a config file
+        low_langs = [x.strip() for x in low_langs.split(",") if x.strip()]
     sources, meta = load_sources(resolve_paths([paths] if isinstance(paths, (str, Path)) else paths), reference)
     layers = meta["layers"]
     band_layers = parse_bands(bands, layers)
@@ -58,20 +59,17 @@ def analyse(
 
     values = {lang: sources[lang].stats(layers, stat) for lang in languages}
     units = np.unique(np.concatenate([s.ids for s in sources.values()]))
-    reps = cluster_bootstrap_means(
-        {lang: (np.searchsorted(units, sources[lang].ids), values[lang]) for lang in languages}, len(units), n_boot, seed
-    )
+    groups = {lang: (np.searchsorted(units, sources[lang].ids), values[lang]) for lang in languages}
+    reps = cluster_bootstrap_means(groups, len(units), n_boot, seed)
     ref_a = values[reference].mean(axis=0)
     gaps = {lang: _pct(values[lang].mean(axis=0), ref_a) for lang in languages}
     gap_reps = {lang: _pct(reps[lang], reps[reference]) for lang in languages}
     pairs = {lang: _pairs(sources[lang], sources[reference]) for lang in languages}
 
-    rows = [
-        row
-        for lang in languages
-        for row in _rows(lang, stat, layers, values[lang], values[reference], gaps[lang], reps[lang], gap_reps[lang],
-                         pairs[lang], is_reference=lang == reference)
-    ]
+    rows = []
+    for lang in languages:
+        rows += _rows(lang, stat, layers, values[lang], values[reference], gaps[lang], reps[lang], gap_reps[lang],
+                      pairs[lang], is_reference=lang == reference)
     headlines = [_headline(lang, [lang], gaps[lang], gap_reps[lang], layers, band_layers) for lang in languages[1:]]
     if group:
         group_gap = nanmean([gaps[lang] for lang in group], axis=0)
@@ -190,7 +188,7 @@ def _headline(
 ) -> Headline:
     early = [layers.index(layer) for layer in bands["early"]]
     deep = [layers.index(layer) for layer in bands["deep"]]
-    with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # all-NaN bands stay NaN
+    with quiet_nan():  # all-NaN bands stay NaN
         if np.isnan(gap[early]).all():
             early_min, early_layer = np.nan, None
         else:
@@ -265,7 +263,9 @@ def _notes(
     for lang in languages[1:]:
         n_par = len(pairs[lang][0])
         if n_par == 0:
-            notes.append(f"{lang} shares no sentence id with {reference}: parallel gaps, p-values and overlap are undefined")
+            notes.append(
+                f"{lang} shares no sentence id with {reference}: parallel gaps, p-values and overlap are undefined"
+            )
         elif n_par < sources[lang].n or n_par < ref.n:
             notes.append(
                 f"{lang}: {n_par} parallel sentences; {sources[lang].n - n_par} of its {sources[lang].n} and "
@@ -274,7 +274,7 @@ def _notes(
     absent = [lang for lang in low_langs if lang not in sources]
     if absent:
         notes.append(f"{GROUP_NAME} headline without {', '.join(absent)} (no activation files)")
-    dead = [layer for layer, a in zip(layers, ref_a) if a == 0]
+    dead = [layer for layer, a in zip(layers, ref_a, strict=True) if a == 0]
     if dead:
         notes.append(f"{reference} has zero mean {stat} at layer(s) {compact(dead)}: gaps are undefined there")
     return notes
@@ -283,7 +283,7 @@ def _notes(
 def _default_out(paths: Sequence[str]) -> Path:
     first = Path(paths[0])
     if first.is_dir():
-        return first / "reports"
+        return (first.parent if first.name == "activations" else first) / "reports"
     return (first.parent.parent if first.parent.name == "activations" else first.parent) / "reports"
 
 
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_boot=args.n_boot,
             seed=args.seed,
             reference=args.reference,
-            low_langs=tuple(x.strip() for x in args.low_langs.split(",") if x.strip()),
+            low_langs=args.low_langs,
         )
         out = write_report(report, args.out or _default_out(args.paths))
     except UserError as exc:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.stats import nanmean
+
 GROUP_NAME = "medium/low-resource"
 
 # How each number is made; stored in gaps.json so a reader of the file needs nothing else.
@@ -113,6 +115,10 @@ class GapReport:
     def matrix(self, name: str, languages: list[str] | None = None) -> np.ndarray:
         """(languages, layers) array of a GapRow field, e.g. "gap_pct"; NaN where missing."""
         return _matrix(self.rows, name, languages or self.languages, self.layers)
+
+    def group_gap(self) -> np.ndarray:
+        """Per-layer gap of the medium/low-resource group: the unweighted mean over its languages."""
+        return nanmean(self.matrix("gap_pct", self.low_langs), axis=0)
 
     def overlap_matrix(self, name: str = "jaccard") -> np.ndarray:
         """(others, layers) array of an OverlapRow field."""

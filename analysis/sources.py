@@ -18,8 +18,8 @@ import numpy as np
 from toolkit.errors import UserError
 from toolkit.store import ActivationFile, activation_files
 
-# Attributes that must agree across all files analysed together (plus the list of layers).
-MATCHING_ATTRS = ("model_id", "model_revision", "adapter", "hook_point", "sae_source", "sae_ids")
+# Attributes that must agree across all files analysed together, checked in this order.
+MATCHING_ATTRS = ("model_id", "model_revision", "adapter", "layers", "hook_point", "sae_source", "sae_ids")
 # Provenance copied from the reference's first file into the report.
 META_ATTRS = ("preset", "corpus_name", "d_model", "d_sae", "compute_dtype", "code_dtype", "lingogap_version")
 
@@ -166,13 +166,13 @@ def _merge(language: str, files: list[tuple[Path, list[str]]]) -> LanguageSource
 def _signature(f: ActivationFile) -> dict:
     identity, attrs = f.identity, f.attrs
     signature = {k: _plain(identity[k] if k in identity else attrs.get(k)) for k in MATCHING_ATTRS}
-    signature["layers"] = f.layers
+    signature["layers"] = f.layers  # the layers actually stored
     return signature
 
 
 def _check_same(first: tuple[Path, dict], other: tuple[Path, dict]) -> None:
     (path_a, sig_a), (path_b, sig_b) = first, other
-    for key in (*MATCHING_ATTRS, "layers"):
+    for key in MATCHING_ATTRS:
         if sig_a.get(key) != sig_b.get(key):
             raise UserError(
                 f"{path_a} and {path_b} cannot be analysed together: their {key} differs "

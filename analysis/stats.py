@@ -9,6 +9,7 @@ respect those dependencies. A language that lacks some ids simply has no rows fo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterator, Mapping
@@ -61,14 +62,22 @@ def cluster_bootstrap_means(
 def percentile_ci(replicates: np.ndarray, level: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval over axis 0, ignoring NaN replicates (NaN where every replicate is NaN)."""
     tail = 100 * (1 - level) / 2
-    with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # all-NaN columns give NaN
+    with quiet_nan():  # all-NaN columns give NaN
         low, high = np.nanpercentile(replicates, [tail, 100 - tail], axis=0)
     return low, high
 
 
+@contextlib.contextmanager
+def quiet_nan() -> Iterator[None]:
+    """Silence numpy's all-NaN RuntimeWarnings where a NaN result is the intended answer."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def nanmean(values, axis: int | None = None):
     """np.nanmean without the all-NaN warning: NaN where no value is finite."""
-    with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
+    with quiet_nan():
         return np.nanmean(np.asarray(values, dtype=np.float64), axis=axis)
 
 

@@ -95,12 +95,18 @@ def iter_batches(
 
 
 class ResidualCapture:
-    """Forward hooks on the selected decoder blocks; each output goes to `sink(layer, tensor)` at once."""
+    """Forward hooks on the selected decoder blocks; each output goes to `sink(layer, tensor)` at once.
 
-    def __init__(self, lm: LoadedModel, layers: list[int], sink: Callable[[int, torch.Tensor], None]):
+    For measurement (`grad=False`, the default) tensors are detached and the forward pass stops
+    after the last selected layer. Training (`grad=True`) gets the live tensors and a full pass.
+    """
+
+    def __init__(self, lm: LoadedModel, layers: list[int], sink: Callable[[int, torch.Tensor], None],
+                 grad: bool = False):
         self.lm = lm
         self.layers = sorted(layers)
         self.sink = sink
+        self.grad = grad
         self._handles: list = []
 
     def __enter__(self) -> "ResidualCapture":
@@ -110,8 +116,8 @@ class ResidualCapture:
             def hook(module, args, output, layer=layer):
                 # transformers 5 returns a Tensor; older releases a tuple whose first item it is
                 hidden = output[0] if isinstance(output, tuple) else output
-                self.sink(layer, hidden.detach())
-                if layer == last:
+                self.sink(layer, hidden if self.grad else hidden.detach())
+                if layer == last and not self.grad:
                     raise _Done
 
             self._handles.append(blocks[layer].register_forward_hook(hook))

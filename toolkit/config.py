@@ -103,6 +103,10 @@ class AlignConfig:
     val_fraction: float = opt(0.1, "fraction of training ids used for validation loss")
     checkpoint_every: int = opt(50, "save a resumable checkpoint every N steps")
     joint: bool = opt(False, "one adapter over all target languages instead of one each")
+    targets: str = opt("", "languages to align (default: every non-English language in --langs; the rest are "
+                       "measured for collateral effects)")
+    layer_weights: str = opt("gap", "per-layer weights of the alignment term: gap (w_l ~ max(0, -gap_l), mean 1) "
+                             "or uniform", choices=("gap", "uniform"))
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage (0-2; CPU runs use at most 1)")
 
 
@@ -135,7 +139,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "tiny": {
         "model": {"name": "tiny"},
-        "sae": {"source": "random", "width": 256, "train_tokens": 4000, "batch": 256, "lr": 1e-3},
+        "sae": {"source": "train", "width": 128, "l1": 5.0, "train_tokens": 8000, "batch": 256, "lr": 1e-3},
         "extract": {"batch_tokens": 1024},
         "report": {"n_boot": 200},
         "align": {"steps": 10, "batch_size": 4, "checkpoint_every": 5},

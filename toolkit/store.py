@@ -257,12 +257,17 @@ def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], cod
 
 
 def _attr(value):
-    if isinstance(value, (dict, list, tuple)) and not (
-        isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, np.integer)) for v in value)
-    ):
-        return json.dumps(value, sort_keys=True)
+    """HDF5-friendly attribute: numeric and string lists as arrays, mappings as JSON, None as ''."""
     if value is None:
         return ""
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, str) for v in value):
+            return np.array(value, dtype=h5py.string_dtype())
+        if all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value):
+            return np.asarray(value)
+        return json.dumps(value, sort_keys=True)
     return value
 
 

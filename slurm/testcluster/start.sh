@@ -94,14 +94,14 @@ ours_running() {  # ours_running NAME -> prints pid, rc 0 if alive
 }
 
 launch() {  # launch NAME COMM CMD... : start CMD in background, record its PID
-    local name=$1 comm=$2 pid st i
+    local name=$1 comm=$2 pid st
     shift 2
     : >"$LOG_DIR/$name.out"
     # setsid (no fork: a background job is not a process-group leader) detaches
     # from the terminal; every wrapper used here execs, so $! is the daemon.
     setsid "$@" </dev/null >>"$LOG_DIR/$name.out" 2>&1 &
     pid=$!
-    for i in $(seq 50); do  # wait until the exec chain reached the daemon
+    for _ in $(seq 50); do  # wait until the exec chain reached the daemon
         [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]] && break
         [[ -d /proc/$pid ]] || break
         sleep 0.05
@@ -158,11 +158,15 @@ if ((${#missing[@]})); then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
         chmod 755 /usr/sbin/policy-rc.d
         tmp_policy=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >"/tmp/lingogap-testcluster-apt.log" 2>&1 \
         || { tail -n 40 /tmp/lingogap-testcluster-apt.log >&2; die "apt-get install failed"; }
-    ((tmp_policy)) && rm -f /usr/sbin/policy-rc.d
+    if ((tmp_policy)); then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
     log "packages installed"
 fi
 

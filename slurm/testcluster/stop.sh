@@ -69,15 +69,17 @@ stop_one() {
         for ((i = 0; i < 50; i++)); do ours_running "$name" >/dev/null || break; sleep 0.1; done
     fi
     rm -f "$RUN_DIR/$name.pid"
+    stopped+=("$pid")
     log "stopped $name (pid $pid)"
 }
+stopped=()
 
 # Cancel jobs first, so no slurmstepd / job processes outlive slurmd.
 if ours_running slurmctld >/dev/null && ours_running slurmd >/dev/null \
     && scontrol ping 2>/dev/null | grep -q 'is UP'; then
     jobs=$(squeue -h -o %i 2>/dev/null || true)
     if [[ -n $jobs ]]; then
-        log "cancelling jobs: $(echo $jobs)"
+        log "cancelling jobs: ${jobs//$'\n'/ }"
         # shellcheck disable=SC2086
         scancel $jobs 2>/dev/null || true
         for ((i = 0; i < 300; i++)); do
@@ -92,13 +94,22 @@ for d in slurmd slurmctld slurmdbd mariadbd munged; do
 done
 rm -f "$RUN_DIR"/daemon/*.pid 2>/dev/null || true
 
+# The sandbox's PID 1 reaps orphans lazily: give the exited daemons' zombies a
+# moment to disappear so that `ps` is clean when this script returns.
+for ((i = 0; i < 50; i++)); do
+    left=0
+    for pid in "${stopped[@]}"; do [[ -d /proc/$pid ]] && left=1; done
+    ((left)) || break
+    sleep 0.1
+done
+
 if ((purge)); then
     left=""
     for d in slurmd slurmctld slurmdbd mariadbd; do
         [[ -f $RUN_DIR/$d.pid ]] && left+=" $d"
     done
     [[ -z $left ]] || { echo "not purging: still running:$left" >&2; exit 1; }
-    rm -rf /var/spool/slurmctld/* /var/spool/slurmd/* "$STATE_DIR/mysql" "$LOG_DIR"/*
+    rm -rf /var/spool/slurmctld/* /var/spool/slurmd/* "${STATE_DIR:?}/mysql" "${LOG_DIR:?}"/*
     log "purged Slurm state, accounting DB and logs (job ids restart at 1)"
 fi
 log "test cluster stopped"

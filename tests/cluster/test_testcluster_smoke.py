@@ -31,6 +31,15 @@ def _run(cmd: list[str], timeout: float = 15) -> subprocess.CompletedProcess[str
 def slurm_cluster() -> None:
     if shutil.which("sinfo") is None:
         pytest.skip("Slurm client tools not installed (no 'sinfo' on PATH); run slurm/testcluster/start.sh")
+    # `scontrol ping` fails at once when no controller runs; sinfo retries ~9 s.
+    if shutil.which("scontrol") is not None:
+        try:
+            ping = _run(["scontrol", "ping"], timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.skip("no Slurm cluster answers: 'scontrol ping' timed out; run slurm/testcluster/start.sh")
+        if ping.returncode != 0 or "is UP" not in ping.stdout:
+            first = (ping.stdout or ping.stderr).strip().splitlines()[:1]
+            pytest.skip(f"no Slurm cluster answers ({first}); run slurm/testcluster/start.sh")
     try:
         proc = _run(["sinfo", "-h", "-o", "%T"], timeout=15)
     except subprocess.TimeoutExpired:

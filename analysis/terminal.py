@@ -1,7 +1,7 @@
 """The terminal report (Rich): headline panel, language x layer gap table, per-language summary.
 
 Designed for 80 columns: when there are more layers than fit, consecutive layers of one band are
-grouped into a column showing their mean gap (26 layers -> 9 columns of 3).
+grouped into a column showing their mean gap (26 layers -> 9 columns of 2-3 layers).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def render(report: GapReport, console: Console) -> None:
     console.print(Rule(f"[bold]lingogap[/bold] · SAE activity vs {report.reference} · {model}"))
     console.print(_context(report), style="dim")
     console.print(headline_panel(report))
-    console.print(gap_table(report, console.width))
+    if report.others:
+        console.print(gap_table(report, console.width))
+        console.print(_gap_legend(report), style="dim")
     console.print(summary_table(report))
     for note in report.notes:
         console.print(Text.assemble(("note: ", "yellow"), note))
@@ -43,54 +45,57 @@ def headline_panel(report: GapReport) -> Panel:
     """The paper's sentence for the medium/low-resource group (or each language when none is present)."""
     group = report.headline(GROUP_NAME)
     chosen = [group] if group else [h for h in report.headlines if h.name != GROUP_NAME]
-    lines: list[Text] = []
+    parts: list = []
     for h in chosen:
         name = f"{h.name} ({', '.join(h.languages)})" if h is group else h.name
-        lines.append(Text.assemble((name, "bold"), ": ", _headline_sentence(h)))
-        lines.append(Text(_headline_detail(h), style="dim"))
-    worst = sorted((h for h in report.headlines if h.name != GROUP_NAME and _finite(h.deep_mean_gap)),
-                   key=lambda h: h.deep_mean_gap)[:3]
-    if group and worst:
-        lines.append(Text("largest deep-layer gaps: " + ", ".join(f"{h.name} {h.deep_mean_gap:+.1f} %" for h in worst)))
-    if not lines:
-        lines.append(Text(f"only {report.reference} was analysed: no gap to report"))
-    return Panel(Group(*lines), title=f"headline · {report.statistic}", title_align="left", border_style="cyan")
+        parts.append(Text.assemble((name, "bold"), ": ", _headline_sentence(h)))
+        parts.append(_headline_detail(h, report.bands))
+    weakest = sorted(
+        (h for h in report.headlines if h.name != GROUP_NAME and _finite(h.deep_mean_gap) and h.deep_mean_gap < 0),
+        key=lambda h: h.deep_mean_gap,
+    )[:3]
+    if group and weakest:
+        listed = ", ".join(f"{h.name} {h.deep_mean_gap:+.1f} %" for h in weakest)
+        parts.append(Text(f"largest deep-layer gaps: {listed}"))
+    if not parts:
+        parts.append(Text(f"only {report.reference} was analysed: no gap to report"))
+    return Panel(Group(*parts), title=f"headline · {report.statistic}", title_align="left", border_style="cyan")
 
 
 def gap_table(report: GapReport, width: int = 80) -> Table:
     """Language x layer-column table of gaps (%), cells coloured red (weaker) to blue (stronger)."""
-    max_columns = max(1, (width - _LABEL_WIDTH - 2 * (_CELL_WIDTH + 1)) // (_CELL_WIDTH + 1))
+    max_columns = max(1, (width - _LABEL_WIDTH - (_CELL_WIDTH + 1)) // (_CELL_WIDTH + 1))  # room for "all"
     columns = layer_columns(report.layers, report.bands, max_columns)
     position = {layer: j for j, layer in enumerate(report.layers)}
     gaps = report.matrix("gap_pct", report.others)
     rows = [(lang, gaps[i]) for i, lang in enumerate(report.others)]
     if report.low_langs:
-        rows.append((_GROUP_LABEL, nanmean(report.matrix("gap_pct", report.low_langs), axis=0)))
+        rows.append((_GROUP_LABEL, report.group_gap()))
     cells = [[nanmean(g[[position[x] for x in layers]]) for _, layers in columns] + [nanmean(g)] for _, g in rows]
     finite = [abs(v) for row in cells for v in row if _finite(v)]
     limit = max([5.0, *finite])
 
-    grouped = any(len(layers) > 1 for _, layers in columns)
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        padding=0,
-        show_edge=False,
-        title=f"gap (%) of mean {report.statistic} vs {report.reference}, per layer{' group' if grouped else ''}",
-        caption=f"negative = weaker than {report.reference}; 'all' = mean over all layers"
-        + ("; med/low = mean of " + ", ".join(report.low_langs) if report.low_langs else ""),
-    )
+    table = Table(box=box.SIMPLE_HEAD, padding=0, show_edge=False, title=f"gap vs {report.reference} (%)")
     table.add_column("layer", width=_LABEL_WIDTH, no_wrap=True)
     for band, layers in columns:
         label = str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
         table.add_column(f"{band or ''}\n{label}", justify="right", width=_CELL_WIDTH, no_wrap=True)
     table.add_column("\nall", justify="right", width=_CELL_WIDTH, no_wrap=True, style="bold")
-    for k, ((lang, _), values) in enumerate(zip(rows, cells)):
+    for k, ((lang, _), values) in enumerate(zip(rows, cells, strict=True)):
         table.add_row(
             Text(lang, style="bold" if lang in report.low_langs or lang == _GROUP_LABEL else ""),
             *(_gap_cell(v, limit) for v in values),
             end_section=bool(report.low_langs) and k == len(rows) - 2,  # rule above the group row
         )
     return table
+
+
+def _gap_legend(report: GapReport) -> str:
+    group = f"; {_GROUP_LABEL} = mean of {', '.join(report.low_langs)}" if report.low_langs else ""
+    return (
+        f"gap (%) of the mean {report.statistic} vs {report.reference}, negative = weaker; a column of several "
+        f"layers shows their mean; all = mean over all layers{group}"
+    )
 
 
 def summary_table(report: GapReport) -> Table:
@@ -106,12 +111,14 @@ def summary_table(report: GapReport) -> Table:
     if has_sim:
         table.add_column("cosine", justify="right")
     value = report.matrix("value")
+    a_mean = nanmean(value, axis=1)
+    a_fmt = _decimals_for(a_mean)
     jaccard = report.overlap_matrix("jaccard")
     cosine = _cosine_by_language(report)
     for i, lang in enumerate(report.languages):
         n = next(r.n for r in report.rows if r.language == lang)
         cells: list[Text | str] = [Text(lang, style="bold" if lang in report.low_langs else ""), str(n),
-                                   f"{nanmean(value[i]):.4g}"]
+                                   _fmt(a_mean[i], a_fmt)]
         if lang == report.reference:
             cells += [Text("reference", style="dim"), "", "", *([""] if has_sim else [])]
         else:
@@ -154,12 +161,12 @@ def layer_columns(
 
 
 def _context(report: GapReport) -> str:
-    meta = report.meta
-    saes = meta.get("sae_source") or "unknown SAEs"
+    saes = report.meta.get("sae_source") or "unknown SAEs"
     n_layers = len(report.layers)
-    layers = f"{n_layers} layer{'s' if n_layers != 1 else ''} ({compact(report.layers)})"
-    return (f"statistic {report.statistic} · SAEs {saes} · {layers} · {describe(report.bands)} · "
-            f"{report.n_boot} bootstrap resamples, seed {report.seed}")
+    return (
+        f"statistic {report.statistic} · SAEs {saes} · {n_layers} layer{'s' if n_layers != 1 else ''} · "
+        f"{report.n_boot} bootstrap resamples (seed {report.seed})\nbands: {describe(report.bands)}"
+    )
 
 
 def _headline_sentence(h: Headline) -> Text:
@@ -168,7 +175,8 @@ def _headline_sentence(h: Headline) -> Text:
     elif h.early_min_gap < 0:
         early = Text.assemble("up to ", (f"{-h.early_min_gap:.2f} % lower", "bold red"), " in early layers")
     else:
-        early = Text.assemble("never lower in early layers (", (f"{h.early_min_gap:+.2f} %", "bold blue"), " at least)")
+        smallest = (f"{h.early_min_gap:+.2f} %", "bold blue")
+        early = Text.assemble("never lower in early layers (smallest gap ", smallest, ")")
     if not _finite(h.deep_mean_gap):
         deep = Text("no deep-layer gap")
     else:
@@ -177,9 +185,13 @@ def _headline_sentence(h: Headline) -> Text:
     return Text.assemble(early, ", ", deep)
 
 
-def _headline_detail(h: Headline) -> str:
-    where = f"layer {h.early_min_layer}" if h.early_min_layer is not None else "no layer"
-    return (f"early minimum at {where}, 95 % CI [{_ci(h.early_ci)}] · deep mean 95 % CI [{_ci(h.deep_ci)}]")
+def _headline_detail(h: Headline, bands: dict[str, list[int]]) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    where = f"layer {h.early_min_layer}" if h.early_min_layer is not None else "—"
+    grid.add_row("  early", "min", _signed(h.early_min_gap), where, f"95 % CI [{_ci(h.early_ci)}]", style="dim")
+    deep = f"layer{'s' if len(bands['deep']) > 1 else ''} {compact(bands['deep'])}"
+    grid.add_row("  deep", "mean", _signed(h.deep_mean_gap), deep, f"95 % CI [{_ci(h.deep_ci)}]", style="dim")
+    return grid
 
 
 def _headline_cells(h: Headline | None) -> list[Text]:
@@ -208,6 +220,13 @@ def _gap_cell(v: float, limit: float) -> Text:
 
 def _ci(ci: tuple[float, float]) -> str:
     return ", ".join("—" if not _finite(v) else f"{v:+.1f}" for v in ci)
+
+
+def _decimals_for(values: np.ndarray) -> str:
+    """A format that gives the largest finite value four significant digits, the same decimals for all."""
+    finite = np.abs(values[np.isfinite(values)])
+    top = finite.max() if finite.size and finite.max() > 0 else 1.0
+    return f"{{:.{max(0, 3 - math.floor(math.log10(top)))}f}}"
 
 
 def _fmt(v: float, fmt: str) -> str:

@@ -1,0 +1,80 @@
+import pytest
+
+from toolkit.config import Config, parse_bands, parse_layers
+from toolkit.errors import UserError
+
+
+def test_defaults_are_the_embedded_preset():
+    cfg = Config.build()
+    assert cfg.run.preset == "embedded" and cfg.model.name == "embedded" and cfg.sae.source == "auto"
+    assert cfg.sae.id_template == "layer_{i}_width_16k_l0_small"
+
+
+def test_precedence_cli_over_yaml_over_preset(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\nlangs: en,hi\nsae: {width: 512, l1: 2.5}\nextract: {batch_tokens: 300}\n")
+    cfg = Config.build({"sae": {"width": 64}}, str(path))
+    assert cfg.run.preset == "tiny" and cfg.model.name == "tiny"  # preset named in YAML applies
+    assert cfg.sae.width == 64  # CLI beats YAML
+    assert cfg.sae.l1 == 2.5 and cfg.extract.batch_tokens == 300  # YAML beats preset
+    assert cfg.sae.train_tokens == 8000  # preset beats defaults
+    assert cfg.lang_codes == ["en", "hi"]
+
+
+def test_falsy_cli_values_are_kept(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_sentences: 50\nextract: {save_resid: true}\nalign: {lambda_keep: 2.0}\n")
+    cfg = Config.build({"run": {"max_sentences": 0}, "extract": {"save_resid": False},
+                        "align": {"lambda_keep": 0.0}}, str(path))
+    assert cfg.run.max_sentences == 0 and cfg.extract.save_resid is False and cfg.align.lambda_keep == 0.0
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"extract": {"batch_tokens": 0}}, "extract.batch_tokens must be at least 1"),
+        ({"sae": {"source": "hub"}}, "sae.source"),
+        ({"run": {"langs": "en,xx"}}, "unknown language code 'xx'"),
+        ({"run": {"executor": "slurm"}}, "run.cluster"),
+        ({"report": {"bands": "0-3,4-8"}}, "report.bands"),
+        ({"eval": {"tasks": "arc,gsm8k"}}, "eval.tasks"),
+        ({"align": {"heldout": 1.5}}, "align.heldout"),
+        ({"run": {"container": "image.img"}}, "run.container"),
+        ({"sae": {"width": "wide"}}, "sae.width must be a int"),
+        ({"bogus": {"x": 1}}, "unknown config section"),
+        ({"sae": {"nope": 1}}, "unknown config field sae.nope"),
+    ],
+)
+def test_validation_names_the_field(values, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        Config.build(values)
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        Config.build(yaml_path=str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        Config.build(yaml_path=str(bad))
+    with pytest.raises(UserError, match="unknown preset"):
+        Config.build({"run": {"preset": "huge"}})
+
+
+@pytest.mark.parametrize(
+    "spec, n, expected",
+    [("all", 4, [0, 1, 2, 3]), ("0-2,5", 8, [0, 1, 2, 5]), ("0-25:5", 26, [0, 5, 10, 15, 20, 25]),
+     ("::6", 18, [0, 6, 12]), ("3", 4, [3]), ("10-", 12, [10, 11])],
+)
+def test_parse_layers(spec, n, expected):
+    assert parse_layers(spec, n) == expected
+
+
+@pytest.mark.parametrize("spec, message", [("0-30", "out of range"), ("a-b", "cannot parse"), ("5-2", "empty")])
+def test_parse_layers_errors(spec, message):
+    with pytest.raises(UserError, match=message):
+        parse_layers(spec, 26)
+
+
+def test_parse_bands():
+    assert parse_bands("0-8,9-17,18-25") == [(0, 8), (9, 17), (18, 25)]
