@@ -21,7 +21,7 @@ from rich.console import Console
 
 from analysis.bands import compact, parse_bands
 from analysis.figures import write_figures
-from analysis.overlap import active_keys, feature_overlap, mean_cosine
+from analysis.overlap import active_keys, feature_overlap, mean_cosine, pair_keys
 from analysis.report import GROUP_NAME, GapReport, GapRow, Headline, OverlapRow, SimilarityRow, write_csv, write_json
 from analysis.sources import LanguageSource, load_sources, resolve_paths
 from analysis.stats import cluster_bootstrap_means, nanmean, percentile_ci, quiet_nan, wilcoxon
@@ -224,20 +224,19 @@ def _compare(
         pair_of_row[lang] = (_pair_index(sources[lang].n, rows_lang), _pair_index(ref.n, rows_ref))
     overlap, similarity = [], []
     for layer in layers:
-        ref_codes = ref.codes(layer)
+        ref_keys = active_keys(*ref.codes(layer))
         ref_pooled = ref.pooled_resid(layer) if ref.has_resid(layer) else None
         for lang in others:
-            n_pairs = len(pairs[lang][0])
-            if n_pairs == 0:
+            rows_lang, rows_ref = pairs[lang]
+            if len(rows_lang) == 0:
                 overlap.append(OverlapRow(lang, layer, np.nan, np.nan, 0))
                 continue
-            keys = active_keys(*sources[lang].codes(layer), pair_of_row[lang][0])
-            ref_keys = active_keys(*ref_codes, pair_of_row[lang][1])
-            overlap.append(OverlapRow(lang, layer, *feature_overlap(keys, ref_keys, n_pairs), n_pairs))
+            keys = pair_keys(active_keys(*sources[lang].codes(layer)), pair_of_row[lang][0])
+            matched = pair_keys(ref_keys, pair_of_row[lang][1])
+            overlap.append(OverlapRow(lang, layer, *feature_overlap(keys, matched, len(rows_lang)), len(rows_lang)))
             if ref_pooled is not None and sources[lang].has_resid(layer):
-                pooled = sources[lang].pooled_resid(layer)
-                cosine = mean_cosine(pooled[pairs[lang][0]], ref_pooled[pairs[lang][1]])
-                similarity.append(SimilarityRow(lang, layer, cosine, n_pairs))
+                cosine = mean_cosine(sources[lang].pooled_resid(layer)[rows_lang], ref_pooled[rows_ref])
+                similarity.append(SimilarityRow(lang, layer, cosine, len(rows_lang)))
     return overlap, similarity
 
 

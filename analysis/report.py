@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.stats import nanmean
+from analysis.stats import CI_LEVEL, nanmean
 
 GROUP_NAME = "medium/low-resource"
 
@@ -137,7 +137,7 @@ class GapReport:
             "bands": self.bands,
             "n_boot": self.n_boot,
             "seed": self.seed,
-            "ci_level": 0.95,
+            "ci_level": CI_LEVEL,
             "model": self.meta,
             "sources": self.sources,
             "methods": METHODS,

@@ -147,9 +147,10 @@ def write_outputs(result: dict, scores: dict[str, dict[tuple[str, str], bench.Sc
     bench.write_csv(result["results"], result["comparisons"], out_dir / "results.csv")
     with open(out_dir / "items.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["model", "task", "language", "item", *bench.PAIRED_METRICS])
+        writer.writerow(["model", "task", "language", "item", *bench.PAIRED_METRICS, "pred", "gold"])
         for label, per_unit in scores.items():
             for (task, lang), s in per_unit.items():
                 for key, values in s.items.items():
-                    writer.writerow([label, task, lang, key, *(int(values[m]) for m in bench.PAIRED_METRICS)])
+                    writer.writerow([label, task, lang, key, *(int(values[m]) for m in bench.PAIRED_METRICS),
+                                     values["pred"], values["gold"]])
     bench.figure(result["results"], out_dir / "figures" / "accuracy.png")

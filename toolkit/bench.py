@@ -261,28 +261,40 @@ def task_manager(units: list[Unit], bench_data: str, include_dir: str | Path | N
 def load_units(units: list[Unit], bench_data: str = "", include_dir: str | Path | None = None, shots: int = 0,
                limit: int = 0, seed: int = 0) -> list[Unit]:
     """Build each present unit's lm-eval tasks, set the shots and choose its items (see the module doc)."""
+    import datasets
+
     tm = task_manager(units, bench_data, include_dir)
-    for unit in units:
-        if not unit.ok:
-            continue
-        try:
-            unit.loaded = tm.load([unit.task])
-        except (ConnectionError, OSError) as exc:
-            if bench_data:
-                raise UserError(f"{unit.bench} {unit.lang}: cannot read {unit.files['test']}: {exc}") from None
-            raise HubUnreachable(f"{unit.task}: the Hugging Face hub is unreachable ({exc}); pass --bench-data DIR "
-                                 "with Okapi-format JSON files (e.g. ../shared/data/okapi)") from None
-        except Exception as exc:  # datasets reports malformed JSON with its own exception classes
-            if not bench_data:
-                raise
-            raise UserError(f"{unit.bench} {unit.lang}: lm-eval could not build a task from {unit.files}: "
-                            f"{type(exc).__name__}: {exc}") from None
-        for task in unit.loaded["tasks"].values():
-            task.set_config(key="num_fewshot", value=shots)
-        unit.samples, unit.n_requests = select_items(unit.loaded["tasks"], limit, seed)
-        if not unit.n_items:
-            unit.missing = f"{unit.task} has no items"
+    bars = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # one "Generating split" and "Map" bar per file and split otherwise
+    try:
+        for unit in units:
+            if unit.ok:
+                _load_unit(tm, unit, bench_data, shots, limit, seed)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     return units
+
+
+def _load_unit(tm, unit: Unit, bench_data: str, shots: int, limit: int, seed: int) -> None:
+    """Build one unit's tasks, set its shots and choose its items."""
+    try:
+        unit.loaded = tm.load([unit.task])
+    except (ConnectionError, OSError) as exc:
+        if bench_data:
+            raise UserError(f"{unit.bench} {unit.lang}: cannot read {unit.files['test']}: {exc}") from None
+        raise HubUnreachable(f"{unit.task}: the Hugging Face hub is unreachable ({exc}); pass --bench-data DIR "
+                             "with Okapi-format JSON files (e.g. ../shared/data/okapi)") from None
+    except Exception as exc:  # datasets reports malformed JSON with its own exception classes
+        if not bench_data:
+            raise
+        raise UserError(f"{unit.bench} {unit.lang}: lm-eval could not build a task from {unit.files}: "
+                        f"{type(exc).__name__}: {exc}") from None
+    for task in unit.loaded["tasks"].values():
+        task.set_config(key="num_fewshot", value=shots)
+    unit.samples, unit.n_requests = select_items(unit.loaded["tasks"], limit, seed)
+    if not unit.n_items:
+        unit.missing = f"{unit.task} has no items"
 
 
 def item_key(doc: dict, index: int) -> str:
@@ -321,7 +333,7 @@ def select_items(tasks: dict, limit: int, seed: int) -> tuple[dict[str, list[int
 class Scores:
     """Per-item correctness of one model on one unit."""
 
-    items: dict[str, dict[str, float]]  # item key -> {"acc": 0/1, "acc_norm": 0/1}
+    items: dict[str, dict]  # item key -> {"acc": 0/1, "acc_norm": 0/1, "pred": argmax choice, "gold": target}
 
     @property
     def n(self) -> int:
@@ -361,11 +373,17 @@ def evaluate_unit(lm, unit: Unit, seed: int = 0) -> Scores:
     out = evaluator.evaluate(lm=lm, task_dict=unit.loaded, samples=unit.samples, log_samples=True,
                              bootstrap_iters=0)
     several = len(unit.loaded["tasks"]) > 1
-    items: dict[str, dict[str, float]] = {}
+    items: dict[str, dict] = {}
     for name, rows in out["samples"].items():
+        task = unit.loaded["tasks"][name]
         for row in rows:
+            gold = row["target"]
+            if not isinstance(gold, int):  # MMLU's target is a letter among its choices
+                gold = list(task.doc_to_choice(row["doc"])).index(gold)
             key = item_key(row["doc"], row["doc_id"])
-            items[f"{name}/{key}" if several else key] = {m: float(row[m]) for m in PAIRED_METRICS}
+            lls = [resp[0] for resp in row["filtered_resps"]]
+            items[f"{name}/{key}" if several else key] = {
+                **{m: float(row[m]) for m in PAIRED_METRICS}, "pred": int(np.argmax(lls)), "gold": gold}
     return Scores(items)
 
 

@@ -36,6 +36,8 @@ class RunConfig:
     cluster: str = opt("", "cluster profile name in slurm/profiles/ or a YAML path (with --executor slurm)")
     container: str = opt("", "Apptainer image (.sif) that jobs run their Python in")
     wait: bool = opt(False, "wait for submitted jobs and exit non-zero if one fails")
+    stages: str = opt("extract,report", "what `pipeline` submits, in order: train-saes, extract, report, align, "
+                      "evaluate (train-saes goes first by itself with --sae train)")
     seed: int = opt(0, "random seed for sampling, bootstrap and training")
 
 
@@ -55,12 +57,12 @@ class SAEConfig:
     release: str = opt("", "sae-lens release used by auto/pretrained")
     id_template: str = opt("", "SAE id per layer, with {i} for the layer (e.g. layer_{i}/width_16k/canonical)",
                            flag="--sae-id")
-    width: int = opt(2048, "width of locally trained SAEs (features)")
+    width: int = opt(1024, "width of locally trained SAEs (features)")
     l1: float = opt(5.0, "sparsity coefficient of locally trained SAEs")
-    train_tokens: int = opt(60_000, "training tokens per layer for locally trained SAEs")
+    train_tokens: int = opt(40_000, "training samples (token vectors) per layer; the corpus is repeated if smaller")
     train_corpus: str = opt("", "corpus to train SAEs on (default: the run's corpus)")
-    lr: float = opt(4e-4, "learning rate of SAE training")
-    batch: int = opt(1024, "tokens per SAE training step")
+    lr: float = opt(3e-3, "learning rate of SAE training")
+    batch: int = opt(128, "tokens per SAE training step")
 
 
 @dataclass
@@ -120,6 +122,8 @@ class EvalConfig:
     no_base: bool = opt(False, "skip the base model when an adapter is evaluated")
 
 
+PIPELINE_STAGES = ("train-saes", "extract", "report", "align", "evaluate")
+
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "model": ModelConfig,
@@ -139,7 +143,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "tiny": {
         "model": {"name": "tiny"},
-        "sae": {"source": "train", "width": 128, "l1": 5.0, "train_tokens": 8000, "batch": 256, "lr": 1e-3},
+        "sae": {"source": "train", "width": 128, "l1": 5.0, "train_tokens": 8000},
         "extract": {"batch_tokens": 1024},
         "report": {"n_boot": 200},
         "align": {"steps": 10, "batch_size": 4, "checkpoint_every": 5},
@@ -222,6 +226,10 @@ class Config:
             raise UserError("sae.id_template must contain {i} (the layer) for a pretrained SAE release")
         if self.run.executor == "slurm" and not self.run.cluster:
             raise UserError("run.cluster: --executor slurm needs --cluster NAME (a profile in slurm/profiles/)")
+        bad_stages = [s for s in self.run.stages.split(",") if s.strip() not in PIPELINE_STAGES]
+        if bad_stages or not self.run.stages.strip():
+            raise UserError(f"run.stages: unknown stage(s) {', '.join(bad_stages) or '(none)'}; "
+                            f"choose from {', '.join(PIPELINE_STAGES)}")
         if self.run.container and not self.run.container.endswith(".sif"):
             raise UserError(f"run.container must be an Apptainer image ending in .sif (got {self.run.container!r})")
         if self.report.bands:

@@ -74,8 +74,20 @@ def check(sae: torch.nn.Module, layer: int, d_model: int, where: str) -> None:
         raise UserError(f"{where}: the SAE for layer {layer} was trained on hook {hook!r}, not {hook_name(layer)!r}")
 
 
+def training_corpus(cfg: Config, run_corpus: Corpus | None = None) -> Corpus:
+    """`sae.train_corpus` if set, else the run's corpus (with the same --max-sentences)."""
+    from toolkit import corpus as corpora
+
+    if run_corpus is not None and not cfg.sae.train_corpus:
+        return run_corpus
+    return corpora.load(cfg.sae.train_corpus or cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
+
+
 def load(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, console: Console | None = None) -> SAESet:
-    """Resolve `cfg.sae.source` into one checked SAE per layer, with quality figures measured."""
+    """Resolve `cfg.sae.source` into one checked SAE per layer, with quality figures measured.
+
+    `corpus` is the run's corpus: its held-out ids measure quality; training uses `training_corpus`.
+    """
     console = console or Console(stderr=True)
     source = cfg.sae.source
     if source == "auto":
@@ -83,13 +95,13 @@ def load(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, consol
             saes = _pretrained(cfg.sae.release, cfg.sae.id_template, layers, lm)
         except HubUnreachable as exc:
             console.print(f"[yellow]SAEs:[/] {exc}. Training small SAEs locally instead (cached in the run).")
-            saes = train(cfg, lm, layers, corpus, console)
+            saes = train(cfg, lm, layers, training_corpus(cfg, corpus), console)
     elif source.startswith("pretrained:"):
         saes = _pretrained(source.split(":", 1)[1], cfg.sae.id_template, layers, lm)
     elif source.startswith("dir:"):
         saes = _from_dir(Path(source.split(":", 1)[1]), layers, lm)
     elif source == "train":
-        saes = train(cfg, lm, layers, corpus, console)
+        saes = train(cfg, lm, layers, training_corpus(cfg, corpus), console)
     else:
         saes = _random(cfg.sae.width, layers, lm, cfg.run.seed)
     missing = [i for i in layers if not math.isfinite(saes.layers[i].fve)]
@@ -259,7 +271,13 @@ def _train_one(cfg: Config, lm: LoadedModel, layer: int, acts: torch.Tensor):
         lr_end=cfg.sae.lr / 10, lr_scheduler_name="cosineannealing", device=str(lm.device),
         n_batches_for_norm_estimate=max(1, min(50, len(acts) // batch)), logger=LoggingConfig(log_to_wandb=False),
     )
-    trainer = SAETrainer(trainer_cfg, StandardTrainingSAE(sae_cfg), _shuffled(acts.to(lm.device), batch, layer))
+    sae = StandardTrainingSAE(sae_cfg)
+    # Gemma's residual stream has a large mean (a few huge dimensions); starting the decoder bias
+    # there, in the trainer's normalised units, spares the short CPU budget from learning it.
+    scale = lm.d_model**0.5 / acts.norm(dim=1).mean()
+    with torch.no_grad():
+        sae.b_dec.copy_((acts.mean(0) * scale).to(sae.b_dec))
+    trainer = SAETrainer(trainer_cfg, sae, _shuffled(acts.to(lm.device), batch, layer))
     return trainer.fit()
 
 

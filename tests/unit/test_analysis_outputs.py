@@ -90,11 +90,12 @@ def test_layer_columns_never_cross_a_band():
     assert len(layer_columns(list(range(26)), bands, max_columns=100)) == 26
 
 
-def test_run_report_writes_into_the_run(run26):
+def test_run_report_writes_into_the_run(tmp_path):
+    run = random_run(tmp_path, ["en", "hi", "ml"], n_sentences=8, n_layers=6)
     console = Console(record=True, width=80, file=io.StringIO())
-    report = run_report(run26, n_boot=50, console=console)
-    assert (run26 / "reports" / "gaps.json").is_file()
-    assert (run26 / "reports" / "figures" / "gap_heatmap.png").is_file()
+    report = run_report(run, n_boot=50, console=console)
+    assert (run / "reports" / "gaps.json").is_file()
+    assert (run / "reports" / "figures" / "gap_heatmap.png").is_file()
     assert report.headline(GROUP_NAME) is not None
     assert "per language" in console.export_text()
 
@@ -127,13 +128,14 @@ def test_cli_user_errors_exit_2_without_traceback(run26, args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_analysis_never_imports_torch_or_scipy(run26, tmp_path):
+def test_analysis_never_imports_torch_or_scipy(tmp_path):
+    run = random_run(tmp_path / "run", ["en", "hi", "ml"], n_sentences=8, n_layers=6)
     code = f"""
 import io, sys
 from rich.console import Console
 import analysis
 from analysis import analyse, render, write_report
-report = analyse({str(run26)!r}, n_boot=20)
+report = analyse({str(run)!r}, n_boot=20)
 write_report(report, {str(tmp_path / "out")!r})
 render(report, Console(file=io.StringIO(), width=80))
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {{"torch", "scipy", "transformers", "sae_lens"}})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from analysis.gaps import analyse
-from analysis.overlap import active_keys, feature_overlap, jaccard, mean_cosine
+from analysis.overlap import active_keys, feature_overlap, jaccard, mean_cosine, pair_keys
 from tests.unit.analysis_fixtures import write_activations
 
 # per sentence id: per layer, per token, the codes (feature, or (feature, value)); two tokens per sentence
@@ -39,15 +39,18 @@ def test_jaccard_of_sets():
     assert math.isnan(jaccard(np.array([], dtype=np.int64), np.array([], dtype=np.int64)))
 
 
-def test_feature_overlap_from_keys():
-    # pair 0: {1, 2} vs {2}; pair 1: {5} vs {6}; pair 2: nothing on either side
-    rows, features = np.array([0, 0, 1, 0, 1, 1]), np.array([1, 2, 5, 2, 6, 9])
-    values = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
-    a = active_keys(rows[:3], features[:3], values[:3], np.array([0, 1]))
-    b = active_keys(rows[3:], features[3:], values[3:], np.array([0, 1]))
-    corpus, per_pair = feature_overlap(a, b, n_pairs=3)
+def test_feature_overlap_from_codes():
+    # language a: row 0 {1, 2}, row 1 {5}, row 2 {7} (no counterpart); b: row 0 {2}, row 1 {6} (9 inactive)
+    a = active_keys(np.array([0, 0, 0, 1, 2]), np.array([2, 1, 2, 5, 7]), np.ones(5))
+    b = active_keys(np.array([1, 0, 1]), np.array([6, 2, 9]), np.array([1.0, 1.0, 0.0]))
+    assert a.tolist() == [1, 2, (1 << 32) | 5, (2 << 32) | 7]
+    pairs_a, pairs_b = pair_keys(a, np.array([0, 1, -1])), pair_keys(b, np.array([0, 1]))
+    # a third pair where neither side has an active feature is left out of the per-pair mean
+    corpus, per_pair = feature_overlap(pairs_a, pairs_b, n_pairs=3)
     assert corpus == pytest.approx(1 / 4)  # {1, 2, 5} vs {2, 6}
     assert per_pair == pytest.approx((1 / 2 + 0) / 2)
+    # pairs numbered against the row order still give sorted keys
+    assert pair_keys(a, np.array([1, 0, -1])).tolist() == [5, (1 << 32) | 1, (1 << 32) | 2]
 
 
 def test_overlap_end_to_end_on_hand_built_codes(tmp_path):
