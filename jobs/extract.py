@@ -16,12 +16,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from toolkit import __version__, corpus as corpora, models, saes as sae_sources
+from toolkit import __version__, models
+from toolkit import corpus as corpora
+from toolkit import saes as sae_sources
 from toolkit.capture import HOOK_TEMPLATE, ResidualCapture, TokenBatch, iter_batches
 from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
-from toolkit.plan import human_bytes
 from toolkit.errors import UserError
+from toolkit.plan import human_bytes
 from toolkit.rundir import RunDir
 from toolkit.store import ActivationFile, ActivationWriter, Batch, LayerBatch, shard_name
 

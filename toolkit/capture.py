@@ -14,7 +14,6 @@ import torch
 
 from toolkit.models import LoadedModel, decoder_layers
 
-
 HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
 
 
@@ -109,7 +108,7 @@ class ResidualCapture:
         self.grad = grad
         self._handles: list = []
 
-    def __enter__(self) -> "ResidualCapture":
+    def __enter__(self) -> ResidualCapture:
         blocks = decoder_layers(self.lm.model)
         last = self.layers[-1]
         for layer in self.layers:

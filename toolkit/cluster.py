@@ -57,6 +57,7 @@ FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
                  "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "LOST")
 STATE_STYLE = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "REQUEUED": "yellow"}
 DEF_FILE = ROOT / "containers" / "Apptainer.def"
+LOST_AFTER_S = 120  # a job neither sacct nor squeue knows this long after submission is lost
 
 
 # ----------------------------------------------------------------------------------------- profiles ---
@@ -710,7 +711,7 @@ def submit(cfg: Config, steps: list[Step], console: Console) -> list[dict]:
                 "array_task": i if array else None, "executor": "slurm", "cluster": prof.name,
                 "container": image or "", "folder": str(folder), "stdout": str(job.paths.stdout),
                 "stderr": str(job.paths.stderr), "result": str(job.paths.result_pickle),
-                "submitted": _now(), "depends_on": previous or None,
+                "submitted": _now(), "submitted_at": time.time(), "depends_on": previous or None,
             })
         previous = jobs[0].job_id.split("_")[0]
     JobLog(cfg.run_dir).add(records)
@@ -786,6 +787,8 @@ def states(records: list[dict]) -> dict[str, tuple[str, str]]:
         if not state:  # accounting forgot it (or there is none): the result pickle still tells
             res = result_of(rec)
             state = {"success": "COMPLETED", "error": "FAILED"}.get(res[0], "UNKNOWN") if res else "UNKNOWN"
+            if state == "UNKNOWN" and time.time() - rec.get("submitted_at", time.time()) > LOST_AFTER_S:
+                state = "LOST"  # neither sacct nor squeue knows it, and it left no result
         out[rec["job_id"]] = (state, elapsed)
     return out
 
@@ -832,6 +835,8 @@ def error_text(rec: dict, state: str) -> str:
         return "\n".join(log.read_text(errors="replace").splitlines()[-40:])
     if state == "CANCELLED" and rec.get("depends_on"):
         return f"never started: dependency {rec['depends_on']} did not complete"
+    if state == "LOST":
+        return "sacct and squeue no longer know this job and it left no result (is accounting enabled?)"
     return ""
 
 
@@ -851,8 +856,9 @@ def _recorded(run_dir: Path) -> list[dict]:
     return records
 
 
-def status_table(records: list[dict], now: dict[str, tuple[str, str]], title: str = "jobs") -> Table:
-    table = Table(title=title)
+def status_table(records: list[dict], now: dict[str, tuple[str, str]], run_dir: Path) -> Table:
+    """stage, language, job id, state, elapsed, log (relative to the run directory), last error line."""
+    table = Table(title=f"jobs of {run_dir}")
     for col in ("stage", "language", "job id", "state", "elapsed", "log", "last error"):
         table.add_column(col, overflow="fold")
     for rec in records:
@@ -861,21 +867,23 @@ def status_table(records: list[dict], now: dict[str, tuple[str, str]], title: st
         log = rec.get("stderr") or ("(this terminal)" if rec["executor"] != "slurm" else "")
         err = last_error_line(error_text(rec, state)) if terminal(state) and state not in OK_STATES else ""
         table.add_row(rec["stage"], rec["language"], rec["job_id"], f"[{style}]{state}[/]" if style else state,
-                      elapsed, _short(log), err)
+                      elapsed, _short(log, run_dir), err)
     return table
 
 
-def _short(path: str) -> str:
-    try:
-        return str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
-        return path
+def _short(path: str, run_dir: Path) -> str:
+    for root in (Path(run_dir).resolve(), Path.cwd()):
+        try:
+            return str(Path(path).relative_to(root))
+        except ValueError:
+            pass
+    return path
 
 
 def show_status(run_dir: Path, console: Console) -> tuple[list[dict], dict]:
     records = _recorded(run_dir)
     now = states(records)
-    console.print(status_table(records, now, title=f"jobs of {run_dir}"))
+    console.print(status_table(records, now, run_dir))
     return records, now
 
 
@@ -901,7 +909,7 @@ def wait(run_dir: Path, records: list[dict], console: Console, poll_s: float = 1
         console.print(f"[yellow]stopped waiting[/]; the jobs go on: `status --run {run_dir}` or `cancel --run "
                       f"{run_dir}`")
         return 130
-    console.print(status_table(records, now, title=f"jobs of {run_dir}"))
+    console.print(status_table(records, now, run_dir))
     failed = [r for r in records if now[r["job_id"]][0] not in OK_STATES]
     for rec in failed:
         state = now[rec["job_id"]][0]
@@ -947,8 +955,9 @@ def dispatch(cfg: Config, stage: str, console: Console) -> int:
     if cfg.run.executor in ("local", "debug"):
         return run_here(cfg, steps, console, debug=cfg.run.executor == "debug")
     records = submit(cfg, steps, console)
-    console.print(status_table(records, {r["job_id"]: ("SUBMITTED", "") for r in records},
-                               title=f"submitted to {cfg.run.cluster} (python {platform.python_version()})"))
+    console.print(f"submitted {len(records)} job(s) to {cfg.run.cluster} from Python {platform.python_version()}; "
+                  f"logs in {Path(records[0]['folder'])}", highlight=False)
+    console.print(status_table(records, {r["job_id"]: ("SUBMITTED", "") for r in records}, cfg.run_dir))
     if cfg.run.wait:
         return wait(cfg.run_dir, records, console)
     console.print(f"follow with `python -m toolkit.submit status --run {cfg.run_dir}` (add --wait to wait)",

@@ -169,7 +169,7 @@ class Config:
 
     @classmethod
     def build(cls, cli: dict[str, dict[str, Any]] | None = None, yaml_path: str | None = None,
-              preset: str | None = None) -> "Config":
+              preset: str | None = None) -> Config:
         """Merge defaults < preset < YAML < CLI. `cli` holds only the values the user gave."""
         cli = cli or {}
         from_yaml = load_yaml(yaml_path) if yaml_path else {}
@@ -183,7 +183,7 @@ class Config:
         cfg.validate()
         return cfg
 
-    def merged(self, values: dict[str, dict[str, Any]]) -> "Config":
+    def merged(self, values: dict[str, dict[str, Any]]) -> Config:
         out = dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s)) for s in SECTIONS})
         for section, items in values.items():
             if section not in SECTIONS:
@@ -236,7 +236,8 @@ class Config:
             parse_bands(self.report.bands)
         unknown = {t.strip() for t in self.eval.tasks.split(",")} - {"arc", "mmlu", "hellaswag"}
         if unknown:
-            raise UserError(f"eval.tasks: unknown task(s) {', '.join(sorted(unknown))}; choose from arc, mmlu, hellaswag")
+            raise UserError(f"eval.tasks: unknown task(s) {', '.join(sorted(unknown))}; "
+                            "choose from arc, mmlu, hellaswag")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
@@ -331,7 +332,7 @@ def parse_bands(spec: str) -> list[tuple[int, int]]:
 
 def cache_dir() -> Path:
     """LINGOGAP_CACHE, else $XDG_CACHE_HOME/lingogap, else ~/.cache/lingogap."""
-    root = os.environ.get("LINGOGAP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lingogap"
-    path = Path(root)
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    path = Path(os.environ.get("LINGOGAP_CACHE") or xdg / "lingogap")
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -44,12 +44,12 @@ class Corpus:
     def hash(self) -> str:
         return hashlib.sha256("".join(self.lang_hash(lang) for lang in sorted(self.texts)).encode()).hexdigest()[:16]
 
-    def head(self, n: int) -> "Corpus":
+    def head(self, n: int) -> Corpus:
         if not n or n >= len(self.ids):
             return self
         return Corpus(self.name, self.ids[:n], {lang: t[:n] for lang, t in self.texts.items()})
 
-    def subset(self, ids: list[str]) -> "Corpus":
+    def subset(self, ids: list[str]) -> Corpus:
         index = {sid: i for i, sid in enumerate(self.ids)}
         rows = [index[sid] for sid in ids]
         return Corpus(self.name, list(ids), {lang: [t[i] for i in rows] for lang, t in self.texts.items()})

@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.capture import ResidualCapture, hook_name, iter_batches
+from toolkit.capture import ResidualCapture, hook_name, iter_batches, tokenize
 from toolkit.config import Config
 from toolkit.corpus import Corpus
 from toolkit.errors import HubUnreachable, UserError
@@ -201,9 +202,10 @@ def _train_locked(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpu
             f"{cfg.sae.train_tokens:,} tokens each) on {lm.model_id} -> {root}"
         )
         buffers = collect_activations(lm, todo, _training(corpus), cfg.sae.train_tokens,
-                                      cfg.extract.batch_tokens, cfg.extract.max_length)
+                                      cfg.extract.batch_tokens, cfg.extract.max_length, console)
         heldout = _heldout(corpus)
-        for layer in todo:
+        for k, layer in enumerate(todo, 1):
+            console.print(f"training SAE {k}/{len(todo)} (layer {layer}, {len(buffers[layer]):,} distinct tokens)")
             sae = _train_one(cfg, lm, layer, buffers.pop(layer))
             path = root / f"layer_{layer}"
             tmp = root / f".layer_{layer}.tmp"
@@ -230,9 +232,10 @@ def _train_locked(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpu
 
 def collect_activations(
     lm: LoadedModel, layers: list[int], sentences: list[tuple[str, str]], budget: int, batch_tokens: int,
-    max_length: int,
+    max_length: int, console: Console | None = None,
 ) -> dict[int, torch.Tensor]:
     """Up to `budget` residual vectors per layer (BOS and padding excluded) from shared forward passes."""
+    from rich.progress import Progress
     buffers = {i: torch.empty((budget, lm.d_model), dtype=torch.float32) for i in layers}
     filled = 0
     state = {}
@@ -240,7 +243,14 @@ def collect_activations(
     def sink(layer: int, hidden: torch.Tensor) -> None:
         state[layer] = hidden[state["keep"]].float().cpu()
 
-    with torch.inference_mode(), ResidualCapture(lm, layers, sink) as cap:
+    # Take sentences in the given (language-interleaved) order up to the budget *before* batching:
+    # batches run longest first, so cutting the batches instead would favour long-token scripts.
+    lengths = [len(ids) - 1 for ids in tokenize(lm.tokenizer, [t for _, t in sentences], max_length)]
+    cut = int(np.searchsorted(np.cumsum(lengths), budget)) + 1
+    sentences = sentences[:cut]
+    progress = Progress(console=console or Console(stderr=True), transient=True)
+    with torch.inference_mode(), ResidualCapture(lm, layers, sink) as cap, progress:
+        task = progress.add_task("collecting activations", total=budget)
         for batch in iter_batches(sentences, lm.tokenizer, batch_tokens, max_length):
             state["keep"] = batch.keep.to(lm.device)
             cap.run(batch)
@@ -248,6 +258,7 @@ def collect_activations(
             for layer in layers:
                 buffers[layer][filled:filled + take] = state.pop(layer)[:take]
             filled += take
+            progress.update(task, completed=filled)
             if filled >= budget:
                 break
     return {i: b[:filled] for i, b in buffers.items()}

@@ -311,7 +311,7 @@ class ActivationFile:
             self.close()
             raise StoreError(f"{self.path} is incomplete; run extract again to finish it")
 
-    def __enter__(self) -> "ActivationFile":
+    def __enter__(self) -> ActivationFile:
         return self
 
     def __exit__(self, *exc) -> None:

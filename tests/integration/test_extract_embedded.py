@@ -17,7 +17,7 @@ def test_extract_with_locally_trained_saes(tmp_path, ntrex):
     })
     summaries = {s.lang: s for s in extract.run(cfg)}
     assert set(summaries) == {"en", "hi", "ml"}
-    for lang, s in summaries.items():
+    for s in summaries.values():
         assert s.sentences == 20 and s.tokens > 20
         with ActivationFile(s.path) as f:
             assert f.layers == list(range(18)) and f.attrs["model_id"].startswith("google/gemma-3-270m")

@@ -22,7 +22,8 @@ def test_embedded_corpus_is_parallel_varied_and_in_the_right_scripts():
             assert all(re.search(SCRIPTS[lang], t) for t in c.texts[lang]), lang
     from importlib import resources
 
-    rows = [json.loads(line) for line in (resources.files("toolkit") / "data" / "embedded.jsonl").read_text().splitlines()]
+    source = resources.files("toolkit") / "data" / "embedded.jsonl"
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
     topics = {r["topic"] for r in rows}
     assert {"news", "science", "daily_life", "instructions", "questions"} <= topics
     lengths = [len(t.split()) for t in c.texts["en"]]
