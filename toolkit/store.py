@@ -378,11 +378,21 @@ class ActivationFile:
     def resid(self, layer: int, sel=slice(None)) -> np.ndarray:
         return self._read(f"layers/{layer}/resid", sel)
 
-    def pooled_resid(self, layer: int) -> np.ndarray:
-        """(S, d_model) mean residual per sentence, read one sentence at a time."""
+    def pooled_resid(self, layer: int, block: int = 4096) -> np.ndarray:
+        """(S, d_model) mean residual per sentence, reading about `block` tokens at a time."""
+        if not self.has_resid(layer):
+            raise StoreError(f"{self.path} has no residuals for layer {layer}; extract with --save-resid")
         offsets = self.token_offsets
-        ds = self._h5[f"layers/{layer}/resid"]
-        return np.stack([ds[a:b].mean(axis=0) for a, b in zip(offsets[:-1], offsets[1:])])
+        pooled = []
+        start = 0
+        while start < len(offsets) - 1:
+            stop = int(np.searchsorted(offsets, offsets[start] + block, side="right")) - 1
+            stop = max(stop, start + 1)
+            rows = self.resid(layer, slice(offsets[start], offsets[stop]))
+            sums = np.add.reduceat(rows, offsets[start:stop] - offsets[start], axis=0)
+            pooled.append(sums / np.diff(offsets[start:stop + 1])[:, None])
+            start = stop
+        return np.concatenate(pooled) if pooled else np.zeros((0, 0), dtype=np.float32)
 
 
 def activation_files(run_dir: str | Path) -> dict[str, list[Path]]:

@@ -1,12 +1,11 @@
 """Smoke test for the single-node Slurm test cluster (slurm/testcluster/).
 
 Start the cluster first with ``sudo slurm/testcluster/start.sh``; without a
-reachable Slurm controller every test here is skipped.
+reachable Slurm controller every test here is skipped (``slurm_cluster`` in conftest.py).
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -25,33 +24,6 @@ SACCT_TIMEOUT_S = 15
 
 def _run(cmd: list[str], timeout: float = 15) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster() -> None:
-    if shutil.which("sinfo") is None:
-        pytest.skip("Slurm client tools not installed (no 'sinfo' on PATH); run slurm/testcluster/start.sh")
-    # `scontrol ping` fails at once when no controller runs; sinfo retries ~9 s.
-    if shutil.which("scontrol") is not None:
-        try:
-            ping = _run(["scontrol", "ping"], timeout=15)
-        except subprocess.TimeoutExpired:
-            pytest.skip("no Slurm cluster answers: 'scontrol ping' timed out; run slurm/testcluster/start.sh")
-        if ping.returncode != 0 or "is UP" not in ping.stdout:
-            first = (ping.stdout or ping.stderr).strip().splitlines()[:1]
-            pytest.skip(f"no Slurm cluster answers ({first}); run slurm/testcluster/start.sh")
-    try:
-        proc = _run(["sinfo", "-h", "-o", "%T"], timeout=15)
-    except subprocess.TimeoutExpired:
-        pytest.skip("no Slurm cluster answers: 'sinfo' timed out; run slurm/testcluster/start.sh")
-    states = proc.stdout.split()
-    if proc.returncode != 0 or not states:
-        pytest.skip(
-            "no Slurm cluster answers ('sinfo' rc="
-            f"{proc.returncode}: {(proc.stderr or proc.stdout).strip()[:200]}); run slurm/testcluster/start.sh"
-        )
-    if not any(s.rstrip("*~#!%$@^-") in {"idle", "mixed", "allocated", "completing"} for s in states):
-        pytest.skip(f"Slurm cluster answers but has no usable node (states: {states})")
 
 
 @pytest.fixture

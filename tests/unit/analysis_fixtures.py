@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from unittest import mock
 
-import h5py
 import numpy as np
 
 from toolkit.store import ActivationWriter, Batch, LayerBatch
 
 MODEL = "test/tiny-model"
 SAE_SOURCE = "test-saes"
-
-
-@contextlib.contextmanager
-def _vlen_fletcher32_workaround():
-    """toolkit.store asks for a fletcher32 checksum on the variable-length `sentences/id` dataset,
-    which HDF5 refuses ("not suitable for filters"), so finalize() fails. Drop the filter for
-    variable-length strings only; once store.py is fixed this changes nothing."""
-    original = h5py.Group.create_dataset
-
-    def create_dataset(self, name, *args, **kwargs):
-        dtype = kwargs.get("dtype")
-        if kwargs.get("fletcher32") and dtype is not None and h5py.check_string_dtype(np.dtype(dtype)) is not None:
-            kwargs["fletcher32"] = False
-        return original(self, name, *args, **kwargs)
-
-    with mock.patch.object(h5py.Group, "create_dataset", create_dataset):
-        yield
 
 
 def write_activations(
@@ -101,8 +81,7 @@ def write_activations(
                 resid=None if resid is None else np.repeat(resid[list(rows), j], n_tokens, axis=0),
             )
         writer.write_batch(batch)
-    with _vlen_fletcher32_workaround():
-        return writer.finalize(attrs={"preset": "test", "corpus_name": "synthetic"})
+    return writer.finalize(attrs={"preset": "test", "corpus_name": "synthetic"})
 
 
 def constant_run(
