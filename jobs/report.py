@@ -5,10 +5,13 @@ from __future__ import annotations
 from rich.console import Console
 
 from toolkit.config import Config
+from toolkit.rundir import RunDir
 
 
 def run(cfg: Config, console: Console | None = None):
     from analysis.gaps import run_report
 
+    RunDir(cfg.run_dir).write_manifest(cfg, "report")
+    # the report itself goes to stdout (it is the product); progress and errors go to stderr
     return run_report(cfg.run_dir, stat=cfg.report.stat, bands=cfg.report.bands or None, n_boot=cfg.report.n_boot,
-                      seed=cfg.run.seed, console=console)
+                      seed=cfg.run.seed, console=Console())
