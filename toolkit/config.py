@@ -233,7 +233,12 @@ class Config:
         if self.run.container and not self.run.container.endswith(".sif"):
             raise UserError(f"run.container must be an Apptainer image ending in .sif (got {self.run.container!r})")
         if self.report.bands:
-            parse_bands(self.report.bands)
+            from analysis.bands import parse_bands
+
+            try:
+                parse_bands(self.report.bands, range(1000))
+            except UserError as exc:
+                raise UserError(f"report.{exc}") from None
         unknown = {t.strip() for t in self.eval.tasks.split(",")} - {"arc", "mmlu", "hellaswag"}
         if unknown:
             raise UserError(f"eval.tasks: unknown task(s) {', '.join(sorted(unknown))}; "
@@ -316,18 +321,6 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     if bad:
         raise UserError(f"run.layers: layer(s) {bad} out of range; the model has layers 0-{n_layers - 1}")
     return sorted(chosen)
-
-
-def parse_bands(spec: str) -> list[tuple[int, int]]:
-    bands = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
-        if not m or int(m.group(1)) > int(m.group(2)):
-            raise UserError(f"report.bands: {part!r} is not a range like 0-8; expected early,middle,deep")
-        bands.append((int(m.group(1)), int(m.group(2))))
-    if len(bands) != 3:
-        raise UserError(f"report.bands: expected three ranges (early,middle,deep), got {len(bands)}")
-    return bands
 
 
 def cache_dir() -> Path:

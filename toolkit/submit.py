@@ -74,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we batch ourselves; its fork warning is noise
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     console = Console(stderr=True)
@@ -100,5 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

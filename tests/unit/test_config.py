@@ -1,6 +1,6 @@
 import pytest
 
-from toolkit.config import Config, parse_bands, parse_layers
+from toolkit.config import Config, parse_layers
 from toolkit.errors import UserError
 
 
@@ -76,5 +76,7 @@ def test_parse_layers_errors(spec, message):
         parse_layers(spec, 26)
 
 
-def test_parse_bands():
-    assert parse_bands("0-8,9-17,18-25") == [(0, 8), (9, 17), (18, 25)]
+def test_bands_are_checked_when_the_config_is_built():
+    assert Config.build({"report": {"bands": "0-8,9-17,18-25"}}).report.bands == "0-8,9-17,18-25"
+    with pytest.raises(UserError, match="report.bands .*must not overlap"):
+        Config.build({"report": {"bands": "0-8,5-17,18-25"}})
