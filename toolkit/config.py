@@ -58,7 +58,8 @@ class SAEConfig:
     id_template: str = opt("", "SAE id per layer, with {i} for the layer (e.g. layer_{i}/width_16k/canonical)",
                            flag="--sae-id")
     width: int = opt(1024, "width of locally trained SAEs (features)")
-    l1: float = opt(5.0, "sparsity coefficient of locally trained SAEs")
+    l1: float = opt(3.0, "sparsity coefficient (L1) of locally trained SAEs")
+    l1_warmup: float = opt(0.3, "fraction of training over which the L1 coefficient ramps up from 0")
     train_tokens: int = opt(40_000, "training samples (token vectors) per layer; the corpus is repeated if smaller")
     train_corpus: str = opt("", "corpus to train SAEs on (default: the run's corpus)")
     lr: float = opt(3e-3, "learning rate of SAE training")
@@ -213,7 +214,9 @@ class Config:
         for name, (value, low) in positive.items():
             if value < low:
                 raise UserError(f"{name} must be at least {low} (got {value})")
-        for name, value in {"align.heldout": self.align.heldout, "align.val_fraction": self.align.val_fraction}.items():
+        fractions = {"align.heldout": self.align.heldout, "align.val_fraction": self.align.val_fraction,
+                     "sae.l1_warmup": self.sae.l1_warmup}
+        for name, value in fractions.items():
             if not 0 <= value < 1:
                 raise UserError(f"{name} must be in [0, 1) (got {value})")
         if self.align.zero_stage not in (0, 1, 2):
