@@ -280,9 +280,10 @@ def local_versions() -> dict[str, str]:
             "cloudpickle": cloudpickle.__version__}
 
 
-def version_mismatches(here: dict[str, str], there: dict[str, str]) -> list[str]:
-    return [f"{key}: {here[key]} here, {there.get(key, 'missing')} in the image" for key in here
-            if str(there.get(key)) != str(here[key])]
+def version_mismatches(submitter: dict[str, str], other: dict[str, str], where: str = "in the image") -> list[str]:
+    """`key: A on the submitting side, B in the image` for each version that differs."""
+    return [f"{key}: {submitter[key]} on the submitting side, {other.get(key, 'missing')} {where}"
+            for key in submitter if str(other.get(key)) != str(submitter[key])]
 
 
 def container_versions(container: Container, image: str, timeout: float = 300) -> dict[str, str] | None:
@@ -459,11 +460,11 @@ class StageJob:
 
     def __call__(self) -> str:
         if self.versions:
-            wrong = version_mismatches(self.versions, local_versions())
+            wrong = version_mismatches(self.versions, local_versions(), where="in this job")
             if wrong:
-                raise RuntimeError("this job's Python does not match the submitting side's ("
-                                   + "; ".join(w.replace("in the image", "in the job") for w in wrong)
-                                   + "): rebuild the container from containers/Apptainer.def")
+                raise RuntimeError(f"this job's Python does not match the submitting side's ({'; '.join(wrong)}): "
+                                   "rebuild the container from containers/Apptainer.def, or submit from the "
+                                   "environment the jobs run in")
         console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
         run_stage(self.cfg, self.stage, console, self.units, self.langs)
         return f"{self.stage} done"
@@ -501,9 +502,10 @@ class Step:
 
 
 def stage_list(cfg: Config, stage: str) -> list[str]:
-    """The stages a command runs, in order; SAE training goes first when --sae train needs it."""
+    """The stages a command runs, in order. With --sae train, jobs (slurm, debug) get a train-saes job first;
+    `local` runs one process that trains them inside the extraction anyway."""
     stages = [s.strip() for s in cfg.run.stages.split(",") if s.strip()] if stage == "pipeline" else [stage]
-    if cfg.sae.source == "train" and "train-saes" not in stages:
+    if cfg.sae.source == "train" and cfg.run.executor != "local" and "train-saes" not in stages:
         users = [i for i, s in enumerate(stages) if s in ("extract", "align")]
         if users:  # train once up front instead of inside the first array task (under its file lock)
             stages.insert(users[0], "train-saes")
@@ -697,24 +699,29 @@ def submit(cfg: Config, steps: list[Step], console: Console) -> list[dict]:
         ex = submitit.SlurmExecutor(folder=folder, python=python, max_num_timeout=prof.max_requeues)
         ex.update_parameters(**slurm_parameters(prof, step.stage, setup,
                                                 dependency=f"afterok:{previous}" if previous else ""))
+        hint = f"; the jobs submitted before it are in {RunDir(cfg.run_dir).jobs_file} (cancel them with `cancel " \
+               f"--run {cfg.run_dir}`)" if records else ""
         try:
             with ex.batch():
                 jobs = [ex.submit(make_job(cfg, step.stage, task, versions)) for task in step.tasks]
         except subprocess.CalledProcessError as exc:
-            raise UserError(f"sbatch refused the {step.stage} job: {_sbatch_error(exc)}") from None
+            raise UserError(f"sbatch refused the {step.stage} job: {_sbatch_error(exc)}{hint}") from None
         except submitit.core.utils.FailedJobError as exc:
-            raise UserError(f"sbatch refused the {step.stage} job: {str(exc).strip().splitlines()[-1]}") from None
+            raise UserError(f"sbatch refused the {step.stage} job: {str(exc).strip().splitlines()[-1]}{hint}"
+                            ) from None
         array = len(jobs) > 1
+        added = []
         for i, (task, job) in enumerate(zip(step.tasks, jobs, strict=True)):
-            records.append({
+            added.append({
                 "stage": step.stage, "language": task.label, "job_id": job.job_id,
                 "array_task": i if array else None, "executor": "slurm", "cluster": prof.name,
                 "container": image or "", "folder": str(folder), "stdout": str(job.paths.stdout),
                 "stderr": str(job.paths.stderr), "result": str(job.paths.result_pickle),
                 "submitted": _now(), "submitted_at": time.time(), "depends_on": previous or None,
             })
+        JobLog(cfg.run_dir).add(added)  # step by step, so a chain broken half-way is recorded
+        records += added
         previous = jobs[0].job_id.split("_")[0]
-    JobLog(cfg.run_dir).add(records)
     return records
 
 
@@ -739,14 +746,15 @@ def _array_ids(job_id: str) -> list[str]:
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """{job id: (state, elapsed)} from sacct (the latest record of a requeued job), squeue as a fallback."""
+    """{job id: (state, elapsed)}: squeue for live jobs (sacct lags seconds behind), then sacct for the rest
+    (the latest record of a requeued job)."""
     if not job_ids:
         return {}
-    mains = sorted({j.split("_")[0] for j in job_ids})
+    mains = ",".join(sorted({j.split("_")[0] for j in job_ids}))
     found: dict[str, tuple[str, str]] = {}
-    for cmd, fmt in ((["sacct", "-X", "-P", "-n", "-o", "JobID,State,Elapsed", "-j", ",".join(mains)], None),
-                     (["squeue", "-h", "-o", "%i|%T|%M", "-j", ",".join(mains)], "squeue")):
-        if fmt and all(j in found for j in job_ids):
+    for cmd in (["squeue", "-h", "-o", "%i|%T|%M", "-j", mains],
+                ["sacct", "-X", "-P", "-n", "-o", "JobID,State,Elapsed", "-j", mains]):
+        if all(j in found for j in job_ids):
             break
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -943,6 +951,34 @@ def cancel(run_dir: Path, console: Console) -> int:
 
 
 # ------------------------------------------------------------------------------------------ dispatch ---
+
+def describe(cfg: Config, stage: str, console: Console) -> None:
+    """`--dry-run`: the jobs a command would run or submit, their chain and (for Slurm) resources."""
+    if stage in ("status", "cancel"):
+        return
+    steps = plan(cfg, stage)
+    slurm = cfg.run.executor == "slurm"
+    prof = load_profile(cfg.run.cluster) if slurm else None
+    table = Table(title=f"jobs ({cfg.run.executor}" + (f", profile {prof.name})" if prof else ")"))
+    for col in ("stage", "tasks", "after", *(("resources per task", "requeue") if slurm else ())):
+        table.add_column(col, overflow="fold")
+    for i, step in enumerate(steps):
+        labels = [t.label for t in step.tasks]
+        if not slurm and cfg.run.executor == "local":
+            labels = [_merged(step).label]
+        row = [step.stage, ", ".join(labels), steps[i - 1].stage if i else ""]
+        if prof:
+            p = prof.for_stage(step.stage)
+            row += [f"{p.partition or 'default partition'}, {p.cpus_per_task} CPU, {p.gpus_per_task} GPU, "
+                    f"{_mem(p.mem_gb) if p.mem_gb else 'default mem'}, {p.time_min} min",
+                    "yes" if step.stage in CHECKPOINTABLE else "no"]
+        table.add_row(*row)
+    console.print(table)
+    image = cfg.run.container or (prof.container.image if prof else "")
+    if prof and image:
+        console.print("job python: " + apptainer_python(prof.container, image,
+                                                        bind_paths(absolute(cfg), prof.container)), highlight=False)
+
 
 def dispatch(cfg: Config, stage: str, console: Console) -> int:
     """Run or submit a stage with the configured executor; `status` and `cancel` read RUN/jobs.json."""

@@ -153,7 +153,7 @@ class ActivationWriter:
                 )
             arrays[f"{layer}/indptr"] = np.asarray(lb.indptr, dtype=np.int64)
             arrays[f"{layer}/indices"] = np.asarray(lb.indices, dtype=np.int32)
-            arrays[f"{layer}/values"] = np.asarray(lb.values, dtype=self.code_dtype)
+            arrays[f"{layer}/values"] = _cast_codes(lb.values, self.code_dtype)
             for stat in STATS:
                 arrays[f"{layer}/{stat}"] = np.asarray(getattr(lb, stat), dtype=np.float32)
             if lb.resid is not None:
@@ -254,6 +254,15 @@ def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], cod
             s, t = s + ds, t + dt
     h5.attrs["n_sentences"] = n_sent
     h5.attrs["n_tokens"] = n_tok
+
+
+def _cast_codes(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast code values, keeping active features non-zero: a value below float16's smallest
+    subnormal (6e-8) would otherwise turn into a stored zero that still counts as active."""
+    out = np.asarray(values).astype(dtype)
+    lost = (out == 0) & (np.asarray(values) != 0)
+    out[lost] = np.sign(values[lost]) * np.finfo(dtype).smallest_subnormal
+    return out
 
 
 def _attr(value):

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             from toolkit import plan
 
             plan.show(cfg, args.stage, Console())
+            cluster.describe(cfg, args.stage, Console())
             return 0
         return cluster.dispatch(cfg, args.stage, console)
     except UserError as exc:

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import h5py
@@ -24,8 +25,9 @@ pytestmark = pytest.mark.cluster
 
 SLURM = ["--executor", "slurm", "--cluster", "testcluster"]
 TINY = ["--preset", "tiny", "--langs", "en,hi,ml", "--max-sentences", "8", "--layers", "0-3", "--sae", "random"]
-# Long enough (~8 s of extraction, 40+ batches) to be interrupted while it runs.
-LONG = ["--preset", "tiny", "--layers", "all", "--sae", "random", "--batch-tokens", "256"]
+# Long enough (~4 s of extraction per language, 40+ batches) to be interrupted while it runs.
+LONG = ["--preset", "tiny", "--layers", "0-12", "--sae", "random", "--batch-tokens", "256"]
+SLACK_S = 2
 VOLATILE_ATTRS = {"seconds", "tokens_per_second"}  # timings: the only attributes that differ between runs
 
 
@@ -84,6 +86,14 @@ def wait_until(predicate, timeout: float, what: str, step: float = 0.25):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def _t(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def _text(path: str) -> str:
+    return Path(path).read_text(errors="replace") if Path(path).is_file() else ""
+
+
 def drain(job_ids: list[str]) -> None:
     """A cancelled running job keeps the only node COMPLETING ~7 s: let that pass before the next test."""
     mains = sorted({j.split("_")[0] for j in job_ids})
@@ -93,7 +103,7 @@ def drain(job_ids: list[str]) -> None:
 
 def test_extraction_array_completes_and_equals_a_local_run(slurm_cluster, reference, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["extract", *TINY, "--run", str(run), *SLURM, "--wait"]) == 0
+    assert main(["extract", *TINY, "--run", str(run), *SLURM, "--wait"]) == 0, capsys.readouterr().err
     records = job_records(run)
     assert sorted(r["language"] for r in records) == ["en", "hi", "ml"]
     array = {r["job_id"].split("_")[0] for r in records}
@@ -153,9 +163,12 @@ def test_cancel_stops_a_running_array(slurm_cluster, tmp_path, capsys):
     records = job_records(run)
     ids = [r["job_id"] for r in records]
     wait_until(lambda: sum(s == "RUNNING" for s, _ in cluster.states(records).values()) >= 2, 60, "running tasks")
+    # ...and their Python has started (submitit's own signal handling is in place)
+    wait_until(lambda: sum("Starting with" in _text(r["stdout"]) for r in records) >= 2, 60, "the jobs' Python")
     try:
         assert main(["cancel", "--run", str(run)]) == 0
-        assert all(i in capsys.readouterr().err for i in ids)
+        out = capsys.readouterr().err
+        assert all(i in out for i in ids), out
         wait_until(lambda: all(s == "CANCELLED" for s, _ in cluster.states(records).values()), 30, "CANCELLED")
         assert main(["status", "--run", str(run)]) == 0
         assert capsys.readouterr().err.count("CANCELLED") >= 3
@@ -165,20 +178,24 @@ def test_cancel_stops_a_running_array(slurm_cluster, tmp_path, capsys):
         drain(ids)
 
 
-def test_pipeline_submits_extract_then_report_with_a_dependency(slurm_cluster, tmp_path):
+def test_pipeline_chains_train_saes_extract_and_report(slurm_cluster, tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["--preset", "tiny", "--langs", "en,hi", "--max-sentences", "8", "--layers", "0-3", "--sae", "random",
-            "--n-boot", "20"]
-    assert main(["pipeline", *args, "--run", str(run), *SLURM, "--wait"]) == 0
+    # the tiny preset trains its SAEs (--sae train): one train-saes job goes before the extraction array
+    args = ["--preset", "tiny", "--langs", "en,hi", "--max-sentences", "8", "--layers", "0-3", "--n-boot", "20"]
+    assert main(["pipeline", *args, "--run", str(run), *SLURM, "--wait"]) == 0, capsys.readouterr().err
     records = job_records(run)
-    assert [r["stage"] for r in records] == ["extract", "extract", "report"]
-    extract_array = records[0]["job_id"].split("_")[0]
-    report = records[2]
-    assert report["depends_on"] == extract_array
+    assert [r["stage"] for r in records] == ["train-saes", "extract", "extract", "report"]
+    train, extract_array, report = records[0]["job_id"], records[1]["job_id"].split("_")[0], records[3]
+    assert [r["depends_on"] for r in records] == [None, train, train, extract_array]
     script = Path(report["folder"]) / f"{report['job_id']}_submission.sh"
     assert f"#SBATCH --dependency=afterok:{extract_array}" in script.read_text()
-    ends = [row[3] for row in sacct(extract_array)]
+    (train_row,) = sacct(train)
+    extract_rows = sacct(extract_array)
     (report_row,) = sacct(report["job_id"])
-    assert report_row[1] == "COMPLETED" and report_row[2] >= max(ends)
-    gaps = json.loads((run / "reports" / "gaps.json").read_text())
-    assert gaps and (run / "reports" / "gaps.csv").is_file()
+    rows = [train_row, *extract_rows, report_row]
+    assert {row[1] for row in rows} == {"COMPLETED"}, rows
+    # each stage started once the previous one ended (sacct's End may be stamped a second late)
+    assert min(_t(row[2]) for row in extract_rows) >= _t(train_row[3]) - SLACK_S, rows
+    assert _t(report_row[2]) >= max(_t(row[3]) for row in extract_rows) - SLACK_S, rows
+    assert len(list((run / "saes").glob("*/layer_*/cfg.json"))) == 4
+    assert json.loads((run / "reports" / "gaps.json").read_text()) and (run / "reports" / "gaps.csv").is_file()
