@@ -142,6 +142,9 @@ def align_unit(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, co
                "final_validation": metrics.get("final_validation")}
     if not dist.main:
         return summary
+    if not split.heldout:
+        console.print(f"[yellow]{unit.name}:[/] no held-out sentences (align.heldout=0): before/after skipped")
+        return summary
     report = before_after(cfg, lm, saes, corpus, unit, split, folder, console)
     summary.update(before_after=str(folder / "before_after.json"),
                    gain_pct={lang: v["gain_pct_mean"] for lang, v in report["languages"].items()},
@@ -223,12 +226,13 @@ def before_after(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, 
     adapter = folder / "adapter"
     sha = align.adapter_sha(adapter)
     out_path = folder / "before_after.json"
+    layers = parse_layers(cfg.run.layers, lm.n_layers)
     if out_path.is_file():
         cached = json.loads(out_path.read_text())
-        if cached.get("adapter_sha256") == sha and cached.get("heldout_sha256") == align.ids_hash(split.heldout):
+        if (cached.get("adapter_sha256") == sha and cached.get("heldout_sha256") == align.ids_hash(split.heldout)
+                and set(cached["languages"]) == set(corpus.langs) and cached["layers"] == layers):
             print_before_after(cached, console)
             return cached
-    layers = parse_layers(cfg.run.layers, lm.n_layers)
     held = corpus.subset(split.heldout)
     key = hashlib.sha256(json.dumps([lm.model_id, saes.ids, layers, align.ids_hash(split.heldout), held.hash,
                                      cfg.extract.max_length]).encode()).hexdigest()[:12]

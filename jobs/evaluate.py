@@ -84,8 +84,13 @@ def run(cfg: Config, console: Console | None = None) -> dict:
             scores[label] = {}
             for unit in present:
                 progress.update(bar, description=f"{label} · {unit.bench} {unit.lang} ({unit.n_items} items)")
-                scores[label][(unit.bench, unit.lang)] = bench.evaluate_unit(lm, unit, cfg.run.seed)
+                t_unit = time.time()
+                s = scores[label][(unit.bench, unit.lang)] = bench.evaluate_unit(lm, unit, cfg.run.seed)
                 progress.advance(bar, unit.n_requests)
+                acc, se = bench.accuracy(s.values("acc"))
+                # one line per unit, so that logs of non-interactive runs (Slurm, nohup) show progress too
+                progress.console.print(f"{label} · {unit.bench} {unit.lang}: {s.n} items, acc {bench.fmt(acc)} ± "
+                                       f"{bench.fmt(se)} ({time.time() - t_unit:.0f} s)", highlight=False)
             seconds[label] = round(time.time() - t0, 1)
             del lm
             if path is not None:

@@ -636,8 +636,10 @@ class TrainResult:
 
 def fingerprint(cfg: Config, lm: LoadedModel, saes: SAESet, targets: list[str], split: Split, engine: str,
                 world: int) -> str:
-    """What a checkpoint must share with this run to be resumed: everything but steps and cadence."""
-    a = {k: v for k, v in cfg.to_dict()["align"].items() if k not in ("steps", "checkpoint_every")}
+    """What a checkpoint must share with this run to be resumed: everything but the step count, the
+    checkpoint cadence and the unit selection (targets are passed explicitly, the engine resolved)."""
+    a = {k: v for k, v in cfg.to_dict()["align"].items()
+         if k not in ("steps", "checkpoint_every", "targets", "joint", "engine")}
     spec = [a, lm.model_id, lm.revision, str(lm.dtype), saes.ids, targets, split.to_dict(), engine, world,
             cfg.run.seed, cfg.extract.max_length]
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -664,6 +666,9 @@ def train(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, targets: l
             f"{folder / 'checkpoints'} holds checkpoints of a different configuration (align settings, model, SAEs, "
             "split, engine or number of processes changed); delete that folder to start afresh or use another --run"
         )
+    if state and state["step"] > a.steps:
+        raise UserError(f"{folder}: the latest checkpoint is at step {state['step']}, beyond align.steps={a.steps}; "
+                        "raise --steps or delete the checkpoints to retrain")
     if state:
         weights = {lang: {int(k): v for k, v in w.items()} for lang, w in state["weights"].items()}
         info = info or state.get("info")
@@ -672,13 +677,13 @@ def train(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, targets: l
     model = attach_lora(base, a, lm.n_layers)
     peft_lm = LoadedModel(model, lm.tokenizer, lm.model_id, lm.revision, lm.device, lm.dtype)
     n_micro = a.grad_accum * len(targets)
+    n_lora, n_all = (sum(p.numel() for p in model.parameters() if p.requires_grad or every) for every in (False, True))
+    console.print(f"LoRA: {n_lora:,} trainable parameters ({100 * n_lora / n_all:.2f} % of the model), "
+                  f"engine {engine_name}")
     eng = make_engine(engine_name, model, a, n_micro, dist, lm)
     objective = Objective(peft_lm, saes, weights, a)
     history: dict[str, list] = {"steps": [], "validation": []}
     start = 0
-    if state and state["step"] > a.steps:
-        raise UserError(f"{folder}: the latest checkpoint is at step {state['step']}, beyond align.steps={a.steps}; "
-                        "raise --steps or delete the checkpoints to retrain")
     if state:
         latest = checkpoints(folder)[-1]
         eng.load(latest)
@@ -736,10 +741,11 @@ def train(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, targets: l
         dist.barrier()
 
     eng.train(True)
+    log_every = max(1, min(a.checkpoint_every, a.steps // 20))
     with _progress(console) as progress:
         task = progress.add_task("+".join(targets), total=a.steps, completed=start, **_fields(None))
         for step in range(start, a.steps):
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             sums = dict.fromkeys(TERMS, 0.0)
             for micro in range(a.grad_accum):
                 for lang in targets:
@@ -750,11 +756,15 @@ def train(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, targets: l
                     eng.micro_step()
                     for k in TERMS:
                         sums[k] += losses[k].item() / n_micro
-            record = {"step": step + 1, **dist.mean(sums), "lr": eng.lr, "seconds": time.perf_counter() - began}
+            record = {"step": step + 1, **dist.mean(sums), "lr": eng.lr, "seconds": time.perf_counter() - began,
+                      "cpu_seconds": time.process_time() - cpu}
             if not all(math.isfinite(record[k]) for k in TERMS):
                 raise RuntimeError(f"align: non-finite loss at step {step + 1}: {record}; lower --lr")
             history["steps"].append(record)
             progress.update(task, advance=1, **_fields(record))
+            if not console.is_terminal and (step + 1) % log_every == 0:  # batch logs get no live progress bar
+                console.print(f"align {'+'.join(targets)} step {step + 1}/{a.steps}: " + "  ".join(
+                    f"{k} {record[k]:.4f}" for k in TERMS) + f"  ({record['seconds']:.1f} s)", highlight=False)
             if (step + 1) % a.checkpoint_every == 0 or step + 1 == a.steps:
                 if split.val:
                     history["validation"].append(validate(step + 1))

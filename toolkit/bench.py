@@ -4,7 +4,8 @@ Two sources of tasks, one code path after loading:
 
 - hub (``eval.bench_data`` empty): lm-eval's own Okapi tasks ``arc_{lang}``, ``m_mmlu_{lang}`` and
   ``hellaswag_{lang}``, and the English originals ``arc_challenge``, ``mmlu`` (a group of 57 subjects)
-  and ``hellaswag``. Offline this fails at once with `HubUnreachable`.
+  and ``hellaswag``, each with its own splits and prompts (the English ``mmlu`` prompt names the subject,
+  the Okapi one does not). Offline this fails at once with `HubUnreachable`.
 - Okapi-format JSON (``--bench-data DIR``): one template per benchmark (`TEMPLATES`) is filled per
   language and written as a task YAML to an include folder that lm-eval's `TaskManager` reads
   (``dataset_path: json``). Prompts, choices and targets are those of lm-eval's Okapi tasks; ARC and
@@ -27,6 +28,9 @@ Item selection (``eval.limit`` = N > 0): every item of a task gets the rank
 not depend on file order, and since an item keeps its id in every language, the languages share as
 many items as the files allow. Every model of a run is scored on exactly these items, so base and
 adapted are paired item by item. Item ids are ``id``, else ``ind``, else the row number.
+
+Defaults (`toolkit.config.EvalConfig`): 0 shots, every item (``eval.limit`` 0), lm-eval batch size 8,
+seed ``run.seed`` (0) for the item sample, the few-shot sampler and torch.
 
 Statistics: accuracy and length-normalised accuracy (lm-eval's ``acc`` and ``acc_norm``; for MMLU,
 whose choices are single letters, they coincide), standard error = sample standard deviation / sqrt(n)
@@ -333,7 +337,7 @@ def select_items(tasks: dict, limit: int, seed: int) -> tuple[dict[str, list[int
 class Scores:
     """Per-item correctness of one model on one unit."""
 
-    items: dict[str, dict]  # item key -> {"acc": 0/1, "acc_norm": 0/1, "pred": argmax choice, "gold": target}
+    items: dict[str, dict]  # key -> {"acc": 0/1, "acc_norm": 0/1, "pred": argmax, "gold": target, "lls": per choice}
 
     @property
     def n(self) -> int:
@@ -343,14 +347,61 @@ class Scores:
         return np.array([v[metric] for v in self.items.values()], dtype=float)
 
 
-def lm_wrapper(model, tokenizer, batch_size: int):
-    """lm-eval's HFLM over an in-memory model, with its per-call progress bar off (we show our own)."""
+def lm_wrapper(model, tokenizer, batch_size: int, fast: bool = True):
+    """lm-eval's HFLM over an in-memory model, with its per-call progress bar off (we show our own).
+
+    With `fast`, each model call returns logits for the last K positions of the batch only, K being
+    the smallest window that holds every row's continuation (transformers' `logits_to_keep`). lm-eval
+    locates continuations relative to the end of the returned logits (its handling of prefix-tuning
+    "virtual tokens"), so it reads the same numbers while the vocabulary projection and lm-eval's
+    log-softmax skip most context positions: with Gemma 3 270M's 262k-token vocabulary they take about
+    a third of a full forward on CPU. A call it cannot match to its requests gets the full logits."""
+    import inspect
+
+    import torch
     from lm_eval.models.huggingface import HFLM
 
     class QuietHFLM(HFLM):
+        _needed: dict[tuple[int, ...], int] = {}
+
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=True)
 
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            if fast:  # each row is (context + continuation)[-(max_length + 1):][:-1], right-padded with 0
+                self._needed = {}
+                for _, context, continuation in requests:
+                    key = tuple((context + continuation)[-(self.max_length + 1):][:-1])
+                    self._needed[key] = max(self._needed.get(key, 0), len(continuation))
+            try:
+                return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+            finally:
+                self._needed = {}
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            keep = self._window(inps) if self._needed and attn_mask is None and labels is None else None
+            if keep is None:
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            with torch.no_grad():
+                return self.model(inps, logits_to_keep=keep).logits
+
+        def _window(self, inps) -> int | None:
+            """Positions from the end of the padded batch back to the earliest continuation token."""
+            width = inps.shape[1]
+            start = width
+            for row in inps.tolist():
+                n = len(row)
+                while n and row[n - 1] == 0:
+                    n -= 1
+                length = self._needed.get(tuple(row[:n]))
+                if length is None:
+                    return None
+                start = min(start, n - length)
+            return width - max(start, 0)
+
+    # Stripping padding is exact only when token 0 is a special token that prompts never contain.
+    fast = (fast and 0 in getattr(tokenizer, "all_special_ids", [])
+            and "logits_to_keep" in inspect.signature(model.forward).parameters)
     log = logging.getLogger("lm_eval")
     level = log.level
     log.setLevel(logging.ERROR)  # it warns that a model object ignores loading arguments: we know
@@ -381,9 +432,9 @@ def evaluate_unit(lm, unit: Unit, seed: int = 0) -> Scores:
             if not isinstance(gold, int):  # MMLU's target is a letter among its choices
                 gold = list(task.doc_to_choice(row["doc"])).index(gold)
             key = item_key(row["doc"], row["doc_id"])
-            lls = [resp[0] for resp in row["filtered_resps"]]
+            lls = [float(resp[0]) for resp in row["filtered_resps"]]
             items[f"{name}/{key}" if several else key] = {
-                **{m: float(row[m]) for m in PAIRED_METRICS}, "pred": int(np.argmax(lls)), "gold": gold}
+                **{m: float(row[m]) for m in PAIRED_METRICS}, "pred": int(np.argmax(lls)), "gold": gold, "lls": lls}
     return Scores(items)
 
 
@@ -645,6 +696,8 @@ def summarise(scores: dict[str, dict[tuple[str, str], Scores]], units: list[Unit
             if key not in base:
                 continue
             acc, norm = paired(base[key], s, "acc"), paired(base[key], s, "acc_norm")
+            if not acc.n:
+                continue
             comparisons.append({
                 "model": model, "task": key[0], "language": key[1], "n_paired": acc.n,
                 "base_acc": acc.base, "acc": acc.adapted, "delta_acc": acc.delta,

@@ -298,6 +298,31 @@ def test_tiny_model_ten_arc_items_in_two_languages(tmp_path, fixture_data):
         assert len(list(csv.DictReader(fh))) == 2
 
 
+def test_logit_window_reads_the_same_numbers_as_full_logits(tmp_path, fixture_data):
+    from toolkit import models
+    from toolkit.config import ModelConfig
+
+    lm = models.load(ModelConfig(name="tiny"))
+    units = load(tmp_path, fixture_data, ["arc", "mmlu"], ["en"], limit=6)
+    fast, plain = bench.lm_wrapper(lm.model, lm.tokenizer, 4), bench.lm_wrapper(lm.model, lm.tokenizer, 4, fast=False)
+    windows = []
+    window = fast._window
+
+    def spy(inps):
+        windows.append((inps.shape[1], window(inps)))
+        return windows[-1][1]
+
+    fast._window = spy
+    for unit in units:
+        a, b = bench.evaluate_unit(fast, unit), bench.evaluate_unit(plain, unit)
+        assert set(a.items) == set(b.items)
+        for key in a.items:
+            assert np.allclose(a.items[key]["lls"], b.items[key]["lls"], atol=1e-4), key
+            assert a.items[key]["acc"] == b.items[key]["acc"] and a.items[key]["pred"] == b.items[key]["pred"]
+    assert windows and all(k is not None for _, k in windows), "every call should match its requests"
+    assert any(k < width for width, k in windows), "the window should skip context positions"
+
+
 def _make_adapter(path: Path) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
