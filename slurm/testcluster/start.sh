@@ -182,7 +182,7 @@ install -d -o mysql -g mysql -m 750 "$DB_DATADIR"
 touch "$LOG_DIR/mariadb.err" && chown mysql:mysql "$LOG_DIR/mariadb.err"
 
 # ---------------------------------------------------------------- configs ---
-CPUS=$(nproc)
+CPUS=$(getconf _NPROCESSORS_ONLN)  # not nproc: it obeys OMP_NUM_THREADS, which CI sets to 1
 mem_mb=$(($(awk '/^MemTotal:/{print $2}' /proc/meminfo) / 1024))
 headroom=$((mem_mb / 10 > 512 ? mem_mb / 10 : 512))
 REAL_MEMORY=$((mem_mb - headroom))
