@@ -39,12 +39,11 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from toolkit.config import PIPELINE_STAGES, Config, cache_dir
+from toolkit.config import PIPELINE_STAGES, Config, cache_dir, read_yaml
 from toolkit.errors import UserError
 from toolkit.rundir import RunDir
 
@@ -140,12 +139,7 @@ def load_profile(spec: str) -> Profile:
             raise UserError(f"run.cluster: unknown cluster profile {spec!r}; available: "
                             f"{', '.join(available_profiles()) or 'none'} (in {', '.join(map(str, profile_dirs()))}),"
                             " or give a YAML path")
-    if not path.is_file():
-        raise UserError(f"run.cluster: no such profile file {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    data = read_yaml(path, "run.cluster")
     return profile_from_dict(data, name=path.stem, where=str(path))
 
 

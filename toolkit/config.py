@@ -281,15 +281,20 @@ def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
     return value
 
 
-def load_yaml(path: str) -> dict[str, dict[str, Any]]:
-    """Read a YAML config: sections as in `Config`, or flat keys of the `run` section at top level."""
+def read_yaml(path: str | Path, what: str) -> Any:
+    """Parse a YAML file; a missing or malformed file is a user error naming `what` (the option)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"--config: no such file {path}")
+        raise UserError(f"{what}: no such file {path}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        return yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from None
+
+
+def load_yaml(path: str) -> dict[str, dict[str, Any]]:
+    """Read a YAML config: sections as in `Config`, or flat keys of the `run` section at top level."""
+    data = read_yaml(path, "--config")
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of config sections")
     out: dict[str, dict[str, Any]] = {}
