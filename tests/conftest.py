@@ -36,6 +36,14 @@ def ntrex(shared) -> Path:
 
 
 @pytest.fixture(scope="session")
+def okapi(shared) -> Path:
+    path = shared / "okapi"
+    if not (path / "arc_challenge" / "en_test.json").is_file():
+        pytest.skip(f"Okapi benchmark files not found under {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_lm():
     from toolkit.config import ModelConfig
     from toolkit.models import load

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-from pathlib import Path
 
 import pytest
 
@@ -12,16 +10,8 @@ from toolkit.config import Config
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("TOOLKIT_SHARED_DATA", REPO / ".." / "shared" / "data"))
 
 
-@pytest.fixture(scope="module")
-def okapi() -> Path:
-    path = SHARED / "okapi"
-    if not (path / "arc_challenge" / "hi_test.json").is_file():
-        pytest.skip(f"shared Okapi data not found at {path} (set TOOLKIT_SHARED_DATA to the folder holding okapi/)")
-    return path
 
 
 def test_embedded_model_arc_and_mmlu_in_english_and_hindi(tmp_path, okapi):

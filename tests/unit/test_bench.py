@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -20,17 +19,9 @@ from toolkit.errors import HubUnreachable, UserError
 from toolkit.languages import LANGUAGES
 
 ALL = list(LANGUAGES)
-REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("TOOLKIT_SHARED_DATA", REPO / ".." / "shared" / "data"))
 LM_EVAL_OKAPI = Path(__import__("lm_eval").__file__).parent / "tasks" / "okapi"
 
 
-@pytest.fixture(scope="module")
-def okapi_shared() -> Path:
-    path = SHARED / "okapi"
-    if not (path / "arc_challenge" / "en_test.json").is_file():
-        pytest.skip(f"shared Okapi data not found at {path} (set TOOLKIT_SHARED_DATA to the folder holding okapi/)")
-    return path
 
 
 def _mc(lang: str, ident: str, k: int, options: int = 4) -> dict:
@@ -83,8 +74,8 @@ def docs_of(unit: bench.Unit) -> list[dict]:
 # ------------------------------------------------------------------------------------ task generation
 
 
-def test_all_ten_languages_from_the_shared_files(tmp_path, okapi_shared):
-    units = load(tmp_path, okapi_shared, ["arc", "mmlu"], ALL, limit=20)
+def test_all_ten_languages_from_the_shared_files(tmp_path, okapi):
+    units = load(tmp_path, okapi, ["arc", "mmlu"], ALL, limit=20)
     assert [(u.bench, u.lang) for u in units] == [(b, c) for b in ("arc", "mmlu") for c in ALL]
     assert all(u.ok and u.n_items == 20 for u in units), [u.missing for u in units if not u.ok]
     assert sorted(p.name for p in (tmp_path / "tasks").glob("*.yaml")) == sorted(f"{u.task}.yaml" for u in units)
@@ -93,11 +84,11 @@ def test_all_ten_languages_from_the_shared_files(tmp_path, okapi_shared):
         folder, split = ("arc_challenge", "test") if b == "arc" else ("mmlu", "val")
         ids = {c: {d["id"] for d in docs_of(by[b, c])[0]} for c in ALL}
         for c in ALL:  # the 20 lowest seeded ranks of each file; ids line up, so languages share most items
-            file_ids = [r["id"] for r in json.loads((okapi_shared / folder / f"{c}_{split}.json").read_text())]
+            file_ids = [r["id"] for r in json.loads((okapi / folder / f"{c}_{split}.json").read_text())]
             assert ids[c] == set(sorted(file_ids, key=lambda i: bench._rank(0, i))[:20]), (b, c)
             assert len(ids[c] & ids["en"]) >= 12, (b, c)
     docs, task = docs_of(by["arc", "hi"])
-    raw = {r["id"]: r for r in json.loads((okapi_shared / "arc_challenge" / "hi_test.json").read_text())}
+    raw = {r["id"]: r for r in json.loads((okapi / "arc_challenge" / "hi_test.json").read_text())}
     doc = docs[0]
     assert task.doc_to_text(doc) == "Question: " + raw[doc["id"]]["instruction"].strip() + "\nAnswer:"
     assert task.doc_to_choice(doc)[0] == raw[doc["id"]]["option_a"].strip()
