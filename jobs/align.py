@@ -261,7 +261,8 @@ def before_after(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, 
 DEFINITIONS = {
     "A": "mean over held-out sentences of the per-sentence mean (over tokens, BOS and padding excluded) of the "
          "summed SAE feature activations at the layer",
-    "gain_pct": "100 * (A_after - A_before) / A_before per layer; gain_pct_mean averages the layers",
+    "gain_pct": "100 * (A_after - A_before) / A_before per layer; gain_pct_mean averages the layers (the headline), "
+                "gain_pct_median is their median, gain_pct_pooled the gain of A summed over layers",
     "retention_pct": "100 * A_after / A_before per layer; english_retention_pct is English's, averaged over layers",
     "ppl": "exp of the mean next-token cross-entropy over the held-out sentences' real tokens",
 }
@@ -271,7 +272,9 @@ def measure(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpu
             folder: Path, console: Console, fresh: bool = False) -> dict[str, dict]:
     """Extract every language of `corpus` into `folder/activations` (resumable; `fresh` starts over)
     and return A per layer and the perplexity per language (cached in `folder/perplexity.json`)."""
-    sub_cfg = cfg.merged({"run": {"run": str(folder)}, "extract": {"shards": 1, "overwrite": fresh}})
+    # float32 codes: an adapter may push activations past float16's range, and these files are small
+    sub_cfg = cfg.merged({"run": {"run": str(folder)},
+                          "extract": {"shards": 1, "overwrite": fresh, "code_dtype": "float32"}})
     ppl_path = folder / "perplexity.json"
     ppl = {} if fresh or not ppl_path.is_file() else json.loads(ppl_path.read_text())
     out = {}
@@ -309,6 +312,7 @@ def compare(before: dict[str, dict], after: dict[str, dict], layers: list[int], 
             "role": "target" if lang in targets else "reference" if lang == REFERENCE else "other",
             "A_before": a0, "A_after": a1, "gain_pct": gain, "retention_pct": retention,
             "gain_pct_mean": _mean(gain.values()), "retention_pct_mean": _mean(retention.values()),
+            "gain_pct_median": _median(gain.values()), "gain_pct_pooled": _pooled_gain(a0, a1, layers),
             "ppl_before": before[lang]["ppl"], "ppl_after": after[lang]["ppl"],
         }
     english = languages.get(REFERENCE, {})
@@ -321,16 +325,27 @@ def _mean(values) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+def _median(values) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.median(finite)) if finite else math.nan
+
+
+def _pooled_gain(before: dict, after: dict, layers: list[int]) -> float:
+    """Gain of the layer-summed A: robust to layers whose A_before is near zero."""
+    total = sum(before[layer] for layer in layers)
+    return 100.0 * (sum(after[layer] for layer in layers) - total) / total if total else math.nan
+
+
 def print_before_after(report: dict, console: Console) -> None:
     table = Table(title=f"Before/after alignment: {report['unit']} ({report['heldout_sentences']} held-out sentences, "
                         f"means over {len(report['layers'])} layers)")
-    for col in ("lang", "role", "A before", "A after", "gain %", "retention %", "perplexity"):
+    for col in ("lang", "role", "A before", "A after", "gain %", "retain %", "ppl before", "ppl after"):
         table.add_column(col, justify="left" if col in ("lang", "role") else "right")
     for lang, v in report["languages"].items():
-        table.add_row(lang, v["role"], f"{_mean(v['A_before'].values()):.4g}", f"{_mean(v['A_after'].values()):.4g}",
-                      _pct(v["gain_pct_mean"], "+"), _pct(v["retention_pct_mean"]),
-                      f"{_num(v['ppl_before'])} -> {_num(v['ppl_after'])}",
-                      style="bold" if v["role"] == "target" else None)
+        role = "ref." if v["role"] == "reference" else v["role"]
+        table.add_row(lang, role, f"{_mean(v['A_before'].values()):.4g}", f"{_mean(v['A_after'].values()):.4g}",
+                      _pct(v["gain_pct_mean"], "+"), _pct(v["retention_pct_mean"]), _num(v["ppl_before"]),
+                      _num(v["ppl_after"]), style="bold" if v["role"] == "target" else None)
     table.caption = (f"English retention {_pct(report['english_retention_pct'])} %. gain = 100 (A_after - A_before) / "
                      "A_before and retention = 100 A_after / A_before, per layer, then averaged over layers")
     console.print(table)
@@ -341,4 +356,4 @@ def _pct(value, sign: str = "") -> str:
 
 
 def _num(value) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.2f}"
+    return "-" if value is None or not math.isfinite(value) else f"{value:.1f}"

@@ -170,6 +170,9 @@ def test_before_after_report(reference):
         assert set(v["gain_pct"]) == {"0", "5", "10", "15", "20", "25"}
         assert all(math.isfinite(x) for x in [*v["gain_pct"].values(), v["ppl_before"], v["ppl_after"]])
         assert v["retention_pct_mean"] == pytest.approx(100 + v["gain_pct_mean"])
+        pooled = 100 * (sum(v["A_after"].values()) / sum(v["A_before"].values()) - 1)
+        assert v["gain_pct_pooled"] == pytest.approx(pooled)
+        assert v["gain_pct_median"] == pytest.approx(np.median(list(v["gain_pct"].values())))
     assert report["english_retention_pct"] == report["languages"]["en"]["retention_pct_mean"]
     assert report["heldout_sentences"] == 8
     assert summaries[0]["gain_pct"]["hi"] == report["languages"]["hi"]["gain_pct_mean"]
