@@ -764,7 +764,8 @@ def train(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, targets: l
             progress.update(task, advance=1, **_fields(record))
             if not console.is_terminal and (step + 1) % log_every == 0:  # batch logs get no live progress bar
                 console.print(f"align {'+'.join(targets)} step {step + 1}/{a.steps}: " + "  ".join(
-                    f"{k} {record[k]:.4f}" for k in TERMS) + f"  ({record['seconds']:.1f} s)", highlight=False)
+                    f"{k} {record[k]:.4f}" for k in TERMS) + f"  ({record['seconds']:.1f} s)", highlight=False,
+                    soft_wrap=True)
             if (step + 1) % a.checkpoint_every == 0 or step + 1 == a.steps:
                 if split.val:
                     history["validation"].append(validate(step + 1))

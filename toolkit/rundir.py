@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from importlib import metadata
@@ -14,7 +15,7 @@ from toolkit import __version__
 from toolkit.config import Config
 
 PACKAGES = ("torch", "transformers", "sae-lens", "peft", "deepspeed", "submitit", "h5py", "lm-eval", "numpy")
-SECRET_WORDS = ("token", "password", "secret")
+SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key)$")  # not `batch_tokens`
 
 
 class RunDir:
@@ -34,7 +35,13 @@ class RunDir:
 
     def write_manifest(self, cfg: Config, stage: str, corpus_hash: str | None = None) -> dict:
         """Record the resolved config, versions and git revision; each stage adds its own entry."""
+        from filelock import FileLock
+
         self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.manifest) + ".lock"):  # array tasks start together and each add their stage
+            return self._update_manifest(cfg, stage, corpus_hash)
+
+    def _update_manifest(self, cfg: Config, stage: str, corpus_hash: str | None) -> dict:
         data = json.loads(self.manifest.read_text()) if self.manifest.is_file() else {}
         data.update(
             lingogap_version=__version__,
@@ -48,7 +55,7 @@ class RunDir:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": platform.node(),
         }
-        tmp = self.manifest.with_suffix(".tmp")
+        tmp = self.manifest.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, self.manifest)
         return data
@@ -72,4 +79,4 @@ def _version(name: str) -> str | None:
 
 def _without_secrets(d: dict) -> dict:
     return {k: (_without_secrets(v) if isinstance(v, dict) else v) for k, v in d.items()
-            if not any(word in k.lower() for word in SECRET_WORDS)}
+            if not SECRET_KEY.search(k.lower())}

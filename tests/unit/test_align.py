@@ -24,10 +24,10 @@ from toolkit.config import Config, ModelConfig, parse_layers
 from toolkit.errors import UserError
 from toolkit.store import ActivationFile
 
-# Small enough for seconds per run: 40 sentences, byte-level tokens cut at 48, six SAE layers.
-OPTS = {"steps": "6", "checkpoint-every": "2", "lr": "0.002", "align-layers": "0-25:5", "seed": "0"}
-RUN_OPTS = {"langs": "hi,es", "targets": "hi", "sae": "random", "max-sentences": "40", "max-length": "48",
-            "layers": "0-25:5", **OPTS}
+# Seconds per run: 40 sentences, byte-level tokens cut at 48, six SAE layers; `cfg_for` is the same in Python.
+CLI_OPTS = {"langs": "hi,es", "targets": "hi", "sae": "random", "max-sentences": "40", "max-length": "48",
+            "layers": "0-25:5", "steps": "6", "checkpoint-every": "2", "lr": "0.002", "align-layers": "0-25:5",
+            "seed": "0"}
 
 
 def cfg_for(run, **overrides) -> Config:
@@ -43,11 +43,10 @@ def cfg_for(run, **overrides) -> Config:
     return Config.build(values, preset="tiny")
 
 
-def cli(run, **extra) -> list[str]:
+def cli(run) -> list[str]:
     """Arguments of `python -m toolkit.submit` for the reference configuration."""
-    opts = {**RUN_OPTS, **extra}
     args = ["align", "--preset", "tiny", "--run", str(run)]
-    for key, value in opts.items():
+    for key, value in CLI_OPTS.items():
         args += [f"--{key}", value]
     return args
 
