@@ -1,0 +1,44 @@
+"""The sae-lens peer of the extraction benchmark runs offline on the tiny model and caches real activations."""
+
+import datasets
+import pytest
+import torch
+
+from benchmarks.saelens_peer import saelens_cache_tps
+from toolkit.models import decoder_layers, tiny_dir
+
+
+def test_saelens_peer_caches_the_hooked_block_output(tiny_lm, tmp_path):
+    texts = [f"Sentence {i}: the river runs past the old mill and the children watch it." for i in range(20)]
+    layer = 3
+    result = saelens_cache_tps(tiny_dir(), texts, layer=layer, n_layers=tiny_lm.n_layers, context_size=32,
+                               work_dir=tmp_path / "peer")
+    assert result["tokens"] > 0 and result["seconds"] > 0
+    assert result["one_layer_tps"] == result["tokens"] / result["seconds"]
+    assert result["all_layers_tps"] == result["one_layer_tps"] / tiny_lm.n_layers
+    assert result["hook"] == f"model.layers.{layer}"
+
+    cached = datasets.load_from_disk(result["activations_dir"]).with_format("torch")
+    assert len(cached) * 32 == result["tokens"]
+    acts, ids = cached[:4][result["hook"]], cached[:4]["token_ids"].long()
+    assert acts.shape == (4, 32, tiny_lm.d_model)
+    # The cached rows are the residual stream after block `layer` for the stored token ids.
+    seen = []
+
+    def keep(module, inputs, output):
+        seen.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder_layers(tiny_lm.model)[layer].register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            tiny_lm.model(input_ids=ids)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(acts, seen[0].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_saelens_peer_fails_with_one_clear_error(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(RuntimeError, match="^sae-lens peer: tokenising failed offline"):
+        saelens_cache_tps(tmp_path / "model", ["a b c"], layer=0, n_layers=1, context_size=8, work_dir=tmp_path / "w")
