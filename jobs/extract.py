@@ -7,6 +7,7 @@ model and SAEs once, while a Slurm array gives each task one unit.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,14 +104,21 @@ def extract_unit(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, 
         raise UserError(f"{writer.parts} does not match the current batch plan; rerun with --overwrite")
     started = time.perf_counter()
     n_tokens = sum(b.n_real - len(b.sentence_ids) for b in batches[committed:])
-    with _progress(console) as progress:
+    # Batch k is written (and fsynced) by one I/O thread while batch k+1 is computed; parts stay in order.
+    with _progress(console) as progress, ThreadPoolExecutor(1, thread_name_prefix="hdf5-parts") as io:
         task = progress.add_task(unit.lang, total=len(sentences), completed=len(done_ids), tokens=0.0)
         done_tokens = 0
+        writing = None
         for batch in batches[committed:]:
-            writer.write_batch(encode_batch(lm, saes, batch, layers, cfg.extract.save_resid))
+            encoded = encode_batch(lm, saes, batch, layers, cfg.extract.save_resid)
+            if writing is not None:
+                writing.result()
+            writing = io.submit(writer.write_batch, encoded)
             done_tokens += batch.n_real - len(batch.sentence_ids)
             rate = done_tokens / max(time.perf_counter() - started, 1e-9)
             progress.update(task, advance=len(batch.sentence_ids), tokens=rate)
+        if writing is not None:
+            writing.result()
     seconds = time.perf_counter() - started
     writer.finalize(
         {"lingogap_version": __version__, "seconds": seconds, "sae_quality": saes.quality(),
@@ -139,19 +147,22 @@ def encode_batch(lm: models.LoadedModel, saes: sae_sources.SAESet, batch: TokenB
     per_sentence = lengths.to(lm.device, torch.float32)
 
     def sink(layer: int, hidden: torch.Tensor) -> None:
-        x = hidden[keep_dev].float()
+        x = hidden[keep_dev]
         codes = saes.layers[layer].sae.encode(x)
-        mass = torch.zeros(n_sent, device=codes.device).index_add_(0, owner, codes.sum(1)) / per_sentence
-        l0 = torch.zeros(n_sent, device=codes.device).index_add_(0, owner, (codes > 0).sum(1).float())
-        peak = torch.zeros(n_sent, device=codes.device).scatter_reduce_(0, owner, codes.max(1).values, "amax",
-                                                                         include_self=False)
+        # One pass over the dense codes; the statistics come from the few nonzero entries.
         rows, cols = codes.nonzero(as_tuple=True)
+        values = codes[rows, cols].float()
+        del codes
+        who = owner[rows]
+        mass = torch.zeros(n_sent, device=values.device).index_add_(0, who, values) / per_sentence
+        l0 = torch.bincount(who, minlength=n_sent) / per_sentence
+        peak = torch.zeros(n_sent, device=values.device).scatter_reduce_(0, who, values, "amax", include_self=False)
         indptr = torch.zeros(len(x) + 1, dtype=torch.long)
         indptr[1:] = torch.bincount(rows.cpu(), minlength=len(x)).cumsum(0)
         out.layers[layer] = LayerBatch(
-            indptr=indptr.numpy(), indices=cols.cpu().numpy(), values=codes[rows, cols].float().cpu().numpy(),
-            mass=mass.cpu().numpy(), l0=(l0 / per_sentence).cpu().numpy(), max=peak.cpu().numpy(),
-            resid=x.cpu().numpy() if save_resid else None,
+            indptr=indptr.numpy(), indices=cols.cpu().numpy(), values=values.cpu().numpy(),
+            mass=mass.cpu().numpy(), l0=l0.cpu().numpy(), max=peak.cpu().numpy(),
+            resid=x.float().cpu().numpy() if save_resid else None,
         )
 
     with torch.inference_mode(), ResidualCapture(lm, layers, sink) as cap:

@@ -1,0 +1,183 @@
+"""How fast extraction runs against its floor and its peer, what it costs in memory and disk, and what alignment costs.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.extract_throughput --json perf.json          # full run, ~25 min
+    OMP_NUM_THREADS=1 python -m benchmarks.extract_throughput --quick                   # < 3 min on 2 cores
+
+One process, the same batches for every measurement (see benchmarks/ladder.py for the rungs A, B, F, P).
+SAEs are random JumpReLU SAEs at Gemma Scope's width with thresholds calibrated to a realistic L0:
+Gemma Scope's releases cannot be downloaded here, and random ReLU SAEs would be ~100x too dense.
+Run it on an idle machine; it prints one table and writes every number to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.ladder import jumprelu_saes, plan, run_ladder, scratch_dir
+from toolkit import corpus as corpora
+from toolkit import models
+from toolkit.config import Config, parse_layers
+from toolkit.store import ActivationFile
+
+SHARED = Path(os.environ.get("TOOLKIT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+TARGETS = {"capture_over_forward": (">=", 0.9), "pipeline_over_floor": (">=", 0.8),
+           "pipeline_over_saelens": (">=", 10.0), "rss_ratio_16x": ("<=", 1.1), "align_step_ratio": ("<=", 1.5)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ntrex = SHARED / "ntrex128"
+    p = argparse.ArgumentParser(prog="python -m benchmarks.extract_throughput", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small corpus and sizes: a smoke run in under 3 minutes")
+    p.add_argument("--json", metavar="FILE", help="write every measurement here")
+    p.add_argument("--corpus", default=f"ntrex:{ntrex}" if ntrex.is_dir() else "embedded",
+                   help="corpus spec (default: NTREX-128 from the shared data, else the embedded corpus)")
+    p.add_argument("--langs", default="hi", help="languages (English is always added, as in the pipeline)")
+    p.add_argument("--sentences", type=int, help="sentences per language (default 48; 6 with --quick)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per rung, after one warm-up")
+    p.add_argument("--sae-width", type=int, default=16384, help="SAE features per layer (Gemma Scope: 16k)")
+    p.add_argument("--l0", type=int, default=64, help="active features per token the random SAEs are calibrated to")
+    p.add_argument("--skip", default="", help="comma list of parts to leave out: tiny, peer, memory, align")
+    args = p.parse_args(argv)
+    args.sentences = args.sentences or (6 if args.quick else 48)
+    args.skip = set(filter(None, args.skip.split(",")))
+    return args
+
+
+def build(preset: str, args: argparse.Namespace, run: Path, width: int, l0: int):
+    cfg = Config.build({"run": {"run": str(run), "langs": args.langs, "corpus": args.corpus,
+                                "max_sentences": args.sentences}}, preset=preset)
+    corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
+    lm = models.load(cfg.model)
+    layers = parse_layers(cfg.run.layers, lm.n_layers)
+    calibration = [b for bs in plan(cfg, lm, corpus).values() for b in bs][:4]
+    saes = jumprelu_saes(lm, layers, width, l0, calibration, cfg.run.seed)
+    cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, source=saes.source))
+    return cfg, lm, corpus, layers, saes
+
+
+def disk_usage(files: list[str]) -> dict:
+    """Bytes per token per layer of the finished files, against the nonzero codes' own bytes."""
+    size = tokens_layers = nnz_bytes = 0
+    for path in files:
+        size += Path(path).stat().st_size
+        with ActivationFile(path) as f:
+            n_tok = int(f.attrs["n_tokens"])
+            tokens_layers += n_tok * len(f.layers)
+            with h5py.File(path) as h5:
+                for layer in f.layers:
+                    codes = h5[f"layers/{layer}/codes"]
+                    nnz_bytes += codes["values"].size * (codes["values"].dtype.itemsize + codes["indices"].dtype.itemsize)
+    return {"bytes_per_token": size / tokens_layers, "code_bytes_per_token": nnz_bytes / tokens_layers,
+            "file_over_codes": size / max(nnz_bytes, 1)}
+
+
+def peak_rss(args: argparse.Namespace, sae_dir: Path, work: Path, scales: tuple[int, ...], batch_tokens: int) -> dict:
+    """Peak RSS of `toolkit.submit extract` run as users run it, at growing corpus sizes, same batch size."""
+    out = {}
+    for scale in scales:
+        cmd = [sys.executable, "-m", "toolkit.submit", "extract", "--preset", "embedded", "--sae", f"dir:{sae_dir}",
+               "--corpus", args.corpus, "--langs", args.langs, "--max-sentences", str(args.sentences * scale),
+               "--batch-tokens", str(batch_tokens), "--run", str(work / f"rss{scale}")]
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        if status:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{child.stderr.read()[-2000:]}")
+        out[scale] = usage.ru_maxrss * 1024  # kilobytes on Linux
+    return out
+
+
+def machine() -> dict:
+    return {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}",
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    console = Console(stderr=True)
+    result: dict = {**machine(), "command": " ".join(["python -m benchmarks.extract_throughput", *(argv or sys.argv[1:])]),
+                    "sae_width": args.sae_width, "sae_l0": args.l0, "corpus": args.corpus, "langs": args.langs,
+                    "sentences_per_language": args.sentences, "repeats": args.repeats}
+    with scratch_dir() as tmp:
+        work = Path(tmp)
+        console.print("[bold]embedded model:[/] ladder A/B/F/P")
+        cfg, lm, corpus, layers, saes = build("embedded", args, work / "embedded", args.sae_width, args.l0)
+        ladder = run_ladder(cfg, lm, saes, corpus, layers, args.repeats, work / "embedded")
+        result.update({k: v for k, v in ladder.items() if k != "files"}, layers=len(layers))
+        result.update(disk_usage(ladder["files"]))
+        if "peer" not in args.skip:
+            console.print("[bold]peer:[/] sae-lens cache runner, one hook")
+            from benchmarks.saelens_peer import saelens_cache_tps
+
+            texts = [t for lang in corpus.langs for _, t in corpus.sentences(lang)]
+            peer = saelens_cache_tps(models.embedded_dir(), texts, layer=lm.n_layers // 2, n_layers=lm.n_layers,
+                                     context_size=cfg.extract.max_length, work_dir=work / "saelens")
+            result.update(saelens_one_layer_tps=peer["one_layer_tps"], saelens_all_layers_tps=peer["all_layers_tps"],
+                          pipeline_over_saelens=result["pipeline_tps"] / peer["all_layers_tps"], saelens=peer)
+        if "align" not in args.skip:
+            console.print("[bold]alignment:[/] alignment step vs plain LoRA LM step")
+            from benchmarks.align_step import align_step_ratio
+
+            result["align"] = align_step_ratio(cfg, lm, saes, corpus, target=cfg.lang_codes[-1], repeats=args.repeats)
+            result["align_step_ratio"] = result["align"]["align_step_ratio"]
+        if "memory" not in args.skip:
+            console.print("[bold]memory:[/] peak RSS of the extract command at 1x, 4x, 16x the corpus")
+            sae_dir = work / "saes"
+            for layer, s in saes.layers.items():
+                s.sae.save_model(sae_dir / f"layer_{layer}")
+            rss = peak_rss(args, sae_dir, work, (1, 4, 16), batch_tokens=256 if args.quick else 1024)
+            result.update(rss_bytes={str(k): v for k, v in rss.items()}, rss_ratio_4x=rss[4] / rss[1],
+                          rss_ratio_16x=rss[16] / rss[1])
+        del lm, saes
+        if "tiny" not in args.skip:
+            console.print("[bold]tiny model:[/] ladder A/B/F/P")
+            tiny = build("tiny", args, work / "tiny", width=512, l0=16)
+            result["tiny"] = {k: v for k, v in run_ladder(*tiny[:2], tiny[4], tiny[2], tiny[3], args.repeats,
+                                                           work / "tiny").items() if k != "files"}
+    print_table(result, Console())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, sort_keys=True))
+    return result
+
+
+def print_table(r: dict, console: Console) -> None:
+    table = Table(title=f"lingogap extraction benchmark, {r['date']}, {r['threads']} thread(s), torch {r['torch']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    rows = [("A forward, tokens/s", "forward_tps"), ("B + capture all layers, tokens/s", "capture_tps"),
+            ("F SAE encode all layers, tokens/s", "encode_tps"), ("P full pipeline, tokens/s", "pipeline_tps"),
+            ("floor 1/(1/A+1/F), tokens/s", "floor_tps"), ("B/A", "capture_over_forward"),
+            ("P/floor", "pipeline_over_floor"), ("sae-lens cache runner, all layers, tokens/s", "saelens_all_layers_tps"),
+            ("P/sae-lens", "pipeline_over_saelens"), ("peak RSS 16x / 1x corpus", "rss_ratio_16x"),
+            ("HDF5 bytes per token per layer", "bytes_per_token"),
+            ("nonzero codes' bytes per token per layer", "code_bytes_per_token"),
+            ("alignment step / LoRA LM step", "align_step_ratio")]
+    for label, key in rows:
+        if key in r:
+            op, bound = TARGETS.get(key, ("", None))
+            met = "" if bound is None else ("ok" if (r[key] >= bound if op == ">=" else r[key] <= bound) else "MISSED")
+            table.add_row(label, f"{r[key]:,.2f}" if r[key] < 100 else f"{r[key]:,.0f}",
+                          "" if bound is None else f"{op} {bound} {met}")
+    if "tiny" in r:
+        t = r["tiny"]
+        table.add_row("tiny model: A / B / F / P tokens/s",
+                      " / ".join(f"{t[k]:,.0f}" for k in ("forward_tps", "capture_tps", "encode_tps", "pipeline_tps")), "")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
