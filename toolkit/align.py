@@ -550,6 +550,19 @@ def make_engine(name: str, model: torch.nn.Module, a: AlignConfig, n_micro: int,
     return TorchEngine(model, a, n_micro, dist)
 
 
+def optimizer_step(objective: Objective, eng, micro: list[tuple[TokenBatch, TokenBatch, str]]) -> dict[str, float]:
+    """One optimizer step of training: the objective, backward and micro-step on each (target batch, English
+    batch, language) micro-batch; the engine steps once it has seen all of them. Returns the terms averaged."""
+    sums = dict.fromkeys(TERMS, 0.0)
+    for target, english, lang in micro:
+        losses = objective(eng.forward, target, english, lang)
+        eng.backward(losses["total"])
+        eng.micro_step()
+        for k in TERMS:
+            sums[k] += losses[k].item() / len(micro)
+    return sums
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 
 
@@ -746,16 +759,10 @@ def train(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, targets: l
         task = progress.add_task("+".join(targets), total=a.steps, completed=start, **_fields(None))
         for step in range(start, a.steps):
             began, cpu = time.perf_counter(), time.process_time()
-            sums = dict.fromkeys(TERMS, 0.0)
-            for micro in range(a.grad_accum):
-                for lang in targets:
-                    index = (step * a.grad_accum + micro) * dist.world + dist.rank
-                    losses = objective(eng.forward, *batch(lang, batch_ids(split.train, index, a.batch_size,
-                                                                            cfg.run.seed, lang)), lang)
-                    eng.backward(losses["total"])
-                    eng.micro_step()
-                    for k in TERMS:
-                        sums[k] += losses[k].item() / n_micro
+            micro = [(*batch(lang, batch_ids(split.train, (step * a.grad_accum + m) * dist.world + dist.rank,
+                                             a.batch_size, cfg.run.seed, lang)), lang)
+                     for m in range(a.grad_accum) for lang in targets]
+            sums = optimizer_step(objective, eng, micro)
             record = {"step": step + 1, **dist.mean(sums), "lr": eng.lr, "seconds": time.perf_counter() - began,
                       "cpu_seconds": time.process_time() - cpu}
             if not all(math.isfinite(record[k]) for k in TERMS):

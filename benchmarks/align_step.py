@@ -1,0 +1,127 @@
+"""Alignment step cost (issue 8): one training step with the alignment loss vs a plain LoRA LM step.
+
+Run on purpose, never in the test suite:
+    OMP_NUM_THREADS=1 python -m benchmarks.align_step --preset embedded --corpus ntrex:../shared/data/ntrex128 \
+        --target hi
+Both steps use the same model with the same LoRA attached, the same batch (the target-language sentences
+and their English parallels, the first training batch `toolkit.align.train` would draw), the same AdamW
+engine, after one warm-up step each; the alignment step is `toolkit.align.optimizer_step`, the one training
+runs. The plain step is next-token cross-entropy on both halves of the batch, as a LoRA fine-tune would do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from toolkit import align
+from toolkit.capture import TokenBatch
+from toolkit.config import Config, parse_layers
+from toolkit.corpus import Corpus
+from toolkit.models import LoadedModel
+from toolkit.saes import SAESet
+
+
+def _lm_step(eng, micro: list[tuple[TokenBatch, TokenBatch, str]]) -> float:
+    """A plain LoRA LM step: transformers' own next-token loss on the target and the English sentences."""
+    total = 0.0
+    for target, english, _ in micro:
+        loss = sum(_lm_loss(eng.forward, b) for b in (target, english))
+        eng.backward(loss)
+        eng.micro_step()
+        total += loss.item()
+    return total
+
+
+def _lm_loss(forward, batch: TokenBatch) -> torch.Tensor:
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    return forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels,
+                   use_cache=False).loss
+
+
+def _median_seconds(step, repeats: int) -> float:
+    step()  # warm-up: allocator, lazy init, optimizer state
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def align_step_ratio(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, target: str,
+                     repeats: int = 3) -> dict:
+    """Median seconds of one alignment optimizer step vs one plain LoRA LM step (next-token CE, same LoRA, same
+    target+English sentences, same optimizer), after one warm-up step each. Returns {"align_step_s", "lm_step_s",
+    "align_step_ratio", "batch_size", "tokens", "align_layers": [...]}"""
+    a = cfg.align
+    layers = [layer for layer in parse_layers(a.align_layers, lm.n_layers) if layer in saes.layers]
+    split = align.split_ids(corpus.ids, a.heldout, a.val_fraction, cfg.run.seed)
+    ids = align.batch_ids(split.train, 0, a.batch_size, cfg.run.seed, target)
+    texts = {lang: dict(corpus.sentences(lang)) for lang in (target, align.REFERENCE)}
+    micro = [(*(align.collate(lm.tokenizer, [(s, texts[lang][s]) for s in ids], cfg.extract.max_length)
+                for lang in (target, align.REFERENCE)), target)]
+    torch.manual_seed(cfg.run.seed)
+    base = lm.model
+    model = align.attach_lora(base, a, lm.n_layers)
+    try:
+        peft_lm = LoadedModel(model, lm.tokenizer, lm.model_id, lm.revision, lm.device, lm.dtype)
+        objective = align.Objective(peft_lm, saes, {target: align.weights_from_gaps(None, layers)}, a)
+        eng = align.TorchEngine(model, a, 1, align.Dist())
+        eng.train(True)
+        align_s = _median_seconds(lambda: align.optimizer_step(objective, eng, micro), repeats)
+        lm_s = _median_seconds(lambda: _lm_step(eng, micro), repeats)
+    finally:
+        lm.model = model.unload()
+    t, e, _ = micro[0]
+    return {"align_step_s": align_s, "lm_step_s": lm_s, "align_step_ratio": align_s / lm_s,
+            "batch_size": len(ids), "tokens": {"target": t.n_real, "english": e.n_real,
+                                               "padded": t.n_padded + e.n_padded},
+            "align_layers": layers}
+
+
+def main() -> None:
+    from toolkit import corpus as corpora
+    from toolkit import models
+    from toolkit import saes as sae_sources
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="embedded")
+    p.add_argument("--corpus", default="embedded")
+    p.add_argument("--target", default="hi")
+    p.add_argument("--sae", default="random", help="SAE source; random is enough for timing")
+    p.add_argument("--sae-width", type=int, default=16384, help="Gemma Scope's width by default")
+    p.add_argument("--batch-size", type=int, default=None, help="align.batch_size (default: the config's)")
+    p.add_argument("--max-sentences", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as run:
+        values = {"run": {"run": run, "langs": args.target, "corpus": args.corpus,
+                          "max_sentences": args.max_sentences},
+                  "sae": {"source": args.sae, "width": args.sae_width}}
+        if args.batch_size:
+            values["align"] = {"batch_size": args.batch_size}
+        cfg = Config.build(values, preset=args.preset)
+        corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
+        lm = models.load(cfg.model)
+        sae_set = sae_sources.load(cfg, lm, parse_layers(cfg.align.align_layers, lm.n_layers), corpus)
+        r = align_step_ratio(cfg, lm, sae_set, corpus, args.target, args.repeats)
+    table = Table(title=f"alignment step vs plain LoRA LM step ({cfg.model.name}, {args.target}, "
+                        f"{torch.get_num_threads()} thread(s))")
+    for col in ("batch", "tokens target / en / padded", "SAE layers", "align step s", "LM step s", "ratio"):
+        table.add_column(col, justify="right")
+    tok = r["tokens"]
+    table.add_row(str(r["batch_size"]), f"{tok['target']} / {tok['english']} / {tok['padded']}",
+                  str(len(r["align_layers"])), f"{r['align_step_s']:.3f}", f"{r['lm_step_s']:.3f}",
+                  f"{r['align_step_ratio']:.2f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
