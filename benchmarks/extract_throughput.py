@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.ladder import jumprelu_saes, plan, run_ladder, scratch_dir
+from benchmarks.ladder import calibration_batches, jumprelu_saes, plan, run_ladder, scratch_dir
 from toolkit import corpus as corpora
 from toolkit import models
 from toolkit.config import Config, parse_layers
@@ -62,7 +62,7 @@ def build(preset: str, args: argparse.Namespace, run: Path, width: int, l0: int)
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     lm = models.load(cfg.model)
     layers = parse_layers(cfg.run.layers, lm.n_layers)
-    calibration = [b for bs in plan(cfg, lm, corpus).values() for b in bs][:4]
+    calibration = calibration_batches(plan(cfg, lm, corpus))
     saes = jumprelu_saes(lm, layers, width, l0, calibration, cfg.run.seed)
     cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, source=saes.source))
     return cfg, lm, corpus, layers, saes
@@ -79,7 +79,8 @@ def disk_usage(files: list[str]) -> dict:
             with h5py.File(path) as h5:
                 for layer in f.layers:
                     codes = h5[f"layers/{layer}/codes"]
-                    nnz_bytes += codes["values"].size * (codes["values"].dtype.itemsize + codes["indices"].dtype.itemsize)
+                    values, indices = codes["values"], codes["indices"]
+                    nnz_bytes += values.size * (values.dtype.itemsize + indices.dtype.itemsize)
     return {"bytes_per_token": size / tokens_layers, "code_bytes_per_token": nnz_bytes / tokens_layers,
             "file_over_codes": size / max(nnz_bytes, 1)}
 
@@ -108,9 +109,10 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     console = Console(stderr=True)
-    result: dict = {**machine(), "command": " ".join(["python -m benchmarks.extract_throughput", *(argv or sys.argv[1:])]),
-                    "sae_width": args.sae_width, "sae_l0": args.l0, "corpus": args.corpus, "langs": args.langs,
-                    "sentences_per_language": args.sentences, "repeats": args.repeats}
+    command = " ".join(["python -m benchmarks.extract_throughput", *(argv or sys.argv[1:])])
+    result: dict = {**machine(), "command": command, "sae_width": args.sae_width, "sae_l0": args.l0,
+                    "corpus": args.corpus, "langs": args.langs, "sentences_per_language": args.sentences,
+                    "repeats": args.repeats}
     with scratch_dir() as tmp:
         work = Path(tmp)
         console.print("[bold]embedded model:[/] ladder A/B/F/P")
@@ -125,8 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
             texts = [t for lang in corpus.langs for _, t in corpus.sentences(lang)]
             peer = saelens_cache_tps(models.embedded_dir(), texts, layer=lm.n_layers // 2, n_layers=lm.n_layers,
                                      context_size=cfg.extract.max_length, work_dir=work / "saelens")
-            result.update(saelens_one_layer_tps=peer["one_layer_tps"], saelens_all_layers_tps=peer["all_layers_tps"],
-                          pipeline_over_saelens=result["pipeline_tps"] / peer["all_layers_tps"], saelens=peer)
+            per_run = peer["tokens"] / (peer["init_seconds"] + peer["seconds"]) / lm.n_layers
+            result.update(saelens=peer, saelens_all_layers_tps=peer["all_layers_tps"],
+                          pipeline_over_saelens=result["pipeline_tps"] / peer["all_layers_tps"],
+                          saelens_with_model_load_all_layers_tps=per_run,
+                          capture_over_saelens=result["capture_tps"] / peer["all_layers_tps"])
         if "align" not in args.skip:
             console.print("[bold]alignment:[/] alignment step vs plain LoRA LM step")
             from benchmarks.align_step import align_step_ratio
@@ -161,8 +166,11 @@ def print_table(r: dict, console: Console) -> None:
     rows = [("A forward, tokens/s", "forward_tps"), ("B + capture all layers, tokens/s", "capture_tps"),
             ("F SAE encode all layers, tokens/s", "encode_tps"), ("P full pipeline, tokens/s", "pipeline_tps"),
             ("floor 1/(1/A+1/F), tokens/s", "floor_tps"), ("B/A", "capture_over_forward"),
-            ("P/floor", "pipeline_over_floor"), ("sae-lens cache runner, all layers, tokens/s", "saelens_all_layers_tps"),
-            ("P/sae-lens", "pipeline_over_saelens"), ("peak RSS 16x / 1x corpus", "rss_ratio_16x"),
+            ("P/floor", "pipeline_over_floor"),
+            ("sae-lens cache runner, 1 layer per run, all layers, tokens/s", "saelens_all_layers_tps"),
+            ("  the same with its model load per run, tokens/s", "saelens_with_model_load_all_layers_tps"),
+            ("P/sae-lens", "pipeline_over_saelens"), ("B/sae-lens (capture alone)", "capture_over_saelens"),
+            ("peak RSS 16x / 1x corpus", "rss_ratio_16x"),
             ("HDF5 bytes per token per layer", "bytes_per_token"),
             ("nonzero codes' bytes per token per layer", "code_bytes_per_token"),
             ("alignment step / LoRA LM step", "align_step_ratio")]
@@ -174,8 +182,8 @@ def print_table(r: dict, console: Console) -> None:
                           "" if bound is None else f"{op} {bound} {met}")
     if "tiny" in r:
         t = r["tiny"]
-        table.add_row("tiny model: A / B / F / P tokens/s",
-                      " / ".join(f"{t[k]:,.0f}" for k in ("forward_tps", "capture_tps", "encode_tps", "pipeline_tps")), "")
+        rungs = " / ".join(f"{t[k]:,.0f}" for k in ("forward_tps", "capture_tps", "encode_tps", "pipeline_tps"))
+        table.add_row("tiny model: A / B / F / P tokens/s", rungs, "")
     console.print(table)
 
 

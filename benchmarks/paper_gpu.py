@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.extract_throughput import machine
-from benchmarks.ladder import jumprelu_saes, plan, run_ladder, scratch_dir
+from benchmarks.ladder import calibration_batches, jumprelu_saes, plan, run_ladder, scratch_dir
 from toolkit import corpus as corpora
 from toolkit import models
 from toolkit.config import Config
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         corpus = corpora.load("embedded", cfg.lang_codes, args.sentences)
         lm = random_gemma2(shape, device, dtype)
         layers = list(range(lm.n_layers))
-        calibration = [b for bs in plan(cfg, lm, corpus).values() for b in bs][:2]
+        calibration = calibration_batches(plan(cfg, lm, corpus), per_language=1)
         saes = jumprelu_saes(lm, layers, width, l0=64 if width > 1000 else 8, calibration=calibration)
         result.update({k: v for k, v in run_ladder(cfg, lm, saes, corpus, layers, args.repeats, Path(tmp)).items()
                        if k != "files"})
