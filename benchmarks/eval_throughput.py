@@ -1,6 +1,6 @@
 """Throughput of the benchmark stage: lm-eval requests per second with the logit window and without.
 
-    python benchmarks/bench_eval.py --model embedded --bench-data ../shared/data/okapi --langs en,hi --limit 20
+    python -m benchmarks.eval_throughput --model embedded --bench-data ../shared/data/okapi --langs en,hi --limit 20
 
 Prints one row per task x language: loglikelihood requests, CPU and wall seconds with the window
 (`toolkit.bench.lm_wrapper(fast=True)`, the default) and with lm-eval's full logits, the speed-up, and
