@@ -39,7 +39,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from toolkit.capture import ResidualCapture, TokenBatch, tokenize
+from toolkit.capture import ResidualCapture, TokenBatch, iter_batches, tokenize
 from toolkit.config import AlignConfig, Config
 from toolkit.corpus import Corpus
 from toolkit.errors import UserError
@@ -61,6 +61,8 @@ MAX_GRAD_NORM = 1.0
 WARMUP_STEPS = 10  # linear warmup (at most a tenth of the run), then constant: extending `steps` keeps resuming
 KEEP_CHECKPOINTS = 2
 TERMS = ("ce", "align", "keep", "total")
+KL_CHUNK_CPU = 1 << 20  # logits per chunk of the KL term: 4 MiB of fp32 stays in a CPU's cache
+KL_CHUNK = 1 << 28  # on accelerators, few large kernels
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -242,7 +244,12 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 class Objective:
-    """The alignment loss for one batch of parallel sentences; see the module docstring."""
+    """The alignment loss for one batch of parallel sentences; see the module docstring.
+
+    The English side of every term but the adapted KL comes from the frozen base model, so it is computed
+    once per sentence (`EnglishReference`) instead of in every step, and every step's work is the adapted
+    passes alone. Logits (a 262k vocabulary on Gemma) are computed for real tokens only, never for padding.
+    """
 
     def __init__(self, lm: LoadedModel, saes: SAESet, weights: dict[str, dict[int, float]], a: AlignConfig):
         self.lm = lm  # lm.model is the peft model: its hooks see base and adapted passes alike
@@ -251,19 +258,20 @@ class Objective:
         self.a = a
         for s in saes.layers.values():
             s.sae.requires_grad_(False)
+        aligned = sorted({layer for lang in weights for layer in self.layers(lang)}) if a.lambda_align > 0 else []
+        self.reference = EnglishReference(self, aligned, hidden=a.lambda_keep > 0)
 
     def layers(self, lang: str) -> list[int]:
         return [layer for layer, w in sorted(self.weights[lang].items()) if w > 0]
 
     def __call__(self, forward: Callable, target: TokenBatch, english: TokenBatch,
                  lang: str) -> dict[str, torch.Tensor]:
-        a, model = self.a, self.lm.model
+        a = self.a
         layers = self.layers(lang) if a.lambda_align > 0 else []
         need_keep = a.lambda_keep > 0
-        with torch.no_grad(), model.disable_adapter():
-            en_codes, en_logits = self._pass(model, english, layers, need_keep)
-        codes, logits = self._pass(forward, target, layers, True)
-        ce = _next_token_ce(logits, target.input_ids.to(logits.device), target.attention_mask.to(logits.device))
+        en_codes, en_hidden = self.reference.get(english)
+        codes, hidden = self.forward_pass(forward, target, layers)
+        ce = self.next_token_ce(hidden, target)
         zero = ce.new_zeros(())
         align = zero
         if layers:
@@ -272,47 +280,162 @@ class Objective:
             align = align / len(self.weights[lang])
         keep = zero
         if need_keep:
-            _, adapted = self._pass(forward, english, [], True)
-            keep = _kl(en_logits, adapted, english.attention_mask.to(adapted.device))
+            _, adapted = self.forward_pass(forward, english, [])
+            with torch.no_grad(), self.lm.model.disable_adapter():
+                base = self.logits(en_hidden)
+            keep = _kl(base, self.logits(adapted[english.attention_mask.to(adapted.device).bool()]))
         total = ce + a.lambda_align * align + a.lambda_keep * keep
         return {"ce": ce, "align": align, "keep": keep, "total": total}
 
-    def _pass(self, forward: Callable, batch: TokenBatch, layers: list[int], logits: bool):
-        """Pooled SAE codes at `layers` (and the logits if asked) from one forward pass."""
+    def forward_pass(self, forward: Callable, batch: TokenBatch, layers: list[int], hidden: bool = True):
+        """Pooled SAE codes at `layers` and the final (normed) hidden states (B, L, d) of one forward pass.
+
+        Without `hidden` only the codes come back (None for the states), and the pass stops after the last layer.
+        """
         device = self.lm.device
         keep = batch.keep.to(device)
         lengths = keep.sum(1)
         owner = torch.arange(len(lengths), device=device).repeat_interleave(lengths)
         pooled: dict[int, torch.Tensor] = {}
 
-        def sink(layer: int, hidden: torch.Tensor) -> None:
-            codes = self.saes.layers[layer].sae.encode(hidden[keep].float())
+        def sink(layer: int, states: torch.Tensor) -> None:
+            codes = self.saes.layers[layer].sae.encode(states[keep].float())
             summed = codes.new_zeros((len(lengths), codes.shape[1])).index_add(0, owner, codes)
             pooled[layer] = summed / lengths.clamp(min=1).unsqueeze(1).to(codes.dtype)
 
+        if not hidden:
+            if layers:
+                with ResidualCapture(self.lm, layers, sink) as cap:
+                    cap.run(batch)
+            return pooled, None
         inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
-        if not logits and not layers:
-            return pooled, None
-        if not logits:  # codes only: the capture stops after the last layer
-            with ResidualCapture(self.lm, layers, sink) as cap:
-                cap.run(batch)
-            return pooled, None
         with ResidualCapture(self.lm, layers, sink, grad=True) if layers else contextlib.nullcontext():
-            out = forward(**inputs, use_cache=False)
-        return pooled, out.logits
+            # the LM head runs on one position only: callers apply it to the real tokens they need
+            out = forward(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        return pooled, out.hidden_states[-1]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head (with the model's final soft-capping) on final hidden states."""
+        model = self.lm.model
+        logits = model.get_output_embeddings()(hidden)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def next_token_ce(self, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """Mean next-token cross-entropy over the positions whose next token is real."""
+        predicts = batch.attention_mask[:, 1:].to(hidden.device).bool()
+        labels = batch.input_ids[:, 1:].to(hidden.device)[predicts]
+        return F.cross_entropy(self.logits(hidden[:, :-1][predicts]).float(), labels)
 
 
-def _next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+class EnglishReference:
+    """What the frozen base model (adapter disabled) makes of each English sentence, kept per sentence id:
+    its pooled SAE codes at the aligned layers and its final hidden states at real tokens (the KL's base logits
+    are the LM head on them, recomputed per step: 262k floats per token are too many to keep).
+
+    `fill` computes them for whole id lists in length-sorted batches before training, so a value depends on
+    its sentence's batch alone and a resumed run sees exactly the values of an uninterrupted one; `get` computes
+    what is missing from the batch at hand. Codes are kept sparse when most entries are zero (JumpReLU SAEs).
+    """
+
+    def __init__(self, objective: Objective, layers: list[int], hidden: bool):
+        self.objective, self.layers, self.hidden = objective, layers, hidden
+        self.codes: dict[str, torch.Tensor] = {}
+        self.states: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.codes) if self.layers else len(self.states)
+
+    @property
+    def nbytes(self) -> int:
+        def size(t: torch.Tensor) -> int:
+            if t.is_sparse:
+                return t._values().nbytes + t._indices().nbytes
+            return t.nbytes
+
+        return sum(size(t) for store in (self.codes, self.states) for t in store.values())
+
+    def clear(self) -> None:
+        self.codes.clear()
+        self.states.clear()
+
+    def cached(self, sid: str) -> bool:
+        return (not self.layers or sid in self.codes) and (not self.hidden or sid in self.states)
+
+    def fill(self, batches: Iterable[TokenBatch]) -> None:
+        for batch in batches:
+            self._compute(batch)
+
+    def get(self, batch: TokenBatch) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """Codes per layer (B, d_sae) and the final hidden states of the real tokens, row by row (N, d)."""
+        missing = [row for row, sid in enumerate(batch.sentence_ids) if not self.cached(sid)]
+        if missing:
+            self._compute(_rows(batch, missing))
+        device = self.objective.lm.device
+        ids = batch.sentence_ids
+        codes = {}
+        if self.layers:
+            stacked = torch.stack([self.codes[s].to_dense() for s in ids]).to(device)
+            codes = {layer: stacked[:, k] for k, layer in enumerate(self.layers)}
+        states = torch.cat([self.states[s] for s in ids]).to(device) if self.hidden else None
+        return codes, states
+
+    def _compute(self, batch: TokenBatch) -> None:
+        objective = self.objective
+        model = objective.lm.model
+        with torch.no_grad(), model.disable_adapter():
+            pooled, hidden = objective.forward_pass(model, batch, self.layers, hidden=self.hidden)
+        real = batch.attention_mask.bool()
+        for row, sid in enumerate(batch.sentence_ids):
+            if self.layers:
+                codes = torch.stack([pooled[layer][row] for layer in self.layers]).cpu()
+                sparse = codes.to_sparse()
+                self.codes[sid] = sparse if sparse._nnz() * 3 < codes.numel() else codes
+            if self.hidden:
+                self.states[sid] = hidden[row, real[row].to(hidden.device)].cpu()
 
 
-def _kl(base_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(base || adapted) per real position (each predicts the next token), averaged."""
-    real = mask.bool()
-    base = F.log_softmax(base_logits[real].float(), dim=-1)
-    adapted = F.log_softmax(logits[real].float(), dim=-1)
-    return F.kl_div(adapted, base, log_target=True, reduction="sum") / max(int(real.sum()), 1)
+def _rows(batch: TokenBatch, rows: list[int]) -> TokenBatch:
+    """The given rows of a right-padded batch, trimmed to their longest sentence."""
+    width = int(batch.attention_mask[rows].sum(1).max())
+    return TokenBatch([batch.sentence_ids[r] for r in rows], batch.input_ids[rows, :width],
+                      batch.attention_mask[rows, :width])
+
+
+def _kl(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || adapted) per position (each predicts the next token), averaged; rows are real positions."""
+    return _ChunkedKL.apply(base_logits, logits) / max(len(logits), 1)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """sum over rows of KL(softmax(base) || softmax(logits)), a few rows at a time.
+
+    The gradient with respect to the logits, softmax(logits) - softmax(base), is formed in the forward pass
+    chunk by chunk, so a (rows, vocab) tensor is written once instead of the half dozen full-size
+    intermediates (and their backward) of log_softmax twice plus kl_div; on a CPU that halves the term's time.
+    """
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        need = ctx.needs_input_grad[1]
+        grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if need else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        rows = max(1, (KL_CHUNK_CPU if logits.device.type == "cpu" else KL_CHUNK) // max(logits.shape[-1], 1))
+        for lo in range(0, len(logits), rows):
+            log_p = F.log_softmax(base[lo:lo + rows].float(), dim=-1)
+            log_q = F.log_softmax(logits[lo:lo + rows].float(), dim=-1)
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum()
+            if need:
+                torch.sub(log_q.exp_(), p, out=grad[lo:lo + rows])
+        ctx.save_for_backward(grad)
+        ctx.dtype = logits.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return None, (grad * grad_output).to(ctx.dtype)
 
 
 def _distance(pooled: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -710,6 +833,11 @@ def train(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, targets: l
         "resumed_from": (state or {}).get("resumed_from", []) + ([start] if state else []),
     }
     texts = {lang: dict(corpus.sentences(lang)) for lang in [*targets, REFERENCE]}
+    began = time.perf_counter()
+    english = [(sid, texts[REFERENCE][sid]) for sid in dict.fromkeys(split.train + split.val)]
+    objective.reference.fill(iter_batches(english, lm.tokenizer, cfg.extract.batch_tokens, cfg.extract.max_length))
+    console.print(f"English reference from the base model: {len(objective.reference)} sentences, "
+                  f"{objective.reference.nbytes / 2**20:.0f} MiB, {time.perf_counter() - began:.1f} s")
 
     def batch(lang: str, ids: list[str]) -> tuple[TokenBatch, TokenBatch]:
         return (collate(lm.tokenizer, [(s, texts[lang][s]) for s in ids], cfg.extract.max_length),
