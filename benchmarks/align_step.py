@@ -51,7 +51,7 @@ def _median_seconds(step, repeats: int) -> float:
 
 
 def align_step_ratio(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, target: str,
-                     repeats: int = 3) -> dict:
+                     repeats: int = 3, summarise: bool | None = None) -> dict:
     """Median seconds of one alignment optimizer step vs one plain LoRA LM step (next-token CE, same LoRA, same
     target+English sentences, same optimizer), after one warm-up step each. Returns {"align_step_s", "lm_step_s",
     "align_step_ratio", "batch_size", "tokens", "align_layers": [...]}"""
@@ -67,7 +67,10 @@ def align_step_ratio(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus,
     model = align.attach_lora(base, a, lm.n_layers)
     try:
         peft_lm = LoadedModel(model, lm.tokenizer, lm.model_id, lm.revision, lm.device, lm.dtype)
-        objective = align.Objective(peft_lm, saes, {target: align.weights_from_gaps(None, layers)}, a)
+        uses = align.reference_uses(a, len(split.train))
+        if summarise is None:  # as training would decide
+            summarise = uses >= align.SUMMARY_USES
+        objective = align.Objective(peft_lm, saes, {target: align.weights_from_gaps(None, layers)}, a, summarise)
         eng = align.TorchEngine(model, a, 1, align.Dist())
         eng.train(True)
         reference = objective.reference
@@ -88,7 +91,7 @@ def align_step_ratio(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus,
             "reference_s": reference_s, "align_step_cold_ratio": (align_s + reference_s) / lm_s,
             "batch_size": len(ids), "tokens": {"target": t.n_real, "english": e.n_real,
                                                "padded": t.n_padded + e.n_padded},
-            "align_layers": layers}
+            "align_layers": layers, "kl_summarised": objective.reference.linear, "reference_uses": uses}
 
 
 def main() -> None:
@@ -105,6 +108,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="align.batch_size (default: the config's)")
     p.add_argument("--max-sentences", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kl", choices=("auto", "summary", "recompute"), default="auto",
+                   help="how the KL's base side is kept (auto: as training decides from the uses per sentence)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as run:
         values = {"run": {"run": run, "langs": args.target, "corpus": args.corpus,
@@ -116,7 +121,8 @@ def main() -> None:
         corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
         lm = models.load(cfg.model)
         sae_set = sae_sources.load(cfg, lm, parse_layers(cfg.align.align_layers, lm.n_layers), corpus)
-        r = align_step_ratio(cfg, lm, sae_set, corpus, args.target, args.repeats)
+        r = align_step_ratio(cfg, lm, sae_set, corpus, args.target, args.repeats,
+                             None if args.kl == "auto" else args.kl == "summary")
     table = Table(title=f"alignment step vs plain LoRA LM step ({cfg.model.name}, {args.target}, "
                         f"{torch.get_num_threads()} thread(s))")
     for col in ("batch", "tokens target / en / padded", "SAE layers", "align step s", "LM step s", "ratio",

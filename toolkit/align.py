@@ -63,6 +63,8 @@ KEEP_CHECKPOINTS = 2
 TERMS = ("ce", "align", "keep", "total")
 KL_CHUNK_CPU = 1 << 20  # logits per chunk of the KL term: 4 MiB of fp32 stays in a CPU's cache
 KL_CHUNK = 1 << 28  # on accelerators, few large kernels
+SUMMARY_USES = 2.0  # the KL's base summary costs about two uses' worth of base logits (measured on CPU)
+HEAD_CHUNK = 1 << 24  # logits per chunk where the LM head runs inside the chunk loop (64 rows of Gemma's 262k)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -251,7 +253,10 @@ class Objective:
     passes alone. Logits (a 262k vocabulary on Gemma) are computed for real tokens only, never for padding.
     """
 
-    def __init__(self, lm: LoadedModel, saes: SAESet, weights: dict[str, dict[int, float]], a: AlignConfig):
+    def __init__(self, lm: LoadedModel, saes: SAESet, weights: dict[str, dict[int, float]], a: AlignConfig,
+                 summarise: bool = True):
+        """`summarise`: keep the KL's base distributions as summaries where the LM head allows it (see
+        `EnglishReference`); worth it when each English sentence is used at least `SUMMARY_USES` times."""
         self.lm = lm  # lm.model is the peft model: its hooks see base and adapted passes alike
         self.saes = saes
         self.weights = weights
@@ -259,7 +264,7 @@ class Objective:
         for s in saes.layers.values():
             s.sae.requires_grad_(False)
         aligned = sorted({layer for lang in weights for layer in self.layers(lang)}) if a.lambda_align > 0 else []
-        self.reference = EnglishReference(self, aligned, hidden=a.lambda_keep > 0)
+        self.reference = EnglishReference(self, aligned, keep=a.lambda_keep > 0, summarise=summarise)
 
     def layers(self, lang: str) -> list[int]:
         return [layer for layer, w in sorted(self.weights[lang].items()) if w > 0]
@@ -269,7 +274,7 @@ class Objective:
         a = self.a
         layers = self.layers(lang) if a.lambda_align > 0 else []
         need_keep = a.lambda_keep > 0
-        en_codes, en_hidden = self.reference.get(english)
+        en_codes = self.reference.get(english)
         codes, hidden = self.forward_pass(forward, target, layers)
         ce = self.next_token_ce(hidden, target)
         zero = ce.new_zeros(())
@@ -281,9 +286,7 @@ class Objective:
         keep = zero
         if need_keep:
             _, adapted = self.forward_pass(forward, english, [])
-            with torch.no_grad(), self.lm.model.disable_adapter():
-                base = self.logits(en_hidden)
-            keep = _kl(base, self.logits(adapted[english.attention_mask.to(adapted.device).bool()]))
+            keep = self.reference.kl(english, adapted[english.attention_mask.to(adapted.device).bool()])
         total = ce + a.lambda_align * align + a.lambda_keep * keep
         return {"ce": ce, "align": align, "keep": keep, "total": total}
 
@@ -329,70 +332,109 @@ class Objective:
 
 
 class EnglishReference:
-    """What the frozen base model (adapter disabled) makes of each English sentence, kept per sentence id:
-    its pooled SAE codes at the aligned layers and its final hidden states at real tokens (the KL's base logits
-    are the LM head on them, recomputed per step: 262k floats per token are too many to keep).
+    """What the frozen base model (adapter disabled) makes of each English sentence, kept per sentence id: its
+    pooled SAE codes at the aligned layers, and what the KL term needs of its next-token distributions p.
 
-    `fill` computes them for whole id lists in length-sorted batches before training, so a value depends on
-    its sentence's batch alone and a resumed run sees exactly the values of an uninterrupted one; `get` computes
-    what is missing from the batch at hand. Codes are kept sparse when most entries are zero (JumpReLU SAEs).
+    The full distributions (262k floats per token on Gemma) are too many to keep. When the LM head is linear
+    (logits z = W h, no soft-capping: Gemma 3), KL(p || softmax(W h)) = sum p log p - (p W) . h + logsumexp(W h),
+    so two things per token suffice: the negative entropy sum p log p and the mean embedding p W; the adapted side
+    then costs what a cross-entropy term costs. The summary costs two LM-head products once per sentence, the
+    base logits one per use, so it is made when sentences are used at least `SUMMARY_USES` times. Otherwise
+    (and for Gemma 2's soft-capped logits) the base model's final hidden states are kept and its logits
+    recomputed each step.
+
+    `fill` computes the entries for whole id lists in length-sorted batches before training, so a value depends
+    on its sentence's batch alone and a resumed run sees exactly the values of an uninterrupted one; `get` and
+    `kl` compute what is missing from the batch at hand. Codes are kept sparse when most entries are zero.
     """
 
-    def __init__(self, objective: Objective, layers: list[int], hidden: bool):
-        self.objective, self.layers, self.hidden = objective, layers, hidden
+    def __init__(self, objective: Objective, layers: list[int], keep: bool, summarise: bool = True):
+        self.objective, self.layers, self.keep = objective, layers, keep
+        model = objective.lm.model
+        head = model.get_output_embeddings()
+        self.linear = (summarise and type(head) is torch.nn.Linear and head.bias is None and head.weight.dim() == 2
+                       and not getattr(model.config, "final_logit_softcapping", None))
         self.codes: dict[str, torch.Tensor] = {}
-        self.states: dict[str, torch.Tensor] = {}
+        self.base: dict[str, tuple[torch.Tensor, ...]] = {}  # (mean embedding, neg. entropy) or (final states,)
 
     def __len__(self) -> int:
-        return len(self.codes) if self.layers else len(self.states)
+        return len(self.codes) if self.layers else len(self.base)
 
     @property
     def nbytes(self) -> int:
         def size(t: torch.Tensor) -> int:
-            if t.is_sparse:
-                return t._values().nbytes + t._indices().nbytes
-            return t.nbytes
+            return t._values().nbytes + t._indices().nbytes if t.is_sparse else t.nbytes
 
-        return sum(size(t) for store in (self.codes, self.states) for t in store.values())
+        return sum(map(size, [*self.codes.values(), *(t for ts in self.base.values() for t in ts)]))
 
     def clear(self) -> None:
         self.codes.clear()
-        self.states.clear()
+        self.base.clear()
 
     def cached(self, sid: str) -> bool:
-        return (not self.layers or sid in self.codes) and (not self.hidden or sid in self.states)
+        return (not self.layers or sid in self.codes) and (not self.keep or sid in self.base)
 
     def fill(self, batches: Iterable[TokenBatch]) -> None:
         for batch in batches:
             self._compute(batch)
 
-    def get(self, batch: TokenBatch) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """Codes per layer (B, d_sae) and the final hidden states of the real tokens, row by row (N, d)."""
+    def get(self, batch: TokenBatch) -> dict[int, torch.Tensor]:
+        """Pooled codes per aligned layer, (B, d_sae)."""
+        self._complete(batch)
+        if not self.layers:
+            return {}
+        stacked = torch.stack([self.codes[s].to_dense() for s in batch.sentence_ids]).to(self.objective.lm.device)
+        return {layer: stacked[:, k] for k, layer in enumerate(self.layers)}
+
+    def kl(self, batch: TokenBatch, hidden: torch.Tensor) -> torch.Tensor:
+        """KL(base || adapted) per real token of `batch`, averaged; `hidden` holds the adapted model's final
+        states at those tokens, row by row (N, d)."""
+        self._complete(batch)
+        objective, device = self.objective, hidden.device
+        parts = [torch.cat(t) for t in zip(*(self.base[s] for s in batch.sentence_ids), strict=True)]
+        if not self.linear:
+            with torch.no_grad(), objective.lm.model.disable_adapter():
+                base = objective.logits(parts[0].to(device))
+            return _kl(base, objective.logits(hidden))
+        wide = torch.float64 if device.type in ("cpu", "cuda") else torch.float32  # the three terms nearly cancel
+        mean, neg_entropy = (t.to(device=device, dtype=wide) for t in parts)
+        lse = torch.logsumexp(objective.logits(hidden).float(), dim=-1)
+        per_token = neg_entropy - (mean * hidden.to(wide)).sum(-1) + lse.to(wide)
+        return (per_token.sum() / max(len(hidden), 1)).float()
+
+    def _complete(self, batch: TokenBatch) -> None:
         missing = [row for row, sid in enumerate(batch.sentence_ids) if not self.cached(sid)]
         if missing:
             self._compute(_rows(batch, missing))
-        device = self.objective.lm.device
-        ids = batch.sentence_ids
-        codes = {}
-        if self.layers:
-            stacked = torch.stack([self.codes[s].to_dense() for s in ids]).to(device)
-            codes = {layer: stacked[:, k] for k, layer in enumerate(self.layers)}
-        states = torch.cat([self.states[s] for s in ids]).to(device) if self.hidden else None
-        return codes, states
 
     def _compute(self, batch: TokenBatch) -> None:
         objective = self.objective
         model = objective.lm.model
         with torch.no_grad(), model.disable_adapter():
-            pooled, hidden = objective.forward_pass(model, batch, self.layers, hidden=self.hidden)
-        real = batch.attention_mask.bool()
-        for row, sid in enumerate(batch.sentence_ids):
-            if self.layers:
-                codes = torch.stack([pooled[layer][row] for layer in self.layers]).cpu()
-                sparse = codes.to_sparse()
-                self.codes[sid] = sparse if sparse._nnz() * 3 < codes.numel() else codes
-            if self.hidden:
-                self.states[sid] = hidden[row, real[row].to(hidden.device)].cpu()
+            pooled, hidden = objective.forward_pass(model, batch, self.layers, hidden=self.keep)
+            if self.keep:  # per real token, row by row
+                states = hidden[batch.attention_mask.to(hidden.device).bool()]
+                base = self._distribution(states) if self.linear else (states.cpu(),)
+                lengths = batch.attention_mask.sum(1).tolist()
+                for sid, *parts in zip(batch.sentence_ids, *(t.split(lengths) for t in base), strict=True):
+                    self.base[sid] = tuple(t.clone() for t in parts)  # a view would keep the whole batch alive
+            for row, sid in enumerate(batch.sentence_ids):
+                if self.layers:
+                    codes = torch.stack([pooled[layer][row] for layer in self.layers]).cpu()
+                    sparse = codes.to_sparse()
+                    self.codes[sid] = sparse if sparse._nnz() * 3 < codes.numel() else codes
+
+    def _distribution(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean embedding p W (N, d) and negative entropy sum p log p (N,) of the base distributions."""
+        weight = self.objective.lm.model.get_output_embeddings().weight.float()
+        rows = max(1, HEAD_CHUNK // weight.shape[0])  # enough rows that reading W is not the bottleneck
+        means, neg_entropy = [], []
+        for lo in range(0, len(states), rows):
+            log_p = F.log_softmax(self.objective.logits(states[lo:lo + rows]).float(), dim=-1)
+            p = log_p.exp()
+            means.append(p @ weight)
+            neg_entropy.append((p * log_p).sum(-1, dtype=torch.float64))
+        return torch.cat(means).cpu(), torch.cat(neg_entropy).cpu()
 
 
 def _rows(batch: TokenBatch, rows: list[int]) -> TokenBatch:
@@ -673,6 +715,11 @@ def make_engine(name: str, model: torch.nn.Module, a: AlignConfig, n_micro: int,
     return TorchEngine(model, a, n_micro, dist)
 
 
+def reference_uses(a: AlignConfig, n_train: int, n_targets: int = 1, world: int = 1) -> float:
+    """How many times training uses each English training sentence, on average (its targets share them)."""
+    return a.steps * a.grad_accum * a.batch_size * world * n_targets / max(n_train, 1)
+
+
 def optimizer_step(objective: Objective, eng, micro: list[tuple[TokenBatch, TokenBatch, str]]) -> dict[str, float]:
     """One optimizer step of training: the objective, backward and micro-step on each (target batch, English
     batch, language) micro-batch; the engine steps once it has seen all of them. Returns the terms averaged."""
@@ -817,7 +864,8 @@ def train(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, targets: l
     console.print(f"LoRA: {n_lora:,} trainable parameters ({100 * n_lora / n_all:.2f} % of the model), "
                   f"engine {engine_name}")
     eng = make_engine(engine_name, model, a, n_micro, dist, lm)
-    objective = Objective(peft_lm, saes, weights, a)
+    uses = reference_uses(a, len(split.train), len(targets), dist.world)
+    objective = Objective(peft_lm, saes, weights, a, summarise=uses >= SUMMARY_USES)
     history: dict[str, list] = {"steps": [], "validation": []}
     start = 0
     if state:
@@ -837,7 +885,9 @@ def train(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, targets: l
     english = [(sid, texts[REFERENCE][sid]) for sid in dict.fromkeys(split.train + split.val)]
     objective.reference.fill(iter_batches(english, lm.tokenizer, cfg.extract.batch_tokens, cfg.extract.max_length))
     console.print(f"English reference from the base model: {len(objective.reference)} sentences, "
-                  f"{objective.reference.nbytes / 2**20:.0f} MiB, {time.perf_counter() - began:.1f} s")
+                  f"{objective.reference.nbytes / 2**20:.0f} MiB, {time.perf_counter() - began:.1f} s "
+                  f"(KL base {'summarised' if objective.reference.linear else 'recomputed each step'}, "
+                  f"{uses:.1f} uses per sentence)")
 
     def batch(lang: str, ids: list[str]) -> tuple[TokenBatch, TokenBatch]:
         return (collate(lm.tokenizer, [(s, texts[lang][s]) for s in ids], cfg.extract.max_length),

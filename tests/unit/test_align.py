@@ -214,10 +214,16 @@ def _naive_losses(lm, saes, weights: dict[int, float], a, target, english) -> di
     return {"ce": ce, "align": align_, "keep": keep, "total": ce + a.lambda_align * align_ + a.lambda_keep * keep}
 
 
-def test_objective_equals_the_plain_computation_in_value_and_gradient(tiny):
-    """The objective's shortcuts (cached English reference, LM head on real tokens only, chunked KL) change
-    nothing that is optimised: same loss terms and same LoRA gradients as the plain computation."""
+@pytest.mark.parametrize("softcap", [True, False], ids=["softcapped-head", "linear-head"])
+def test_objective_equals_the_plain_computation_in_value_and_gradient(tiny, softcap):
+    """The objective's shortcuts (cached English reference, LM head on real tokens only, chunked KL, the KL from
+    mean embeddings for a linear head) change nothing that is optimised: same loss terms and same LoRA gradients
+    as the plain computation. The tiny model soft-caps its logits as Gemma 2 does; without it, its head is
+    linear as Gemma 3's is."""
     cfg, lm, saes, corpus, split, layers = tiny
+    saved_cap = lm.model.config.final_logit_softcapping
+    if not softcap:
+        lm.model.config.final_logit_softcapping = None
     weights = {layer: float(k + 1) for k, layer in enumerate(layers)}
     weights[layers[0]] = 0.0  # a layer left out of the alignment term
     ids = split.train[:5]
@@ -234,6 +240,7 @@ def test_objective_equals_the_plain_computation_in_value_and_gradient(tiny):
         peft_lm = models.LoadedModel(model, lm.tokenizer, lm.model_id, lm.revision, lm.device, lm.dtype)
         params = [p for p in model.parameters() if p.requires_grad]
         objective = align.Objective(peft_lm, saes, {"hi": weights}, cfg.align)
+        assert objective.reference.linear is not softcap
         objective.reference.fill([align.collate(lm.tokenizer, [(s, dict(corpus.sentences("en"))[s])], 160)
                                   for s in ids[::-1]])  # filled one sentence at a time, in another order
         fast = objective(model, target, english, "hi")
@@ -250,6 +257,7 @@ def test_objective_equals_the_plain_computation_in_value_and_gradient(tiny):
                                    rtol=1e-4, atol=1e-6)
     finally:
         lm.model = model.unload()
+        lm.model.config.final_logit_softcapping = saved_cap
 
 
 def test_adapter_round_trips_with_identical_outputs(tiny, tmp_path):
