@@ -336,12 +336,13 @@ class EnglishReference:
     pooled SAE codes at the aligned layers, and what the KL term needs of its next-token distributions p.
 
     The full distributions (262k floats per token on Gemma) are too many to keep. When the LM head is linear
-    (logits z = W h, no soft-capping: Gemma 3), KL(p || softmax(W h)) = sum p log p - (p W) . h + logsumexp(W h),
-    so two things per token suffice: the negative entropy sum p log p and the mean embedding p W; the adapted side
-    then costs what a cross-entropy term costs. The summary costs two LM-head products once per sentence, the
-    base logits one per use, so it is made when sentences are used at least `SUMMARY_USES` times. Otherwise
-    (and for Gemma 2's soft-capped logits) the base model's final hidden states are kept and its logits
-    recomputed each step.
+    (logits z = W h, no soft-capping: Gemma 3), p = softmax(W h_base) and
+        KL(p || softmax(W h)) = logsumexp(W h) - logsumexp(W h_base) - (p W) . (h - h_base),
+    so per token the mean embedding p W, h_base and one number suffice (written around h_base, the terms stay
+    small and float32 rounding of p W does not surface); the adapted side then costs what a cross-entropy costs.
+    The summary costs two LM-head products once per sentence, the base logits one per use, so it is made when
+    sentences are used at least `SUMMARY_USES` times. Otherwise (and for Gemma 2's soft-capped logits) the base
+    model's final hidden states are kept and its logits recomputed each step.
 
     `fill` computes the entries for whole id lists in length-sorted batches before training, so a value depends
     on its sentence's batch alone and a resumed run sees exactly the values of an uninterrupted one; `get` and
@@ -355,7 +356,7 @@ class EnglishReference:
         self.linear = (summarise and type(head) is torch.nn.Linear and head.bias is None and head.weight.dim() == 2
                        and not getattr(model.config, "final_logit_softcapping", None))
         self.codes: dict[str, torch.Tensor] = {}
-        self.base: dict[str, tuple[torch.Tensor, ...]] = {}  # (mean embedding, neg. entropy) or (final states,)
+        self.base: dict[str, tuple[torch.Tensor, ...]] = {}  # (mean embedding, states, base lse) or (states,)
 
     def __len__(self) -> int:
         return len(self.codes) if self.layers else len(self.base)
@@ -396,10 +397,10 @@ class EnglishReference:
             with torch.no_grad(), objective.lm.model.disable_adapter():
                 base = objective.logits(parts[0].to(device))
             return _kl(base, objective.logits(hidden))
-        wide = torch.float64 if device.type in ("cpu", "cuda") else torch.float32  # the three terms nearly cancel
-        mean, neg_entropy = (t.to(device=device, dtype=wide) for t in parts)
+        wide = torch.float64 if device.type in ("cpu", "cuda") else torch.float32  # the terms nearly cancel
+        mean, states, base_lse = (t.to(device=device, dtype=wide) for t in parts)
         lse = torch.logsumexp(objective.logits(hidden).float(), dim=-1)
-        per_token = neg_entropy - (mean * hidden.to(wide)).sum(-1) + lse.to(wide)
+        per_token = lse.to(wide) - base_lse - (mean * (hidden.to(wide) - states)).sum(-1)
         return (per_token.sum() / max(len(hidden), 1)).float()
 
     def _complete(self, batch: TokenBatch) -> None:
@@ -424,17 +425,16 @@ class EnglishReference:
                     sparse = codes.to_sparse()
                     self.codes[sid] = sparse if sparse._nnz() * 3 < codes.numel() else codes
 
-    def _distribution(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean embedding p W (N, d) and negative entropy sum p log p (N,) of the base distributions."""
+    def _distribution(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean embedding p W (N, d), the base final states (N, d) and logsumexp of the base logits (N,)."""
         weight = self.objective.lm.model.get_output_embeddings().weight.float()
         rows = max(1, HEAD_CHUNK // weight.shape[0])  # enough rows that reading W is not the bottleneck
-        means, neg_entropy = [], []
+        means, lse = [], []
         for lo in range(0, len(states), rows):
-            log_p = F.log_softmax(self.objective.logits(states[lo:lo + rows]).float(), dim=-1)
-            p = log_p.exp()
-            means.append(p @ weight)
-            neg_entropy.append((p * log_p).sum(-1, dtype=torch.float64))
-        return torch.cat(means).cpu(), torch.cat(neg_entropy).cpu()
+            logits = self.objective.logits(states[lo:lo + rows]).float()
+            lse.append(torch.logsumexp(logits, dim=-1))
+            means.append(torch.softmax(logits, dim=-1) @ weight)
+        return torch.cat(means).cpu(), states.float().cpu(), torch.cat(lse).cpu()
 
 
 def _rows(batch: TokenBatch, rows: list[int]) -> TokenBatch:

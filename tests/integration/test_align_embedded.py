@@ -34,3 +34,44 @@ def test_a_short_hindi_run_writes_finite_metrics_and_before_after(ntrex, tmp_pat
         assert all(x is not None and math.isfinite(x) for x in values), (lang, v)
     assert math.isfinite(report["english_retention_pct"])
     assert summaries[0]["english_retention_pct"] == report["english_retention_pct"]
+
+
+@pytest.mark.integration
+def test_the_summarised_kl_equals_the_recomputed_one_on_gemma3(ntrex, tmp_path):
+    """Gemma 3's LM head is linear, so training keeps the KL's base side as per-token summaries (mean embedding,
+    negative entropy) instead of recomputing base logits: the same loss terms and LoRA gradients either way."""
+    import torch
+
+    from toolkit import align, models
+    from toolkit import corpus as corpora
+    from toolkit import saes as sae_sources
+
+    cfg = Config.build({"run": {"run": str(tmp_path), "langs": "hi", "corpus": f"ntrex:{ntrex}", "max_sentences": 8},
+                        "sae": {"source": "random", "width": 512}, "extract": {"max_length": 48},
+                        "align": {"align_layers": "0-17:8"}}, preset="embedded")
+    corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
+    lm = models.load(cfg.model)
+    layers = [0, 8, 16]
+    saes = sae_sources.load(cfg, lm, layers, corpus)
+    ids = corpus.ids[:3]
+    target, english = (align.collate(lm.tokenizer, [(s, dict(corpus.sentences(lang))[s]) for s in ids], 48)
+                       for lang in ("hi", "en"))
+    torch.manual_seed(0)
+    model = align.attach_lora(lm.model, cfg.align, lm.n_layers).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    peft_lm = models.LoadedModel(model, lm.tokenizer, lm.model_id, lm.revision, lm.device, lm.dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for summarise in (True, False):
+        objective = align.Objective(peft_lm, saes, {"hi": dict.fromkeys(layers, 1.0)}, cfg.align, summarise)
+        assert objective.reference.linear is summarise
+        losses = objective(model, target, english, "hi")
+        results.append((losses, torch.autograd.grad(losses["total"], params)))
+    (summary, summary_grads), (recomputed, recomputed_grads) = results
+    assert summary["keep"] > 1e-4
+    for k in ("ce", "align", "keep", "total"):
+        torch.testing.assert_close(summary[k], recomputed[k], rtol=1e-4, atol=1e-6)
+    for s, r in zip(summary_grads, recomputed_grads, strict=True):  # float32 rounding of p W, relative to |g|
+        assert (s - r).norm() <= 1e-3 * r.norm() + 1e-7, ((s - r).norm(), r.norm())
