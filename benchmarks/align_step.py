@@ -54,7 +54,14 @@ def align_step_ratio(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus,
                      repeats: int = 3, summarise: bool | None = None) -> dict:
     """Median seconds of one alignment optimizer step vs one plain LoRA LM step (next-token CE, same LoRA, same
     target+English sentences, same optimizer), after one warm-up step each. Returns {"align_step_s", "lm_step_s",
-    "align_step_ratio", "batch_size", "tokens", "align_layers": [...]}"""
+    "align_step_ratio", "batch_size", "tokens", "align_layers": [...]}
+
+    Also: "reference_s", the seconds the base model's English reference for the batch costs (training computes it
+    once per sentence before its first step, so it is not part of a step), "align_step_cold_ratio" =
+    (align_step_s + reference_s) / lm_step_s (a step that computed its reference inline, as a one-epoch run pays
+    on average), "kl_summarised" and "reference_uses" (how the KL's base side is kept: `summarise` None decides
+    as training does, from the uses per English sentence). `lm.model` is left as it came (LoRA removed).
+    """
     a = cfg.align
     layers = [layer for layer in parse_layers(a.align_layers, lm.n_layers) if layer in saes.layers]
     split = align.split_ids(corpus.ids, a.heldout, a.val_fraction, cfg.run.seed)
@@ -123,8 +130,9 @@ def main() -> None:
         sae_set = sae_sources.load(cfg, lm, parse_layers(cfg.align.align_layers, lm.n_layers), corpus)
         r = align_step_ratio(cfg, lm, sae_set, corpus, args.target, args.repeats,
                              None if args.kl == "auto" else args.kl == "summary")
+    kl = "summarised" if r["kl_summarised"] else "recomputed"
     table = Table(title=f"alignment step vs plain LoRA LM step ({cfg.model.name}, {args.target}, "
-                        f"{torch.get_num_threads()} thread(s))")
+                        f"{torch.get_num_threads()} thread(s), KL base {kl}, {r['reference_uses']:.1f} uses/sentence)")
     for col in ("batch", "tokens target / en / padded", "SAE layers", "align step s", "LM step s", "ratio",
                 "en reference s", "ratio with reference"):
         table.add_column(col, justify="right")

@@ -10,7 +10,8 @@ The objective for a target language T and the parallel English sentences (defaul
 - h_l is the residual stream after decoder block l (the extraction hook point); pool is the mean over
   the sentence's tokens with BOS and padding excluded, the tokens extraction measures.
 - The English codes and the KL's base logits come from the base model (adapter disabled, no second
-  copy) under no_grad: a fixed target, so the adapter cannot close the gap by moving English.
+  copy) under no_grad: a fixed target, so the adapter cannot close the gap by moving English. Being
+  fixed, they are computed once per sentence before training (`EnglishReference`), not in every step.
 - d = "mse" (default): the relative squared error sum_b ||p_T - p_en||^2 / sum_b ||p_en||^2 per layer.
   SAE code magnitudes grow with depth, so a raw MSE would let deep layers dominate; relative to the
   target's energy, w_l alone sets a layer's importance. d = "cosine": mean over the batch of 1 - cos.
@@ -18,6 +19,10 @@ The objective for a target language T and the parallel English sentences (defaul
   scaled to mean 1 over the chosen layers (so "uniform" is all ones and lambda_align means the same
   for both); layers where T is not weaker get 0; if none is weaker, weights fall back to uniform.
 - The SAEs are frozen; gradients flow through their encoders into the LoRA parameters only.
+
+Cost: a step is the adapted target pass (with SAE encodes) and the adapted English pass, forward and
+backward; logits are formed for real tokens only (`python -m benchmarks.align_step` compares a step
+with a plain LoRA LM step).
 
 Training is deterministic for a given seed: batches are a pure function of the step (seeded epoch
 permutations), and checkpoints hold adapter, optimizer, scheduler, step, loss history and every
