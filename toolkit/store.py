@@ -208,6 +208,8 @@ def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], cod
 
     def make(name: str, dtype, n: int, width: int | None = None) -> h5py.Dataset:
         shape = (n,) if width is None else (n, width)
+        if n == 0:  # a layer whose SAE fired on nothing: HDF5 cannot chunk an empty dataset
+            return h5.create_dataset(name, shape=shape, dtype=dtype)
         rows = max(1, min(n, 65536 // (width or 1)))  # ~64k values per chunk, never more rows than exist
         chunks = (rows,) if width is None else (rows, width)
         checksum = h5py.check_string_dtype(np.dtype(dtype)) is None  # HDF5 cannot checksum variable-length data
