@@ -12,14 +12,13 @@ runs. The plain step is next-token cross-entropy on both halves of the batch, as
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.ladder import median_seconds
 from toolkit import align
 from toolkit.capture import TokenBatch
 from toolkit.config import Config, parse_layers
@@ -38,16 +37,6 @@ def _lm_step(objective: align.Objective, eng, micro: list[tuple[TokenBatch, Toke
         eng.micro_step()
         total += loss.item()
     return total
-
-
-def _median_seconds(step, repeats: int) -> float:
-    step()  # warm-up: allocator, lazy init, optimizer state
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
 
 
 def align_step_ratio(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, target: str,
@@ -88,9 +77,9 @@ def align_step_ratio(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus,
                 reference.get(english)
 
         # training fills the base model's English reference before its first step: time it apart
-        reference_s = _median_seconds(cold_reference, repeats)
-        align_s = _median_seconds(lambda: align.optimizer_step(objective, eng, micro), repeats)
-        lm_s = _median_seconds(lambda: _lm_step(objective, eng, micro), repeats)
+        reference_s = median_seconds(cold_reference, repeats, lm.device)
+        align_s = median_seconds(lambda: align.optimizer_step(objective, eng, micro), repeats, lm.device)
+        lm_s = median_seconds(lambda: _lm_step(objective, eng, micro), repeats, lm.device)
     finally:
         lm.model = model.unload()
     t, e, _ = micro[0]

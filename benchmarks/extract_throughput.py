@@ -85,18 +85,28 @@ def disk_usage(files: list[str]) -> dict:
             "file_over_codes": size / max(nnz_bytes, 1)}
 
 
+# Runs `python -m toolkit.submit ARGS` and writes the process's own peak RSS (VmHWM) to FILE when it exits.
+# Not wait4()'s ru_maxrss: Linux carries the parent's peak across fork and exec, and ours holds the model.
+RSS_CHILD = """import atexit, runpy, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write(next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))))
+sys.argv[0] = "toolkit.submit"
+runpy.run_module("toolkit.submit", run_name="__main__", alter_sys=True)
+"""
+
+
 def peak_rss(args: argparse.Namespace, sae_dir: Path, work: Path, scales: tuple[int, ...], batch_tokens: int) -> dict:
     """Peak RSS of `toolkit.submit extract` run as users run it, at growing corpus sizes, same batch size."""
     out = {}
     for scale in scales:
-        cmd = [sys.executable, "-m", "toolkit.submit", "extract", "--preset", "embedded", "--sae", f"dir:{sae_dir}",
-               "--corpus", args.corpus, "--langs", args.langs, "--max-sentences", str(args.sentences * scale),
-               "--batch-tokens", str(batch_tokens), "--run", str(work / f"rss{scale}")]
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        _, status, usage = os.wait4(child.pid, 0)
-        if status:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{child.stderr.read()[-2000:]}")
-        out[scale] = usage.ru_maxrss * 1024  # kilobytes on Linux
+        report = work / f"rss{scale}.txt"
+        cmd = [sys.executable, "-c", RSS_CHILD, str(report), "extract", "--preset", "embedded", "--sae",
+               f"dir:{sae_dir}", "--corpus", args.corpus, "--langs", args.langs, "--max-sentences",
+               str(args.sentences * scale), "--batch-tokens", str(batch_tokens), "--run", str(work / f"rss{scale}")]
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise RuntimeError(f"extract at {scale}x the corpus failed:\n{done.stderr[-2000:]}")
+        out[scale] = int(report.read_text().split()[1]) * 1024  # VmHWM is in kB
     return out
 
 

@@ -82,3 +82,17 @@ def test_paper_shape_is_gemma_2_2b():
         config.hidden_size * config.head_dim * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
         + 3 * config.hidden_size * config.intermediate_size) + config.vocab_size * config.hidden_size
     assert 2.5e9 < n < 2.7e9  # Gemma-2-2B has 2.61B parameters
+
+
+def test_memory_probe_reports_the_child_not_the_parent(tmp_path):
+    import subprocess
+    import sys
+
+    from benchmarks.extract_throughput import RSS_CHILD
+
+    ballast = torch.ones(400_000_000)  # 1.6 GB held by this process while the child runs
+    report = tmp_path / "hwm.txt"
+    done = subprocess.run([sys.executable, "-c", RSS_CHILD, str(report), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "extract" in done.stdout
+    child_kb = int(report.read_text().split()[1])
+    assert 10_000 < child_kb < ballast.numel() * 4 / 1024 / 2
