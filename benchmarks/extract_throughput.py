@@ -1,6 +1,6 @@
 """How fast extraction runs against its floor and its peer, what it costs in memory and disk, and what alignment costs.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.extract_throughput --json perf.json          # full run, ~25 min
+    OMP_NUM_THREADS=1 python -m benchmarks.extract_throughput --json perf.json          # full run, ~15 min
     OMP_NUM_THREADS=1 python -m benchmarks.extract_throughput --quick                   # < 3 min on 2 cores
 
 One process, the same batches for every measurement (see benchmarks/ladder.py for the rungs A, B, F, P).
@@ -45,13 +45,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--corpus", default=f"ntrex:{ntrex}" if ntrex.is_dir() else "embedded",
                    help="corpus spec (default: NTREX-128 from the shared data, else the embedded corpus)")
     p.add_argument("--langs", default="hi", help="languages (English is always added, as in the pipeline)")
-    p.add_argument("--sentences", type=int, help="sentences per language (default 48; 6 with --quick)")
+    p.add_argument("--sentences", type=int, help="sentences per language (default 48; 4 with --quick)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per rung, after one warm-up")
     p.add_argument("--sae-width", type=int, default=16384, help="SAE features per layer (Gemma Scope: 16k)")
     p.add_argument("--l0", type=int, default=64, help="active features per token the random SAEs are calibrated to")
     p.add_argument("--skip", default="", help="comma list of parts to leave out: tiny, peer, memory, align")
     args = p.parse_args(argv)
-    args.sentences = args.sentences or (6 if args.quick else 48)
+    args.sentences = args.sentences or (4 if args.quick else 48)
     args.skip = set(filter(None, args.skip.split(",")))
     return args
 

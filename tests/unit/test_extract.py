@@ -215,3 +215,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert want.keys() == got.keys()
     for name in want:
         np.testing.assert_array_equal(want[name], got[name], err_msg=name)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_mmap_threshold_is_fixed_on_glibc():
+    assert extract.fixed_mmap_threshold() is True
