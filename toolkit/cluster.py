@@ -810,7 +810,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return pid > 0
+    try:  # an exited child its parent has not reaped yet still answers signals
+        return pid > 0 and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return pid > 0
 
 
 def _clock(seconds: float) -> str:
@@ -924,8 +927,12 @@ def wait(run_dir: Path, records: list[dict], console: Console, poll_s: float = 1
     return 1 if failed else 0
 
 
+CANCEL_GRACE_S = 5.0  # a local stage gets this long to stop on SIGINT before SIGTERM
+
+
 def cancel(run_dir: Path, console: Console) -> int:
-    """scancel every recorded job still queued or running; SIGINT to a running local stage on this host."""
+    """scancel every recorded job still queued or running; SIGINT to a running local stage on this host
+    (SIGTERM if it is still there after CANCEL_GRACE_S)."""
     records = _recorded(run_dir)
     now = states(records)
     active = [r for r in records if not terminal(now[r["job_id"]][0])]
@@ -934,9 +941,17 @@ def cancel(run_dir: Path, console: Console) -> int:
         out = subprocess.run(["scancel", *slurm_ids], capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
             raise UserError(f"scancel failed: {out.stderr.strip()}")
-    for rec in active:
-        if rec["executor"] != "slurm" and rec.get("host") == socket.gethostname() and _alive(rec.get("pid", 0)):
-            os.kill(rec["pid"], signal.SIGINT)
+    local = [r["pid"] for r in active
+             if r["executor"] != "slurm" and r.get("host") == socket.gethostname() and _alive(r.get("pid", 0))]
+    for pid in local:
+        os.kill(pid, signal.SIGINT)
+    # A stage started from a non-interactive shell's background (`nohup ... &`) ignores SIGINT: terminate it.
+    deadline = time.time() + CANCEL_GRACE_S
+    while local and time.time() < deadline:
+        time.sleep(0.1)
+        local = [pid for pid in local if _alive(pid)]
+    for pid in local:
+        os.kill(pid, signal.SIGTERM)
     if active:
         console.print(f"cancelled {len(active)} job(s): {', '.join(r['job_id'] for r in active)}", highlight=False)
     else:

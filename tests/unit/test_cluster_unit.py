@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -415,6 +416,22 @@ def test_cancel_interrupts_a_running_local_stage_and_status_sees_lost_ones(tmp_p
         assert cluster.states(log.latest())[f"local-{stage.pid}-0"][0] == "LOST"  # it never recorded its end
         assert main(["cancel", "--run", str(run)]) == 0
         assert "nothing to cancel" in capsys.readouterr().err
+    finally:
+        stage.kill()
+        stage.wait()
+
+
+def test_cancel_terminates_a_local_stage_that_ignores_sigint(tmp_path, capsys):
+    # what a stage started with `nohup ... &` from a script looks like: background jobs ignore SIGINT
+    stage = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        time.sleep(0.5)  # let it start with SIGINT ignored
+        cluster.JobLog(tmp_path).add([{"stage": "extract", "language": "en", "job_id": f"local-{stage.pid}-0",
+                                       "executor": "local", "host": socket.gethostname(), "pid": stage.pid,
+                                       "started": time.time(), "state": "RUNNING"}])
+        assert main(["cancel", "--run", str(tmp_path)]) == 0
+        assert stage.wait(timeout=cluster.CANCEL_GRACE_S + 5) == -signal.SIGTERM
     finally:
         stage.kill()
         stage.wait()
