@@ -68,12 +68,13 @@ def run(cfg: Config, todo: list[Unit] | None = None, console: Console | None = N
     return summaries
 
 
-def fixed_mmap_threshold(size: int = 4 << 20) -> bool:
+def fixed_mmap_threshold(size: int = 256 << 10) -> bool:
     """Give buffers of `size` bytes and more back to the OS when freed (glibc; a no-op elsewhere).
 
     glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), after which tensors of
-    varying batch shapes are served from a heap that fragments: peak RSS then grew 1.37x from 1x to 16x
-    the corpus. A fixed threshold turns that dynamic rule off (1.07x; benchmarks/extract_throughput.py).
+    varying batch shapes come from a heap that fragments and grows with the corpus: peak RSS grew
+    1.37x from 1x to 16x the corpus. A fixed threshold turns that rule off; at 256 KiB RSS no longer
+    drifts during a run (docs/performance.md).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
