@@ -8,6 +8,7 @@ every rung; each rung is timed as the median of `repeats` runs after one warm-up
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
 import tempfile
 import time
@@ -117,7 +118,7 @@ def run_ladder(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, layer
                 for layer, x in per_layer.items():
                     saes.layers[layer].sae.encode(x.float() if lm.device.type == "cpu" else x)
 
-    reps = iter(range(10**6))
+    reps = itertools.count()
 
     def pipeline() -> None:
         run = work_dir / f"rep{next(reps)}"

@@ -320,13 +320,17 @@ def compare(before: dict[str, dict], after: dict[str, dict], layers: list[int], 
             "english_retention_pct": english.get("retention_pct_mean", math.nan)}
 
 
+def _finite(values) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
 def _mean(values) -> float:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
+    finite = _finite(values)
     return float(np.mean(finite)) if finite else math.nan
 
 
 def _median(values) -> float:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
+    finite = _finite(values)
     return float(np.median(finite)) if finite else math.nan
 
 

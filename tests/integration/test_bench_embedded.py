@@ -11,9 +11,6 @@ from toolkit.config import Config
 pytestmark = pytest.mark.integration
 
 
-
-
-
 def test_embedded_model_arc_and_mmlu_in_english_and_hindi(tmp_path, okapi):
     from jobs import evaluate
 

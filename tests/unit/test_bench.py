@@ -22,8 +22,6 @@ ALL = list(LANGUAGES)
 LM_EVAL_OKAPI = Path(__import__("lm_eval").__file__).parent / "tasks" / "okapi"
 
 
-
-
 def _mc(lang: str, ident: str, k: int, options: int = 4) -> dict:
     row = {"id": ident, "instruction": f"[{lang}] question {k} [title] about things?", "answer": "ABCDE"[k % options]}
     for letter in "abcd"[:options]:
