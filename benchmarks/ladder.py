@@ -116,7 +116,7 @@ def run_ladder(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, layer
         with torch.inference_mode():
             for per_layer in captured:
                 for layer, x in per_layer.items():
-                    saes.layers[layer].sae.encode(x.float() if lm.device.type == "cpu" else x)
+                    saes.layers[layer].encode_sparse(x)
 
     reps = itertools.count()
 

@@ -165,11 +165,8 @@ def encode_batch(lm: models.LoadedModel, saes: sae_sources.SAESet, batch: TokenB
 
     def sink(layer: int, hidden: torch.Tensor) -> None:
         x = hidden[keep_dev]
-        codes = saes.layers[layer].sae.encode(x)
-        # One pass over the dense codes; the statistics come from the few nonzero entries.
-        rows, cols = codes.nonzero(as_tuple=True)
-        values = codes[rows, cols].float()
-        del codes
+        rows, cols, values = saes.layers[layer].encode_sparse(x)
+        values = values.float()  # the statistics come from the few nonzero entries
         who = owner[rows]
         mass = torch.zeros(n_sent, device=values.device).index_add_(0, who, values) / per_sentence
         l0 = torch.bincount(who, minlength=n_sent) / per_sentence

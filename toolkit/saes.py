@@ -46,6 +46,37 @@ class LayerSAE:
     def d_sae(self) -> int:
         return int(self.sae.cfg.d_sae)
 
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, cols, values) of the nonzero codes of `x`, the same as `sae.encode(x)` has them.
+
+        For sae-lens's ReLU and JumpReLU SAEs the dense codes are never built: one addmm, one comparison
+        with the effective threshold, one gather. sae-lens's own encode makes four tokens x d_sae
+        tensors, and finding the nonzeros takes another pass; at 16k features this path is 1.9x faster
+        (docs/performance.md). Other architectures go through their own `encode`.
+        """
+        threshold = _plain_threshold(self.sae)
+        if threshold is None:
+            codes = self.sae.encode(x)
+            rows, cols = codes.nonzero(as_tuple=True)
+            return rows, cols, codes[rows, cols]
+        pre = torch.addmm(self.sae.b_enc, self.sae.process_sae_in(x), self.sae.W_enc)
+        rows, cols = (pre > threshold).nonzero(as_tuple=True)
+        return rows, cols, pre[rows, cols]
+
+
+def _plain_threshold(sae: torch.nn.Module) -> torch.Tensor | float | None:
+    """The value a pre-activation must exceed to give a nonzero code, or None where encode does more."""
+    from sae_lens import JumpReLUSAE, StandardSAE
+
+    hooked = any(h._forward_hooks or h._forward_pre_hooks for h in (sae.hook_sae_acts_pre, sae.hook_sae_acts_post))
+    if hooked or not isinstance(sae.activation_fn, torch.nn.ReLU):
+        return None
+    if type(sae) is StandardSAE:
+        return 0.0
+    if type(sae) is JumpReLUSAE:  # ReLU(pre) * (pre > threshold): nonzero where pre > max(threshold, 0)
+        return sae.threshold.clamp_min(0)
+    return None
+
 
 @dataclass
 class SAESet:

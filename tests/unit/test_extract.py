@@ -166,6 +166,40 @@ def test_sae_with_wrong_width_or_hook_is_refused(tiny_lm):
         saes.check(StandardSAE(cfg), 3, tiny_lm.d_model, "test")
 
 
+def _sparse_of(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, cols = codes.nonzero(as_tuple=True)
+    return rows, cols, codes[rows, cols]
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk", "hooked"])
+def test_sparse_encode_equals_saelens_encode(arch):
+    """The fast path (ReLU, JumpReLU) and the fallback (others, or hooks attached) give encode's nonzeros."""
+    import sae_lens
+
+    torch.manual_seed(0)
+    if arch == "topk":
+        sae = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=64, d_sae=512, k=8))
+    elif arch == "jumprelu":
+        sae = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(d_in=64, d_sae=512))
+        with torch.no_grad():  # some negative thresholds: ReLU still zeroes negative pre-activations
+            sae.threshold.copy_(torch.randn(512) * 0.5)
+    else:
+        sae = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=64, d_sae=512))
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.1)
+    if arch == "hooked":  # a hook that changes the codes must not be bypassed
+        sae.hook_sae_acts_post.add_hook(lambda acts, hook: acts * 2)
+    layer = saes.LayerSAE(0, sae.eval(), arch)
+    x = torch.randn(300, 64) * 3
+    with torch.inference_mode():
+        expected, got = _sparse_of(sae.encode(x)), layer.encode_sparse(x)
+    assert len(expected[0]) > 300  # not a trivially empty comparison
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    torch.testing.assert_close(got[2], expected[2])
+    assert (saes._plain_threshold(sae) is None) == (arch in ("topk", "hooked"))
+
+
 def test_sae_dir_source_checks_each_layer(tmp_path, tiny_lm):
     from sae_lens import StandardSAE, StandardSAEConfig
 
