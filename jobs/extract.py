@@ -63,6 +63,7 @@ def run(cfg: Config, todo: list[Unit] | None = None, console: Console | None = N
     lm = models.load(cfg.model)
     layers = parse_layers(cfg.run.layers, lm.n_layers)
     saes = sae_sources.load(cfg, lm, layers, corpus, console)
+    saes.drop_decoders()
     summaries = [extract_unit(cfg, lm, saes, corpus, unit, layers, console) for unit in todo]
     print_summary(summaries, console)
     return summaries

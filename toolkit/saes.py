@@ -12,6 +12,7 @@ Sources (`--sae`):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from toolkit.errors import HubUnreachable, UserError
 from toolkit.models import LoadedModel
 
 HELDOUT_FRACTION = 0.1
+QUALITY_CHUNK_TOKENS = 256
 
 
 @dataclass
@@ -64,6 +66,10 @@ class LayerSAE:
         return rows, cols, pre[rows, cols]
 
 
+def _dropped_decoder(feature_acts: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("this SAE's decoder was freed by SAESet.drop_decoders(); load the SAEs again to decode")
+
+
 def _plain_threshold(sae: torch.nn.Module) -> torch.Tensor | float | None:
     """The value a pre-activation must exceed to give a nonzero code, or None where encode does more."""
     from sae_lens import JumpReLUSAE, StandardSAE
@@ -89,6 +95,25 @@ class SAESet:
 
     def quality(self) -> dict[str, dict[str, float]]:
         return {str(i): {"fve": s.fve, "l0": s.l0} for i, s in sorted(self.layers.items())}
+
+    def drop_decoders(self) -> None:
+        """Free what encoding does not use, for a job that only encodes (extraction, once quality is known).
+
+        A ReLU or JumpReLU SAE encodes with W_enc, b_enc, b_dec and its threshold; W_dec is as large as
+        W_enc (0.75 GB for 18 layers of 640 x 16k). It becomes an empty tensor and `decode` an error, and
+        on the CPU the rest is copied out of the safetensors file's mapping, which would otherwise keep
+        every page read so far resident, the decoder's included.
+        """
+        for layer in self.layers.values():
+            sae = layer.sae
+            if _plain_threshold(sae) is None:
+                continue  # other architectures may encode through their decoder (matching pursuit)
+            sae.W_dec = torch.nn.Parameter(sae.W_dec.new_empty(0, sae.W_dec.shape[1]), requires_grad=False)
+            sae.decode = _dropped_decoder
+            if sae.W_enc.device.type == "cpu":
+                for tensor in itertools.chain(sae.parameters(), sae.buffers()):
+                    if not tensor.is_meta:
+                        tensor.data = tensor.data.clone()
 
 
 def is_heldout(sentence_id: str, fraction: float = HELDOUT_FRACTION) -> bool:
@@ -359,13 +384,14 @@ def measure_quality(saes: SAESet, lm: LoadedModel, sentences: list[tuple[str, st
     state = {"n": 0}
 
     def sink(layer: int, hidden: torch.Tensor) -> None:
-        x = hidden[state["keep"]].double()
         sae = saes.layers[layer].sae
-        codes = sae.encode(x.float())
-        sse[layer] += ((x - sae.decode(codes).double()) ** 2).sum().item()
-        sumsq[layer] += (x**2).sum().item()
-        total[layer] += x.sum(0).cpu()
-        active[layer] += (codes > 0).sum().item()
+        # a few hundred tokens at a time: dense codes of a whole batch would be the run's memory peak
+        for x in hidden[state["keep"]].double().split(QUALITY_CHUNK_TOKENS):
+            codes = sae.encode(x.float())
+            sse[layer] += ((x - sae.decode(codes).double()) ** 2).sum().item()
+            sumsq[layer] += (x**2).sum().item()
+            total[layer] += x.sum(0).cpu()
+            active[layer] += (codes > 0).sum().item()
 
     with torch.inference_mode(), ResidualCapture(lm, sorted(saes.layers), sink) as cap:
         for batch in iter_batches(sentences, lm.tokenizer, batch_tokens, max_length):

@@ -200,6 +200,28 @@ def test_sparse_encode_equals_saelens_encode(arch):
     assert (saes._plain_threshold(sae) is None) == (arch in ("topk", "hooked"))
 
 
+def test_dropping_decoders_keeps_the_codes(tmp_path, tiny_lm):
+    """Extraction frees W_dec after quality is measured; encoding is unchanged, decoding fails loudly."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    for layer in (0, 1):
+        cfg = StandardSAEConfig(d_in=tiny_lm.d_model, d_sae=256)
+        cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+        StandardSAE(cfg).save_model(tmp_path / f"layer_{layer}")
+    loaded = saes._from_dir(tmp_path, [0, 1], tiny_lm)
+    x = torch.randn(50, tiny_lm.d_model)
+    with torch.inference_mode():
+        before = [loaded.layers[i].encode_sparse(x) for i in (0, 1)]
+        loaded.drop_decoders()
+        after = [loaded.layers[i].encode_sparse(x) for i in (0, 1)]
+    for b, a in zip(before, after):
+        assert all(torch.equal(u, v) for u, v in zip(b, a))
+    sae = loaded.layers[0].sae
+    assert sae.W_dec.numel() == 0 and sae.W_enc.shape == (tiny_lm.d_model, 256)
+    with pytest.raises(RuntimeError, match="drop_decoders"):
+        sae.decode(torch.zeros(1, 256))
+
+
 def test_sae_dir_source_checks_each_layer(tmp_path, tiny_lm):
     from sae_lens import StandardSAE, StandardSAEConfig
 
