@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per rung, after one warm-up")
     p.add_argument("--sae-width", type=int, default=16384, help="SAE features per layer (Gemma Scope: 16k)")
     p.add_argument("--l0", type=int, default=64, help="active features per token the random SAEs are calibrated to")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype of model, SAEs and peer (auto: float32 on CPU, as the pipeline)")
     p.add_argument("--skip", default="", help="comma list of parts to leave out: tiny, peer, memory, align")
     args = p.parse_args(argv)
     args.sentences = args.sentences or (4 if args.quick else 48)
@@ -58,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build(preset: str, args: argparse.Namespace, run: Path, width: int, l0: int):
     cfg = Config.build({"run": {"run": str(run), "langs": args.langs, "corpus": args.corpus,
-                                "max_sentences": args.sentences}}, preset=preset)
+                                "max_sentences": args.sentences}, "model": {"dtype": args.dtype}}, preset=preset)
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     lm = models.load(cfg.model)
     layers = parse_layers(cfg.run.layers, lm.n_layers)
@@ -102,7 +104,8 @@ def peak_rss(args: argparse.Namespace, sae_dir: Path, work: Path, scales: tuple[
         report = work / f"rss{scale}.txt"
         cmd = [sys.executable, "-c", RSS_CHILD, str(report), "extract", "--preset", "embedded", "--sae",
                f"dir:{sae_dir}", "--corpus", args.corpus, "--langs", args.langs, "--max-sentences",
-               str(args.sentences * scale), "--batch-tokens", str(batch_tokens), "--run", str(work / f"rss{scale}")]
+               str(args.sentences * scale), "--dtype", args.dtype, "--batch-tokens", str(batch_tokens),
+               "--run", str(work / f"rss{scale}")]
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode:
             raise RuntimeError(f"extract at {scale}x the corpus failed:\n{done.stderr[-2000:]}")
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = " ".join(["python -m benchmarks.extract_throughput", *(argv or sys.argv[1:])])
     result: dict = {**machine(), "command": command, "sae_width": args.sae_width, "sae_l0": args.l0,
                     "corpus": args.corpus, "langs": args.langs, "sentences_per_language": args.sentences,
-                    "repeats": args.repeats}
+                    "repeats": args.repeats, "dtype": args.dtype}
     with scratch_dir() as tmp:
         work = Path(tmp)
         console.print("[bold]embedded model:[/] ladder A/B/F/P")
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
 
             texts = [t for lang in corpus.langs for _, t in corpus.sentences(lang)]
             peer = saelens_cache_tps(models.embedded_dir(), texts, layer=lm.n_layers // 2, n_layers=lm.n_layers,
-                                     context_size=cfg.extract.max_length, work_dir=work / "saelens")
+                                     context_size=cfg.extract.max_length, work_dir=work / "saelens",
+                                     dtype=str(lm.dtype).removeprefix("torch."))
             per_run = peer["tokens"] / (peer["init_seconds"] + peer["seconds"]) / lm.n_layers
             result.update(saelens=peer, saelens_all_layers_tps=peer["all_layers_tps"],
                           pipeline_over_saelens=result["pipeline_tps"] / peer["all_layers_tps"],
