@@ -91,6 +91,7 @@ def align_step_ratio(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus,
 
 
 def main() -> None:
+    from benchmarks.ladder import calibration_batches, jumprelu_saes, plan
     from toolkit import corpus as corpora
     from toolkit import models
     from toolkit import saes as sae_sources
@@ -99,7 +100,9 @@ def main() -> None:
     p.add_argument("--preset", default="embedded")
     p.add_argument("--corpus", default="embedded")
     p.add_argument("--target", default="hi")
-    p.add_argument("--sae", default="random", help="SAE source; random is enough for timing")
+    p.add_argument("--sae", default="jumprelu",
+                   help="jumprelu: random JumpReLU SAEs at a realistic L0, as extract_throughput uses; "
+                        "or any --sae source of the pipeline")
     p.add_argument("--sae-width", type=int, default=16384, help="Gemma Scope's width by default")
     p.add_argument("--batch-size", type=int, default=None, help="align.batch_size (default: the config's)")
     p.add_argument("--max-sentences", type=int, default=200)
@@ -110,13 +113,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run:
         values = {"run": {"run": run, "langs": args.target, "corpus": args.corpus,
                           "max_sentences": args.max_sentences},
-                  "sae": {"source": args.sae, "width": args.sae_width}}
+                  "sae": {"source": "random" if args.sae == "jumprelu" else args.sae, "width": args.sae_width}}
         if args.batch_size:
             values["align"] = {"batch_size": args.batch_size}
         cfg = Config.build(values, preset=args.preset)
         corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
         lm = models.load(cfg.model)
-        sae_set = sae_sources.load(cfg, lm, parse_layers(cfg.align.align_layers, lm.n_layers), corpus)
+        layers = parse_layers(cfg.align.align_layers, lm.n_layers)
+        if args.sae == "jumprelu":
+            sae_set = jumprelu_saes(lm, layers, args.sae_width, 64, calibration_batches(plan(cfg, lm, corpus)))
+        else:
+            sae_set = sae_sources.load(cfg, lm, layers, corpus)
         r = align_step_ratio(cfg, lm, sae_set, corpus, args.target, args.repeats,
                              None if args.kl == "auto" else args.kl == "summary")
     kl = "summarised" if r["kl_summarised"] else "recomputed"

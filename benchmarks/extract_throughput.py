@@ -21,7 +21,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -76,13 +75,8 @@ def disk_usage(files: list[str]) -> dict:
     for path in files:
         size += Path(path).stat().st_size
         with ActivationFile(path) as f:
-            n_tok = int(f.attrs["n_tokens"])
-            tokens_layers += n_tok * len(f.layers)
-            with h5py.File(path) as h5:
-                for layer in f.layers:
-                    codes = h5[f"layers/{layer}/codes"]
-                    values, indices = codes["values"], codes["indices"]
-                    nnz_bytes += values.size * (values.dtype.itemsize + indices.dtype.itemsize)
+            tokens_layers += int(f.attrs["n_tokens"]) * len(f.layers)
+            nnz_bytes += sum(f.code_bytes(layer) for layer in f.layers)
     return {"bytes_per_token": size / tokens_layers, "code_bytes_per_token": nnz_bytes / tokens_layers,
             "file_over_codes": size / max(nnz_bytes, 1)}
 

@@ -45,7 +45,9 @@ def saelens_cache_tps(model_dir: str | Path, texts: list[str], layer: int, n_lay
     """Run sae-lens's CacheActivationsRunner for one hook on `texts`; return tokens, seconds and tokens/s.
 
     `all_layers_tps` is `one_layer_tps / n_layers`: a sae-lens user caches one hook per run, so all
-    layers cost one run each. `dtype` is sae-lens's own setting (float32 by default, as there). `work_dir` gets `text/`, `tokens/` and `activations/` (replaced if there).
+    layers cost one run each. `dtype` is the model's compute dtype, passed to its `from_pretrained`;
+    activations are stored as float32 either way (sae-lens's datasets writer has no bfloat16).
+    `work_dir` gets `text/`, `tokens/` and `activations/` (replaced if there).
     Raises RuntimeError with one message when sae-lens cannot run offline here.
     """
     try:
@@ -80,7 +82,7 @@ def saelens_cache_tps(model_dir: str | Path, texts: list[str], layer: int, n_lay
         n_rows -= n_rows % batch
         if n_rows == 0:
             raise RuntimeError(f"sae-lens peer: the texts fill no {context_size}-token row; pass more text")
-        bytes_per_token = d_model * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+        bytes_per_token = d_model * 4  # stored as float32
         training_tokens = n_rows * context_size
         buffer_gb = (training_tokens * bytes_per_token + 0.5) / 1e9
         if buffer_gb > MAX_BUFFER_GB:
@@ -89,7 +91,8 @@ def saelens_cache_tps(model_dir: str | Path, texts: list[str], layer: int, n_lay
         cfg = CacheActivationsRunnerConfig(
             dataset_path=str(work / "tokens"), model_name=str(model_dir), model_class_name="AutoModelForCausalLM",
             model_batch_size=batch, hook_name=hook, d_in=d_model, training_tokens=training_tokens,
-            context_size=context_size, new_cached_activations_path=str(work / "activations"), dtype=dtype,
+            context_size=context_size, new_cached_activations_path=str(work / "activations"), dtype="float32",
+            model_from_pretrained_kwargs={"dtype": getattr(torch, dtype)},
             device=device, buffer_size_gb=buffer_gb)
         if (cfg.n_buffers, cfg.n_tokens_in_buffer) != (1, training_tokens):
             raise RuntimeError(f"sae-lens peer: buffer sizing failed ({cfg.n_buffers} buffers of "

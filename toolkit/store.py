@@ -383,6 +383,11 @@ class ActivationFile:
         g = f"layers/{layer}/codes"
         return self._read(f"{g}/indptr"), self._read(f"{g}/indices"), self._read(f"{g}/values").astype(np.float32)
 
+    def code_bytes(self, layer: int) -> int:
+        """Bytes of the nonzero codes themselves at `layer` (values and feature indices, as stored)."""
+        g = self._h5[f"layers/{layer}/codes"]
+        return sum(g[name].size * g[name].dtype.itemsize for name in ("values", "indices"))
+
     def has_resid(self, layer: int) -> bool:
         return f"layers/{layer}/resid" in self._h5
 

@@ -37,6 +37,23 @@ def test_saelens_peer_caches_the_hooked_block_output(tiny_lm, tmp_path):
     torch.testing.assert_close(acts, seen[0].float(), atol=1e-4, rtol=1e-4)
 
 
+def test_saelens_peer_runs_its_model_in_bfloat16(tiny_lm, tmp_path):
+    """`dtype` reaches the peer's model; its cache stays float32 (no bfloat16 in its datasets writer)."""
+    texts = [f"Sentence {i}: the river runs past the old mill and the children watch it." for i in range(20)]
+    f32, bf16 = (saelens_cache_tps(tiny_dir(), texts, layer=2, n_layers=tiny_lm.n_layers, context_size=32,
+                                   work_dir=tmp_path / dtype, dtype=dtype) for dtype in ("float32", "bfloat16"))
+    rows = []
+    for r in (f32, bf16):  # the runner shuffles its rows: pair them by their token ids
+        cached = datasets.load_from_disk(r["activations_dir"]).with_format("torch")
+        rows.append({tuple(ids.tolist()): act for ids, act in zip(cached["token_ids"], cached[r["hook"]])})
+    assert rows[0].keys() == rows[1].keys()
+    a, b = (torch.stack([r[k] for k in sorted(rows[0])]) for r in rows)
+    assert a.dtype == b.dtype == torch.float32
+    assert not torch.equal(a, b)  # computed at another precision...
+    assert (a - b).norm() / a.norm() < 0.02  # ...of the same activations
+    assert torch.equal(b, b.bfloat16().float())  # values a bfloat16 model produced
+
+
 def test_saelens_peer_fails_with_one_clear_error(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"hidden_size": 8}')

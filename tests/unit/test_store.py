@@ -14,3 +14,4 @@ def test_a_layer_without_any_active_feature_is_stored_and_read(tmp_path):
         indptr, indices, values = f.codes(1)
         assert len(indices) == len(values) == 0 and (indptr == 0).all() and len(indptr) == 7
         assert f.codes(0)[1].tolist() == [3, 5] * 3
+        assert f.code_bytes(0) == 6 * (4 + 4) and f.code_bytes(1) == 0  # float32 values, int32 indices
