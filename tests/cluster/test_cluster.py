@@ -199,3 +199,28 @@ def test_pipeline_chains_train_saes_extract_and_report(slurm_cluster, tmp_path, 
     assert _t(report_row[2]) >= max(_t(row[3]) for row in extract_rows) - SLACK_S, rows
     assert len(list((run / "saes").glob("*/layer_*/cfg.json"))) == 4
     assert json.loads((run / "reports" / "gaps.json").read_text()) and (run / "reports" / "gaps.csv").is_file()
+
+
+def test_pipeline_aligns_and_evaluates_on_the_cluster(slurm_cluster, okapi, tmp_path, capsys):
+    """All five stages as dependent jobs: the adapter trained on a node is the one lm-eval scores next."""
+    run = tmp_path / "run"
+    args = ["--preset", "tiny", "--langs", "en,hi", "--max-sentences", "24", "--max-length", "48", "--layers", "0-25:5",
+            "--align-layers", "0-25:5", "--n-boot", "20", "--steps", "4", "--checkpoint-every", "2",
+            "--stages", "train-saes,extract,report,align,evaluate", "--tasks", "arc", "--limit", "6",
+            "--bench-data", str(okapi)]
+    assert main(["pipeline", *args, "--run", str(run), *SLURM, "--wait"]) == 0, capsys.readouterr().err
+    records = job_records(run)
+    assert [(r["stage"], r["language"]) for r in records] == [
+        ("train-saes", "all"), ("extract", "en"), ("extract", "hi"), ("report", "all"), ("align", "hi"),
+        ("evaluate", "all")]
+    rows = [row for r in records if r["array_task"] in (None, 0) for row in sacct(r["job_id"].split("_")[0])]
+    assert {row[1] for row in rows} == {"COMPLETED"}, rows
+    align_row, eval_row = sacct(records[4]["job_id"])[0], sacct(records[5]["job_id"])[0]
+    assert _t(eval_row[2]) >= _t(align_row[3]) - SLACK_S, (align_row, eval_row)
+    adapter = run / "align" / "hi" / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    results = json.loads((run / "eval" / "results.json").read_text())
+    models = {m["label"]: m["adapter"] for m in results["models"]}
+    assert models.keys() == {"base", "adapted:hi"} and Path(models["adapted:hi"]).resolve() == adapter.resolve()
+    scored = {(r["model"], r["task"], r["language"]) for r in results["results"] if r.get("acc") is not None}
+    assert scored == {(m, "arc", lang) for m in models for lang in ("en", "hi")}, results["results"]
