@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--l0", type=int, default=64, help="active features per token the random SAEs are calibrated to")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype of model, SAEs and peer (auto: float32 on CPU, as the pipeline)")
+    p.add_argument("--peer-every-layer", action="store_true",
+                   help="also run the peer once per layer (18 runs, ~2 min) instead of only extrapolating")
     p.add_argument("--skip", default="", help="comma list of parts to leave out: tiny, peer, memory, align")
     args = p.parse_args(argv)
     args.sentences = args.sentences or (4 if args.quick else 48)
@@ -140,6 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
                           pipeline_over_saelens=result["pipeline_tps"] / peer["all_layers_tps"],
                           saelens_with_model_load_all_layers_tps=per_run,
                           capture_over_saelens=result["capture_tps"] / peer["all_layers_tps"])
+            if args.peer_every_layer:
+                from benchmarks.saelens_peer import saelens_every_layer
+
+                every = saelens_every_layer(models.embedded_dir(), texts, lm.n_layers, cfg.extract.max_length,
+                                            work / "saelens", dtype=str(lm.dtype).removeprefix("torch."))
+                result.update(saelens_every_layer=every, saelens_measured_all_layers_tps=every["all_layers_tps"],
+                              saelens_one_pass_ceiling=every["one_pass_ceiling"],
+                              pipeline_over_saelens_measured=result["pipeline_tps"] / every["all_layers_tps"])
         if "align" not in args.skip:
             console.print("[bold]alignment:[/] alignment step vs plain LoRA LM step")
             from benchmarks.align_step import align_step_ratio
@@ -177,7 +187,10 @@ def print_table(r: dict, console: Console) -> None:
             ("P/floor", "pipeline_over_floor"),
             ("sae-lens cache runner, 1 layer per run, all layers, tokens/s", "saelens_all_layers_tps"),
             ("  the same with its model load per run, tokens/s", "saelens_with_model_load_all_layers_tps"),
+            ("  the same measured, one run per layer, tokens/s", "saelens_measured_all_layers_tps"),
             ("P/sae-lens", "pipeline_over_saelens"), ("B/sae-lens (capture alone)", "capture_over_saelens"),
+            ("P/sae-lens measured per layer", "pipeline_over_saelens_measured"),
+            ("sae-lens: all runs / its deepest run (one-pass ceiling)", "saelens_one_pass_ceiling"),
             ("peak RSS 16x / 1x corpus", "rss_ratio_16x"),
             ("HDF5 bytes per token per layer", "bytes_per_token"),
             ("nonzero codes' bytes per token per layer", "code_bytes_per_token"),

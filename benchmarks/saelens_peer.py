@@ -11,8 +11,9 @@ Choices, and why:
   any local HF folder offline, the tiny random Gemma-2 of the tests included; the default
   `HookedTransformer` only knows official hub names and would need a model object injected by hand.
   As in sae-lens, the forward stops after the hooked block and every submodule carries a hook point.
-- Settings we change from the defaults, each for fairness or offline use: `device="cpu"` and float32
-  (the default dtype); `model_batch_size` so that a batch holds at most `batch_tokens` tokens (1024 =
+- Settings we change from the defaults, each for fairness or offline use: `device="cpu"`, the model
+  in the benchmark's dtype (float32 by default, as sae-lens) with activations stored as float32;
+  `model_batch_size` so that a batch holds at most `batch_tokens` tokens (1024 =
   the embedded preset's `extract.batch_tokens`), evened out over the rows; `training_tokens` = exactly
   the packed rows (rounded down to whole batches: fewer dropped rows than batches), and
   `buffer_size_gb` sized to one buffer holding exactly those tokens: the runner otherwise fills every
@@ -126,3 +127,19 @@ def saelens_cache_tps(model_dir: str | Path, texts: list[str], layer: int, n_lay
             "sae_lens_version": sae_lens.__version__, "init_seconds": init_seconds,
             "tokenize_seconds": tokenize_seconds, "model_batch_size": batch,
             "activations_dir": str(work / "activations")}
+
+
+def saelens_every_layer(model_dir: str | Path, texts: list[str], n_layers: int, context_size: int,
+                        work_dir: str | Path, dtype: str = "float32") -> dict:
+    """One peer run per layer, as a user caching every layer would do: measured, not extrapolated.
+
+    `all_layers_tps` is tokens over the summed run seconds. `one_pass_ceiling` is that sum over the last
+    layer's run, which is one full forward pass: what a tool capturing every layer in one pass could at
+    most gain over the peer if capture, encode and writing cost nothing beyond the peer's own.
+    """
+    runs = [saelens_cache_tps(model_dir, texts, layer=layer, n_layers=n_layers, context_size=context_size,
+                              work_dir=work_dir, dtype=dtype) for layer in range(n_layers)]
+    seconds = [r["seconds"] for r in runs]
+    return {"seconds_per_layer": seconds, "init_seconds_per_layer": [r["init_seconds"] for r in runs],
+            "tokens": runs[0]["tokens"], "all_layers_tps": runs[0]["tokens"] / sum(seconds),
+            "one_pass_ceiling": sum(seconds) / seconds[-1]}

@@ -54,6 +54,21 @@ def test_saelens_peer_runs_its_model_in_bfloat16(tiny_lm, tmp_path):
     assert torch.equal(b, b.bfloat16().float())  # values a bfloat16 model produced
 
 
+def test_every_layer_is_run_and_summed(tmp_path):
+    """`--peer-every-layer`: one run per layer of a 3-layer model; the rates follow from the seconds."""
+    from benchmarks.paper_gpu import REDUCED, random_gemma2
+    from benchmarks.saelens_peer import saelens_every_layer
+
+    lm = random_gemma2({**REDUCED, "num_hidden_layers": 3}, torch.device("cpu"), torch.float32)
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    texts = [f"Sentence {i}: the river runs past the old mill." for i in range(12)]
+    r = saelens_every_layer(tmp_path / "model", texts, n_layers=3, context_size=16, work_dir=tmp_path / "w")
+    assert len(r["seconds_per_layer"]) == 3 and min(r["seconds_per_layer"]) > 0
+    assert r["all_layers_tps"] == r["tokens"] / sum(r["seconds_per_layer"])
+    assert r["one_pass_ceiling"] == sum(r["seconds_per_layer"]) / r["seconds_per_layer"][-1]
+
+
 def test_saelens_peer_fails_with_one_clear_error(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"hidden_size": 8}')
