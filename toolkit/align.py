@@ -307,7 +307,7 @@ class Objective:
         pooled: dict[int, torch.Tensor] = {}
 
         def sink(layer: int, states: torch.Tensor) -> None:
-            codes = self.saes.layers[layer].sae.encode(states[keep].float())
+            codes = self.saes.layers[layer].encode(states[keep].float())
             summed = codes.new_zeros((len(lengths), codes.shape[1])).index_add(0, owner, codes)
             pooled[layer] = summed / lengths.clamp(min=1).unsqueeze(1).to(codes.dtype)
 

@@ -48,6 +48,19 @@ class LayerSAE:
     def d_sae(self) -> int:
         return int(self.sae.cfg.d_sae)
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense codes of `x`, equal to `sae.encode(x)`, with the same gradient with respect to `x`.
+
+        For sae-lens's ReLU and JumpReLU SAEs: one addmm and one masked select, where sae-lens's encode
+        makes five passes over tokens x d_sae (bias, ReLU, mask, mask as floats, product), each
+        with its backward when training through it (`toolkit.align`).
+        """
+        threshold = _plain_threshold(self.sae)
+        if threshold is None:
+            return self.sae.encode(x)
+        pre = self._pre_activation(x)
+        return torch.where(pre > threshold, pre, 0.0)
+
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, cols, values) of the nonzero codes of `x`, the same as `sae.encode(x)` has them.
 
@@ -61,9 +74,12 @@ class LayerSAE:
             codes = self.sae.encode(x)
             rows, cols = codes.nonzero(as_tuple=True)
             return rows, cols, codes[rows, cols]
-        pre = torch.addmm(self.sae.b_enc, self.sae.process_sae_in(x), self.sae.W_enc)
+        pre = self._pre_activation(x)
         rows, cols = (pre > threshold).nonzero(as_tuple=True)
         return rows, cols, pre[rows, cols]
+
+    def _pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.sae.b_enc, self.sae.process_sae_in(x), self.sae.W_enc)
 
 
 def _dropped_decoder(feature_acts: torch.Tensor) -> torch.Tensor:

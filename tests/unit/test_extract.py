@@ -198,6 +198,16 @@ def test_sparse_encode_equals_saelens_encode(arch):
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     torch.testing.assert_close(got[2], expected[2])
     assert (saes._plain_threshold(sae) is None) == (arch in ("topk", "hooked"))
+    # dense codes (alignment trains through them): the same values and the same gradient w.r.t. x
+    upstream = torch.randn(300, 512)
+    grads = []
+    for encode in (sae.encode, layer.encode):
+        xg = x.clone().requires_grad_(True)
+        codes = encode(xg)
+        (codes * upstream).sum().backward()
+        grads.append((codes.detach(), xg.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1])
 
 
 def test_dropping_decoders_keeps_the_codes(tmp_path, tiny_lm):
