@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
             from benchmarks.saelens_peer import saelens_cache_tps
 
             texts = [t for lang in corpus.langs for _, t in corpus.sentences(lang)]
+            dtype = str(lm.dtype).removeprefix("torch.")
             peer = saelens_cache_tps(models.embedded_dir(), texts, layer=lm.n_layers // 2, n_layers=lm.n_layers,
-                                     context_size=cfg.extract.max_length, work_dir=work / "saelens",
-                                     dtype=str(lm.dtype).removeprefix("torch."))
+                                     context_size=cfg.extract.max_length, work_dir=work / "saelens", dtype=dtype)
             per_run = peer["tokens"] / (peer["init_seconds"] + peer["seconds"]) / lm.n_layers
             result.update(saelens=peer, saelens_all_layers_tps=peer["all_layers_tps"],
                           pipeline_over_saelens=result["pipeline_tps"] / peer["all_layers_tps"],
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
                 from benchmarks.saelens_peer import saelens_every_layer
 
                 every = saelens_every_layer(models.embedded_dir(), texts, lm.n_layers, cfg.extract.max_length,
-                                            work / "saelens", dtype=str(lm.dtype).removeprefix("torch."))
+                                            work / "saelens", dtype=dtype)
                 result.update(saelens_every_layer=every, saelens_measured_all_layers_tps=every["all_layers_tps"],
                               saelens_one_pass_ceiling=every["one_pass_ceiling"],
                               pipeline_over_saelens_measured=result["pipeline_tps"] / every["all_layers_tps"])

@@ -128,8 +128,7 @@ class SAESet:
             sae.decode = _dropped_decoder
             if sae.W_enc.device.type == "cpu":
                 for tensor in itertools.chain(sae.parameters(), sae.buffers()):
-                    if not tensor.is_meta:
-                        tensor.data = tensor.data.clone()
+                    tensor.data = tensor.data.clone()
 
 
 def is_heldout(sentence_id: str, fraction: float = HELDOUT_FRACTION) -> bool:
@@ -400,11 +399,11 @@ def measure_quality(saes: SAESet, lm: LoadedModel, sentences: list[tuple[str, st
     state = {"n": 0}
 
     def sink(layer: int, hidden: torch.Tensor) -> None:
-        sae = saes.layers[layer].sae
+        layer_sae = saes.layers[layer]
         # a few hundred tokens at a time: dense codes of a whole batch would be the run's memory peak
         for x in hidden[state["keep"]].double().split(QUALITY_CHUNK_TOKENS):
-            codes = sae.encode(x.float())
-            sse[layer] += ((x - sae.decode(codes).double()) ** 2).sum().item()
+            codes = layer_sae.encode(x.float())
+            sse[layer] += ((x - layer_sae.sae.decode(codes).double()) ** 2).sum().item()
             sumsq[layer] += (x**2).sum().item()
             total[layer] += x.sum(0).cpu()
             active[layer] += (codes > 0).sum().item()
