@@ -62,8 +62,8 @@ def analyse(
     groups = {lang: (np.searchsorted(units, sources[lang].ids), values[lang]) for lang in languages}
     reps = cluster_bootstrap_means(groups, len(units), n_boot, seed)
     ref_a = values[reference].mean(axis=0)
-    gaps = {lang: _pct(values[lang].mean(axis=0), ref_a) for lang in languages}
-    gap_reps = {lang: _pct(reps[lang], reps[reference]) for lang in languages}
+    gaps = {lang: gap_pct(values[lang].mean(axis=0), ref_a) for lang in languages}
+    gap_reps = {lang: gap_pct(reps[lang], reps[reference]) for lang in languages}
     pairs = {lang: _pairs(sources[lang], sources[reference]) for lang in languages}
 
     rows = []
@@ -134,10 +134,76 @@ def _order(sources: dict[str, LanguageSource], reference: str, low_langs: Sequen
     return [reference, *others, *(lang for lang in low_langs if lang in sources and lang != reference)]
 
 
-def _pct(a: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """100 (a - ref) / ref, NaN where ref is 0 or NaN."""
+def gap_pct(value, reference):
+    """The gap: 100 (value - reference) / reference, NaN where the reference is 0 or NaN.
+
+    The one definition of the project's central quantity; scalars give a float, arrays an array."""
+    a, ref = np.asarray(value, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(ref != 0, 100 * (a - ref) / ref, np.nan)
+        out = np.where(ref != 0, 100 * (a - ref) / ref, np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+
+def read_gaps_csv(path: Pathish, statistic: str | None = None, reference: str = "en") -> dict[str, dict[int, float]]:
+    """gap_pct per language and layer from a tidy gaps.csv written by `report` (reference excluded).
+
+    With several statistics in the file, `statistic` picks one (default: "mass" when present, else the
+    only one there). Blank or non-finite gaps are left out."""
+    import csv
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: cannot read the gaps table ({exc}); rerun `report`") from None
+    missing = {"language", "layer", "gap_pct"} - set(rows[0] if rows else {})
+    if missing:
+        raise UserError(f"{path}: no column(s) {', '.join(sorted(missing))}; expected a gaps.csv from `report`")
+    stats = {r.get("statistic", "") for r in rows}
+    if len(stats) > 1 or statistic is not None:
+        chosen = statistic or ("mass" if "mass" in stats else None)
+        if chosen not in stats:
+            raise UserError(f"{path} holds statistic(s) {', '.join(sorted(stats))}; choose one of them")
+        rows = [r for r in rows if r.get("statistic") == chosen]
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        try:
+            value, layer = float(r["gap_pct"]), int(r["layer"])
+        except ValueError:
+            continue
+        if r["language"] != reference and np.isfinite(value):
+            out.setdefault(r["language"], {})[layer] = value
+    return out
+
+
+def language_gaps(
+    paths: Pathish | Sequence[Pathish], lang: str, layers: Sequence[int], stat: str = "mass",
+    ids: Sequence[str] | None = None, reference: str = "en",
+) -> dict[int, float] | None:
+    """gap_pct per layer of `lang` straight from activation files: A = mean per-sentence statistic over the
+    sentences both languages have (restricted to `ids` when given). None when a language, a layer or
+    enough shared sentences (2) are missing."""
+    try:
+        sources, _ = load_sources(resolve_paths([paths] if isinstance(paths, (str, Path)) else paths), reference)
+    except UserError:
+        return None
+    if lang not in sources or reference not in sources:
+        return None
+    src, ref = sources[lang], sources[reference]
+    try:
+        a, b = src.stats(list(layers), stat), ref.stats(list(layers), stat)
+    except (UserError, KeyError):
+        return None
+    rows_lang, rows_ref = _pairs(src, ref)
+    if ids is not None:
+        keep = np.isin(src.ids[rows_lang], np.asarray(list(ids), dtype=src.ids.dtype))
+        rows_lang, rows_ref = rows_lang[keep], rows_ref[keep]
+    if len(rows_lang) < 2:
+        return None
+    gaps = gap_pct(a[rows_lang].mean(axis=0), b[rows_ref].mean(axis=0))
+    return {int(layer): float(g) for layer, g in zip(layers, gaps, strict=True)}
 
 
 def _pairs(lang: LanguageSource, ref: LanguageSource) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +228,7 @@ def _rows(
     gap_low, gap_high = percentile_ci(gap_reps)
     x, y = values[pairs[0]], ref_values[pairs[1]]
     n_par = len(pairs[0])
-    gap_par = _pct(x.mean(axis=0), y.mean(axis=0)) if n_par else np.full(len(layers), np.nan)
+    gap_par = gap_pct(x.mean(axis=0), y.mean(axis=0)) if n_par else np.full(len(layers), np.nan)
     return [
         GapRow(
             language=lang,

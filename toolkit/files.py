@@ -1,0 +1,118 @@
+"""Files that appear whole or not at all: the one atomic-write helper and build-once-under-lock.
+
+Everything the toolkit commits to disk (HDF5 files, manifests, SAEs, adapters, checkpoints, job logs,
+results) goes through `staged` or `atomic_write`, so a reader, a second job or a resumed run never
+sees half a file, whatever killed the writer. torch-free: `analysis` may use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+STAGING_SUFFIX = ".tmp"
+
+
+def staging_path(final: str | Path) -> Path:
+    """The hidden sibling a writer fills before committing: `dir/.name.<pid>.tmp` (one per process)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{os.getpid()}{STAGING_SUFFIX}")
+
+
+@contextmanager
+def staged(final: str | Path, replace_dir: bool = False) -> Iterator[Path]:
+    """Yield a staging path (file or folder) to fill; on success it is renamed to `final` in one step.
+
+    On an exception the staging path is removed and `final` is untouched. A folder that already
+    exists at `final` is replaced only with `replace_dir=True` (a rename cannot replace a non-empty one).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_path(final)
+    _remove(tmp)
+    try:
+        yield tmp
+        if replace_dir and final.is_dir():
+            _remove(final)
+        os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write text or bytes to `path` so that readers see the old content or the new, never a part."""
+    with staged(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        _fsync(tmp)
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Any, indent: int | None = 1, sort_keys: bool = False) -> Path:
+    """Atomically write `data` as JSON (NaN and infinities are refused: JSON has no such values)."""
+    return atomic_write(path, json.dumps(data, indent=indent, sort_keys=sort_keys, allow_nan=False) + "\n")
+
+
+def build_once(target: str | Path, build: Callable[[Path], None], done: str = "DONE") -> Path:
+    """Build the folder `target` once across processes and jobs: the first caller holds a lock and fills a
+    staging folder through `build(staging)`, which must create `staging/done`; later callers reuse it."""
+    from filelock import FileLock
+
+    target = Path(target)
+    if (target / done).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / done).exists():  # another process finished it while we waited
+            return target
+        with staged(target, replace_dir=True) as tmp:
+            tmp.mkdir()
+            build(tmp)
+            if not (tmp / done).exists():
+                raise RuntimeError(f"building {target} did not write its {done} marker")
+    return target
+
+
+def stale_staging(folder: str | Path) -> list[Path]:
+    """Staging leftovers of writers that no longer run on this host (`.name.<pid>.tmp` with a dead pid)."""
+    out = []
+    for p in Path(folder).glob(f".*{STAGING_SUFFIX}"):
+        pid = p.name[: -len(STAGING_SUFFIX)].rpartition(".")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            out.append(p)
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

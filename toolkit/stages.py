@@ -1,0 +1,149 @@
+"""The stage registry: every pipeline stage declared once, looked up by name.
+
+A stage is a job body in `jobs/` with the one signature `run(cfg, task=None)`, plus what the CLI,
+the planner and the executors need to know about it: its help, config sections, how it splits into
+tasks (array jobs), how a local run merges them (load the model once), whether it resumes after a
+requeue, and whether it reads a corpus. Adding a stage = a job module + one `register(Stage(...))`.
+torch-free: job bodies are imported only when a stage runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from toolkit.errors import UserError
+
+if TYPE_CHECKING:
+    from toolkit.config import Config
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit a job runs: all of a stage (`label` "all") or one array task of it.
+
+    `units` are extraction's (lang, shard, n_shards); `langs` are alignment's targets. None means
+    "everything the config asks for" so a local run needs no plan to call a job body.
+    """
+
+    label: str = "all"
+    units: tuple[tuple[str, int, int], ...] | None = None
+    langs: tuple[str, ...] | None = None
+
+
+def whole(cfg: Config) -> list[Task]:
+    return [Task()]
+
+
+def first(tasks: list[Task]) -> Task:
+    return tasks[0]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    sections: tuple[str, ...]  # config sections whose flags the stage takes (besides `run`)
+    body: str = ""  # "module:function" of the job body, imported when the stage runs; "" = not a job
+    split: Callable[[Config], list[Task]] = whole  # the array tasks of a job
+    merge: Callable[[list[Task]], Task] = first  # those tasks as one in-process call
+    resumable: bool = False  # requeued on preemption/timeout; resumes from its own committed files
+    reads_corpus: bool = False
+    uses_saes: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_job(self) -> bool:
+        return bool(self.body)
+
+    def job_body(self) -> Callable[..., Any]:
+        module, _, name = self.body.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_REGISTRY: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    if stage.name in _REGISTRY:
+        raise ValueError(f"stage {stage.name!r} is registered twice")
+    _REGISTRY[stage.name] = stage
+    return stage
+
+
+def get(name: str) -> Stage:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown stage {name!r}; known stages: {', '.join(_REGISTRY)}") from None
+
+
+def all_stages() -> list[Stage]:
+    return list(_REGISTRY.values())
+
+
+def job_stages() -> tuple[str, ...]:
+    """The stages that run as jobs, in pipeline order (what `--stages` may list)."""
+    return tuple(s.name for s in _REGISTRY.values() if s.is_job)
+
+
+def run(cfg: Config, stage: str, task: Task | None = None) -> Any:
+    """Run one stage's job body in this process."""
+    st = get(stage)
+    if not st.is_job:
+        raise UserError(f"stage {stage!r} cannot run as a job")
+    return st.job_body()(cfg, task)
+
+
+# ---------------------------------------------------------------------------------- registrations ---
+# Split and merge rules live beside the stages they belong to; they only read the config.
+
+def _extract_tasks(cfg: Config) -> list[Task]:
+    n = cfg.extract.shards
+    return [Task(lang if n == 1 else f"{lang} {k + 1}/{n}", units=((lang, k, n),))
+            for lang in cfg.lang_codes for k in range(n)]
+
+
+def _extract_merge(tasks: list[Task]) -> Task:
+    return Task(",".join(t.label for t in tasks), units=tuple(u for t in tasks for u in t.units or ()))
+
+
+def align_targets(cfg: Config) -> list[str]:
+    """--targets, else the run's non-English languages; checked before anything is submitted."""
+    chosen = [t.strip() for t in cfg.align.targets.split(",") if t.strip()]
+    chosen = chosen or [lang for lang in cfg.lang_codes if lang != "en"]
+    bad = [t for t in chosen if t == "en" or t not in cfg.lang_codes]
+    if bad or not chosen:
+        raise UserError(f"align.targets: {', '.join(bad) or 'none'}: targets must be non-English languages of the "
+                        f"run ({','.join(cfg.lang_codes)})")
+    return chosen
+
+
+def _align_tasks(cfg: Config) -> list[Task]:
+    targets = align_targets(cfg)
+    return [Task("joint", langs=tuple(targets))] if cfg.align.joint else [Task(t, langs=(t,)) for t in targets]
+
+
+def _align_merge(tasks: list[Task]) -> Task:
+    # one call trains each target in turn (or jointly) with the model loaded once
+    return Task(",".join(t.label for t in tasks), langs=None)
+
+
+register(Stage("train-saes", "train (or reuse) one SAE per layer on the model's activations",
+               ("model", "sae", "extract"), body="jobs.train_saes:run", reads_corpus=True, uses_saes=True))
+register(Stage("extract", "stream every layer's SAE codes into RUN/activations/{lang}.h5",
+               ("model", "sae", "extract"), body="jobs.extract:run", split=_extract_tasks, merge=_extract_merge,
+               resumable=True, reads_corpus=True, uses_saes=True))
+register(Stage("report", "per-language, per-layer activation gaps vs English: tables, figures, JSON/CSV",
+               ("report",), body="jobs.report:run"))
+register(Stage("align", "train activation-aware LoRA adapters for the target languages",
+               ("model", "sae", "extract", "align"), body="jobs.align:run", split=_align_tasks, merge=_align_merge,
+               resumable=True, reads_corpus=True, uses_saes=True))
+register(Stage("evaluate", "ARC-Challenge, MMLU, HellaSwag per language through lm-eval, base vs adapted",
+               ("model", "eval"), body="jobs.evaluate:run"))
+register(Stage("pipeline", "submit extract -> report (-> align -> evaluate) as one dependent chain",
+               ("model", "sae", "extract", "report", "align", "eval")))
+register(Stage("status", "show the jobs of a run: stage, language, job id, state, elapsed, log, last error", ()))
+register(Stage("cancel", "cancel a run's queued or running jobs", ()))
