@@ -8,6 +8,7 @@ this file and can never drift from it. Cross-field checks live in `Config.valida
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -208,6 +209,7 @@ class Config:
             "sae.batch": (self.sae.batch, 1), "report.n_boot": (self.report.n_boot, 10),
             "align.steps": (self.align.steps, 1), "align.batch_size": (self.align.batch_size, 1),
             "align.grad_accum": (self.align.grad_accum, 1), "align.lora_r": (self.align.lora_r, 1),
+            "align.lora_alpha": (self.align.lora_alpha, 1), "run.seed": (self.run.seed, 0),
             "align.checkpoint_every": (self.align.checkpoint_every, 1), "eval.limit": (self.eval.limit, 0),
             "eval.shots": (self.eval.shots, 0), "eval.batch_size": (self.eval.batch_size, 1),
         }
@@ -215,10 +217,15 @@ class Config:
             if value < low:
                 raise UserError(f"{name} must be at least {low} (got {value})")
         fractions = {"align.heldout": self.align.heldout, "align.val_fraction": self.align.val_fraction,
-                     "sae.l1_warmup": self.sae.l1_warmup}
+                     "sae.l1_warmup": self.sae.l1_warmup, "align.lora_dropout": self.align.lora_dropout}
         for name, value in fractions.items():
             if not 0 <= value < 1:
                 raise UserError(f"{name} must be in [0, 1) (got {value})")
+        _check_ranges(self)
+        _check_run_path(self.run.run)
+        for name, spec in (("run.layers", self.run.layers), ("align.lora_layers", self.align.lora_layers),
+                           ("align.align_layers", self.align.align_layers)):
+            _check_layer_syntax(name, spec)
         if self.align.zero_stage not in (0, 1, 2):
             raise UserError(f"align.zero_stage must be 0, 1 or 2 (got {self.align.zero_stage})")
         if not re.fullmatch(r"auto|train|random|pretrained:.+|dir:.+", self.sae.source):
@@ -261,35 +268,132 @@ class Config:
         return languages.resolve(self.run.langs)
 
 
-def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
-    kind = type(f.default)
+_KIND_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
+_LAYER_SYNTAX_BOUND = 4096  # more layers than any model has: checks a layer spec's syntax before a model loads
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Hyperparameters outside their meaningful range train or measure garbage without an error."""
+    for name, value, low, strict in (
+        ("sae.lr", cfg.sae.lr, 0.0, True), ("align.lr", cfg.align.lr, 0.0, True),
+        ("sae.l1", cfg.sae.l1, 0.0, False), ("align.lambda_align", cfg.align.lambda_align, 0.0, False),
+        ("align.lambda_keep", cfg.align.lambda_keep, 0.0, False),
+    ):
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            bound = "greater than" if strict else "at least"
+            raise UserError(f"{name} must be a finite number {bound} {low:g} (got {value!r})")
+
+
+def _check_run_path(run: str) -> None:
+    """A run folder (or one of its parents) that is a file would fail deep inside a job."""
+    path = Path(run).expanduser()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise UserError(f"run.run: {candidate} is a file, not a folder; pass --run a new or existing "
+                                "run folder")
+            return
+
+
+def _check_layer_syntax(name: str, spec: str) -> None:
     try:
-        if kind is bool and isinstance(value, str):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            value = value.lower() in ("true", "1", "yes")
-        elif kind is str and isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
-        elif kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        value = kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a {kind.__name__} (got {value!r})") from None
+        parse_layers(spec, _LAYER_SYNTAX_BOUND)
+    except UserError as exc:
+        raise UserError(str(exc).replace("run.layers", name, 1)) from None
+
+
+def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
+    """Convert a YAML/CLI/API value to the field's type, refusing anything lossy (8.7 -> 8, true -> 1)."""
+    kind = type(f.default)
+    value = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}[kind](name, value)
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise UserError(f"{name} must be one of {', '.join(map(str, choices))} (got {value!r})")
     return value
 
 
+def _refuse(name: str, value: Any, kind: type, hint: str = "") -> UserError:
+    return UserError(f"{name} must be {_KIND_NAMES[kind]} (got {value!r}, a {type(value).__name__}){hint}")
+
+
+def _to_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _refuse(name, value, bool, "; write true or false without quotes")
+    return value
+
+
+def _to_int(name: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise _refuse(name, value, int)
+
+
+def _to_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _refuse(name, value, float)
+    try:
+        number = float(value)
+    except ValueError:
+        raise _refuse(name, value, float) from None
+    if not math.isfinite(number):
+        raise UserError(f"{name} must be a finite number (got {value!r})")
+    return number
+
+
+def _to_str(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    # YAML reads `layers: 12` as an int and `langs: [en, hi]` as a list; both have one exact spelling.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) and not isinstance(v, bool)
+                                                for v in value):
+        return ",".join(str(v) for v in value)
+    raise _refuse(name, value, str, "; quote it in YAML (e.g. langs: \"no\")")
+
+
+YAML_MAX_BYTES = 1 << 20  # a config or cluster profile is a few KB; a bigger file is a mistake or an attack
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors' aliases: nested aliases expand exponentially (a YAML bomb)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise UserError(f"{self.name}:{mark.line + 1}: YAML aliases (*name) are not supported; "
+                            "write the value out")
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: str | Path, what: str) -> Any:
-    """Parse a YAML file; a missing or malformed file is a user error naming `what` (the option)."""
+    """Parse a YAML file; a missing, oversized, non-UTF-8 or malformed file is a user error naming `what`."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what}: no such file {path}")
+    if p.stat().st_size > YAML_MAX_BYTES:
+        raise UserError(f"{what}: {path} is {p.stat().st_size:,} bytes; a YAML config may be at most "
+                        f"{YAML_MAX_BYTES:,} bytes")
+    raw = p.read_bytes()
     try:
-        return yaml.safe_load(p.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UserError(f"{what}: {path}:{line} is not UTF-8 text (byte {raw[exc.start]:#04x})") from None
+    loader = _NoAliasLoader(text.removeprefix("\ufeff"))
+    loader.name = str(path)
+    try:
+        return loader.get_single_data() or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise UserError(f"{what}: {path} is nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
 
 
 def load_yaml(path: str) -> dict[str, dict[str, Any]]:
@@ -301,34 +405,47 @@ def load_yaml(path: str) -> dict[str, dict[str, Any]]:
     for key, value in data.items():
         if key in SECTIONS and isinstance(value, dict):
             out.setdefault(key, {}).update(value)
+        elif key in SECTIONS and key != "run" and value is None:  # `sae:` with every field commented out
+            continue
+        elif key in SECTIONS and key != "run":  # `run: DIR` is also the flat key of run.run
+            raise UserError(f"{path}: section {key!r} must be a mapping of fields (got {value!r})")
+        elif not isinstance(key, str):
+            raise UserError(f"{path}: keys must be field names (got {key!r})")
         else:
             out.setdefault("run", {})[key] = value
     return out
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """`all`, `0-5,12`, `0-25:2` (range with stride) or `::3` (stride over all) into sorted layer ids."""
+    """`all`, `0-5,12`, `0-25:2` (range with stride), `10-` (to the last) or `::3` (stride over all)."""
     spec = spec.strip()
     if spec in ("all", ""):
         return list(range(n_layers))
     chosen: set[int] = set()
     for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d*)\s*(?:-\s*(\d*))?\s*(?::\s*(\d+))?\s*|\s*::(\d+)\s*", part)
-        if not m:
-            raise UserError(f"run.layers: cannot parse {part!r}; use forms like all, 0-5,12 or 0-25:2")
-        if m.group(4):
-            chosen.update(range(0, n_layers, int(m.group(4))))
-            continue
-        start = int(m.group(1)) if m.group(1) else 0
-        end = int(m.group(2)) if m.group(2) else (start if m.group(2) is None and "-" not in part else n_layers - 1)
-        step = int(m.group(3)) if m.group(3) else 1
-        if step < 1 or end < start:
-            raise UserError(f"run.layers: empty range {part!r}")
-        chosen.update(range(start, end + 1, step))
+        chosen.update(_layer_part(re.sub(r"\s+", "", part), n_layers))
     bad = sorted(i for i in chosen if i >= n_layers)
     if bad:
         raise UserError(f"run.layers: layer(s) {bad} out of range; the model has layers 0-{n_layers - 1}")
     return sorted(chosen)
+
+
+def _layer_part(part: str, n_layers: int) -> range:
+    m = re.fullmatch(r"::(\d+)|(\d+)(-(\d*))?(?::(\d+))?", part)
+    if not m:
+        # `-1` used to read as 0-1; layer ids count from 0 and never from the end.
+        hint = "layer ids are not negative and a range needs its start; " if part.startswith("-") else ""
+        raise UserError(f"run.layers: cannot parse {part!r}; {hint}use forms like all, 0-5,12 or 0-25:2")
+    step = int(m.group(1) or m.group(5) or 1)
+    if step < 1:
+        raise UserError(f"run.layers: stride must be at least 1 in {part!r}")
+    if m.group(1):
+        return range(0, n_layers, step)
+    start = int(m.group(2))
+    end = start if m.group(3) is None else (int(m.group(4)) if m.group(4) else n_layers - 1)
+    if end < start:
+        raise UserError(f"run.layers: reversed or empty range {part!r}; write the lower layer first, e.g. 2-5")
+    return range(start, end + 1, step)
 
 
 def cache_dir() -> Path:

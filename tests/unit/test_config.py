@@ -40,7 +40,7 @@ def test_falsy_cli_values_are_kept(tmp_path):
         ({"eval": {"tasks": "arc,gsm8k"}}, "eval.tasks"),
         ({"align": {"heldout": 1.5}}, "align.heldout"),
         ({"run": {"container": "image.img"}}, "run.container"),
-        ({"sae": {"width": "wide"}}, "sae.width must be a int"),
+        ({"sae": {"width": "wide"}}, "sae.width must be an integer"),
         ({"bogus": {"x": 1}}, "unknown config section"),
         ({"sae": {"nope": 1}}, "unknown config field sae.nope"),
     ],
