@@ -122,12 +122,30 @@ def _find_lang_file(folder: Path, lang: str, ntrex: bool) -> Path:
     raise UserError(f"corpus has no {LANGUAGES[lang].name} file: none of {', '.join(str(p) for p in candidates)}")
 
 
-def _read_lines(path: Path) -> list[str]:
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _read_text(path: Path) -> str:
+    """A corpus file as text: invalid UTF-8 names the line; a byte-order mark is dropped with a warning."""
+    import warnings
+
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if raw.startswith(_UTF8_BOM):
+        # Kept, the mark would become the first sentence's first tokens (three with a byte-level tokenizer).
+        warnings.warn(f"{path} starts with a UTF-8 byte-order mark; it was removed", stacklevel=2)
+        raw = raw[len(_UTF8_BOM):]
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text ({exc})") from None
-    lines = raw.split("\n")
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8") from None
+
+
+def _read_lines(path: Path) -> list[str]:
+    lines = _read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     for n, line in enumerate(lines, 1):
@@ -136,26 +154,44 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in lines]
 
 
+def _jsonl_row(path: Path, n: int, line: str) -> tuple[str, str, str]:
+    """(id, lang, text) of one jsonl line, or a UserError naming the file, the line and the field."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f'{path}:{n}: not JSON ({exc.msg}); expected {{"id": ..., "lang": ..., "text": ...}}') from None
+    if not isinstance(row, dict) or not {"id", "lang", "text"} <= row.keys():
+        raise UserError(f'{path}:{n}: expected {{"id": ..., "lang": ..., "text": ...}}')
+    sid, lang, text = row["id"], row["lang"], row["text"]
+    if isinstance(sid, bool) or not isinstance(sid, (str, int)):
+        raise UserError(f"{path}:{n}: id must be a string or an integer (got {sid!r})")
+    for field, value in (("lang", lang), ("text", text)):
+        if not isinstance(value, str):
+            raise UserError(f"{path}:{n}: {field} must be a string (got {value!r})")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+            raise UserError(f"{path}:{n}: {field} holds an invalid Unicode escape") from None
+    if not text.strip():
+        raise UserError(f"{path}:{n}: empty text for id {sid!r} ({lang})")
+    return str(sid), lang, text.strip()
+
+
 def _jsonl(path: Path, langs: list[str]) -> Corpus:
     if not path.is_file():
         raise UserError(f"run.corpus: no such file {path}")
     rows: dict[str, dict[str, str]] = {}
     order: list[str] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # "\n" only: str.splitlines would also split inside a sentence at U+2028, which JSON leaves raw.
+    for n, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            sid, lang, text = str(row["id"]), row["lang"], row["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f'{path}:{n}: expected {{"id": ..., "lang": ..., "text": ...}}') from None
-        if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{path}:{n}: empty text for id {sid!r} ({lang})")
+        sid, lang, text = _jsonl_row(path, n, line)
+        if sid not in rows:
+            order.append(sid)
         if lang in rows.setdefault(sid, {}):
             raise UserError(f"{path}:{n}: duplicate id {sid!r} for language {lang}")
-        if sid not in order:
-            order.append(sid)
-        rows[sid][lang] = text.strip()
+        rows[sid][lang] = text
     for lang in langs:
         missing = [sid for sid in order if lang not in rows[sid]]
         if len(missing) == len(order):
