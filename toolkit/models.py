@@ -243,14 +243,63 @@ def _build_tiny(target: Path) -> None:
     os.replace(staging, target)
 
 
+# Where the common causal-LM families keep their decoder blocks, relative to the loaded model or one
+# of its wrappers (the bare base model, a peft wrapper).
+DECODER_PATHS = (
+    "model.layers",  # Llama, Gemma, Qwen, Mistral, Phi
+    "transformer.h",  # GPT-2, Bloom, Falcon, GPT-J
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+    "model.language_model.layers",  # Gemma 3 and other multimodal wrappers
+    "layers", "h", "decoder.layers", "language_model.layers",  # the bare base models
+)
+_MAX_WRAPPERS = 8  # peft adds two levels; a deeper chain is not a model we know
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder blocks of a causal LM (plain or peft-wrapped)."""
-    base = model
-    while not hasattr(base, "layers"):
-        for attr in ("base_model", "model"):
-            if hasattr(base, attr):
-                base = getattr(base, attr)
-                break
-        else:
-            raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
-    return base.layers
+    """The decoder blocks of a causal LM, plain or peft-wrapped, found without any unbounded loop.
+
+    Wrappers are unwrapped breadth-first through `get_base_model()`, `.model` and `.base_model`,
+    each module visited once: a transformers base model's `base_model` is itself, which made the
+    earlier `while` loop spin forever on GPT-2.
+    """
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    queue, seen = [model], set()
+    while queue and len(seen) < _MAX_WRAPPERS:
+        node = queue.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for path in DECODER_PATHS:
+            blocks = _module_at(node, path)
+            if isinstance(blocks, torch.nn.ModuleList) and len(blocks) and n_layers in (None, len(blocks)):
+                return blocks
+        queue.extend(_wrapped(node))
+    raise UserError(_no_layers_message(model, n_layers))
+
+
+def _module_at(node: torch.nn.Module, path: str) -> object:
+    try:
+        for name in path.split("."):
+            node = getattr(node, name)
+    except AttributeError:
+        return None
+    return node
+
+
+def _wrapped(node: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules `node` wraps: peft's base model, `.model`, `.base_model`."""
+    inner = [node.get_base_model()] if callable(getattr(node, "get_base_model", None)) else []
+    inner += [_module_at(node, "model"), _module_at(node, "base_model")]
+    return [m for m in inner if isinstance(m, torch.nn.Module) and m is not node]
+
+
+def _no_layers_message(model: torch.nn.Module, n_layers: int | None) -> str:
+    lists = [f"{name} ({len(m)})" for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    return (
+        f"cannot find the decoder blocks of {type(model).__name__}"
+        f"{f' ({n_layers} layers)' if n_layers else ''}: none of {', '.join(DECODER_PATHS)} is a list of its "
+        f"blocks. Module lists in this model: {', '.join(lists[:8]) or 'none'}. lingogap supports causal LMs "
+        "laid out like Llama, GPT-2, GPT-NeoX or OPT; add the dotted path of the blocks to "
+        "toolkit.models.DECODER_PATHS for another layout"
+    )
