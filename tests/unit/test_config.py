@@ -80,3 +80,32 @@ def test_bands_are_checked_when_the_config_is_built():
     assert Config.build({"report": {"bands": "0-8,9-17,18-25"}}).report.bands == "0-8,9-17,18-25"
     with pytest.raises(UserError, match="report.bands .*must not overlap"):
         Config.build({"report": {"bands": "0-8,5-17,18-25"}})
+
+
+@pytest.mark.parametrize("spec, message", [("-1", "not negative"), ("-5", "not negative"), ("::0", "stride"),
+                                           ("0-5:0", "stride"), ("0,", "cannot parse ''"), ("9-3", "reversed")])
+def test_parse_layers_refuses_what_it_used_to_guess(spec, message):
+    with pytest.raises(UserError, match=message):
+        parse_layers(spec, 26)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"sae": {"width": 8.7}}, r"sae.width must be an integer \(got 8.7, a float\)"),
+    ({"sae": {"width": True}}, "sae.width must be an integer"),
+    ({"extract": {"save_resid": "yes"}}, "extract.save_resid must be a boolean"),
+    ({"run": {"langs": False}}, "run.langs must be a string"),
+    ({"sae": {"l1": float("nan")}}, "sae.l1 must be a finite number"),
+    ({"align": {"lr": 0.0}}, "align.lr must be a finite number greater than 0"),
+    ({"align": {"lora_dropout": 1.0}}, r"align.lora_dropout must be in \[0, 1\)"),
+    ({"align": {"align_layers": "-2"}}, "align.align_layers: cannot parse"),
+])
+def test_lossy_or_meaningless_values_are_refused(values, message):
+    with pytest.raises(UserError, match=message):
+        Config.build(values)
+
+
+def test_lossless_values_are_converted():
+    cfg = Config.build({"sae": {"width": 64.0, "lr": 1, "train_tokens": "500"}, "run": {"langs": ["en", "hi"],
+                                                                                          "layers": 3}})
+    assert (cfg.sae.width, cfg.sae.lr, cfg.sae.train_tokens) == (64, 1.0, 500)
+    assert (cfg.run.langs, cfg.run.layers) == ("en,hi", "3")
