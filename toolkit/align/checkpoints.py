@@ -13,6 +13,7 @@ import math
 import pickle
 import random
 import shutil
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,7 +58,7 @@ def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
             raise UserError(f"{path}: refused to load: it would build Python objects that could run code "
                             f"({detail}); {_fix(path)}") from None
         raise UserError(f"{path}: unreadable (not a tensor file: {detail}); {_fix(path)}") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+    except (OSError, RuntimeError, EOFError, ValueError, struct.error) as exc:
         raise UserError(f"{path}: unreadable ({_first_line(exc)}); {_fix(path)}") from None
 
 

@@ -49,6 +49,9 @@ def test_a_planted_pickle_is_refused_with_the_file_and_the_fix(tmp_path, name):
 def test_a_damaged_file_or_state_is_a_user_error(tmp_path):
     step = tmp_path / "checkpoints" / "step-000004"
     step.mkdir(parents=True)
+    (step / "rng-0.pt").write_bytes(b"junk")  # too short for any format
+    with pytest.raises(UserError, match="rng-0.pt: unreadable"):
+        ckpt.load_rng(step, 0)
     (step / "rng-0.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="rng-0.pt: unreadable"):
         ckpt.load_rng(step, 0)
