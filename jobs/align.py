@@ -51,8 +51,7 @@ class AlignTarget:
 
 def align_targets(cfg: Config, langs: list[str] | None = None) -> list[AlignTarget]:
     """One target per language of `langs` (default: the config's targets), or one joint target."""
-    chosen = list(langs) if langs else stages.align_targets(cfg)
-    stages.align_targets(cfg.merged({"align": {"targets": ",".join(chosen)}}))  # the same checks for `langs`
+    chosen = stages.align_targets(cfg.merged({"align": {"targets": ",".join(langs)}}) if langs else cfg)
     return [AlignTarget("joint", chosen)] if cfg.align.joint else [AlignTarget(lang, [lang]) for lang in chosen]
 
 
@@ -100,11 +99,12 @@ def align_one(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, cor
               split: align.Split, dist: align.Dist, engine: str, console: Console) -> dict:
     """Train (or resume, or reuse) one adapter, then measure it against the base model (rank 0)."""
     folder = RunDir(cfg.run_dir).align(target.name)
-    metrics = _finished(folder, cfg, align.fingerprint(cfg, lm, saes, target.targets, split, engine, dist.world))
+    fingerprint = align.fingerprint(cfg, lm, saes, target.targets, split, engine, dist.world)
+    metrics = _finished(folder, cfg, fingerprint)
     if metrics is not None:
         console.print(f"[bold]{target.name}:[/] adapter already trained ({folder / 'adapter'}); measuring only")
     else:
-        metrics = train(cfg, lm, saes, corpus, target, split, dist, engine, console, folder)
+        metrics = train(cfg, lm, saes, corpus, target, split, dist, engine, console, folder, fingerprint)
     summary = {"unit": target.name, "targets": target.targets, "adapter": str(folder / "adapter"),
                "metrics": str(folder / "metrics.json"), "final": metrics.get("final"),
                "final_validation": metrics.get("final_validation")}
@@ -121,10 +121,9 @@ def align_one(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, cor
 
 
 def train(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpus: Corpus, target: AlignTarget,
-          split: align.Split, dist: align.Dist, engine: str, console: Console, folder: Path) -> dict:
+          split: align.Split, dist: align.Dist, engine: str, console: Console, folder: Path, fingerprint: str) -> dict:
     """Layer weights (unless resuming), then `Trainer.fit`; leaves `lm.model` the base model again."""
     state = align.latest_state(folder)
-    fingerprint = align.fingerprint(cfg, lm, saes, target.targets, split, engine, dist.world)
     if state and state.get("fingerprint") == fingerprint:
         weights, info = state["weights"], {}
     else:
@@ -146,7 +145,7 @@ def _finished(folder: Path, cfg: Config, fingerprint: str) -> dict | None:
     path = folder / "metrics.json"
     if not path.is_file() or not (folder / "adapter" / "adapter_model.safetensors").is_file():
         return None
-    metrics = json.loads(path.read_text())
+    metrics = align.read_json(path)
     done = metrics.get("complete") and metrics.get("step") == cfg.align.steps
     return metrics if done and metrics.get("fingerprint") == fingerprint else None
 
@@ -221,7 +220,7 @@ def before_after(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, 
     out_path = folder / "before_after.json"
     layers = parse_layers(cfg.run.layers, lm.n_layers)
     if out_path.is_file():
-        cached = json.loads(out_path.read_text())
+        cached = align.read_json(out_path)
         if (cached.get("adapter_sha256") == sha and cached.get("heldout_sha256") == align.ids_hash(split.heldout)
                 and set(cached["languages"]) == set(corpus.langs) and cached["layers"] == layers):
             print_before_after(cached, console)
@@ -259,7 +258,7 @@ def measure(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpu
     sub_cfg = cfg.merged({"run": {"run": str(folder)},
                           "extract": {"shards": 1, "overwrite": fresh, "code_dtype": "float32"}})
     ppl_path = folder / "perplexity.json"
-    ppl = {} if fresh or not ppl_path.is_file() else json.loads(ppl_path.read_text())
+    ppl = {} if fresh or not ppl_path.is_file() else align.read_json(ppl_path)
     out = {}
     for lang in corpus.langs:
         summary = extract_unit(sub_cfg, lm, saes, corpus, Unit(lang), layers, console)

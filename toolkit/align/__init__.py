@@ -30,7 +30,14 @@ Training is deterministic and resumable; see `toolkit.align.trainer`.
 """
 
 from toolkit.align.adapter import adapter_sha, attach_lora, save_adapter, state_digest, trainable_state
-from toolkit.align.checkpoints import KEEP_CHECKPOINTS, latest_state, load_tensors, save_json, saved_checkpoints
+from toolkit.align.checkpoints import (
+    KEEP_CHECKPOINTS,
+    latest_state,
+    load_tensors,
+    read_json,
+    save_json,
+    saved_checkpoints,
+)
 from toolkit.align.data import REFERENCE, Split, batch_ids, collate, ids_hash, split_ids
 from toolkit.align.distributed import Dist, resolve_engine, setup_distributed
 from toolkit.align.engines import DeepSpeedEngine, TorchEngine, make_engine, optimizer_step
@@ -43,6 +50,6 @@ __all__ = [
     "EnglishReference", "LogProgress", "Objective", "Split", "TorchEngine", "TrainResult", "Trainer",
     "TrainingProgress", "adapter_sha", "attach_lora", "batch_ids", "collate", "fingerprint",
     "gaps_from_csv", "ids_hash", "latest_state", "layer_gaps", "load_tensors", "make_engine", "mean_mass",
-    "optimizer_step", "reference_uses", "resolve_engine", "save_adapter", "save_json", "saved_checkpoints",
-    "setup_distributed", "split_ids", "state_digest", "trainable_state", "weights_from_gaps",
+    "optimizer_step", "read_json", "reference_uses", "resolve_engine", "save_adapter", "save_json",
+    "saved_checkpoints", "setup_distributed", "split_ids", "state_digest", "trainable_state", "weights_from_gaps",
 ]
