@@ -109,7 +109,7 @@ class Trainer:
         self.state = self._resumable_state()
         self.weights = weights if not self.state else {
             lang: {int(k): v for k, v in w.items()} for lang, w in self.state["weights"].items()}
-        self.info = info or self.state.get("info") if self.state else info
+        self.info = (info or self.state.get("info")) if self.state else info
         self.history: dict[str, list] = {"steps": [], "validation": []}
         self.start = 0
 
