@@ -4,7 +4,7 @@ Run on purpose, never in the test suite:
     OMP_NUM_THREADS=1 python -m benchmarks.align_step --preset embedded --corpus ntrex:../shared/data/ntrex128 \
         --target hi
 Both steps use the same model with the same LoRA attached, the same batch (the target-language sentences
-and their English parallels, the first training batch `toolkit.align.train` would draw), the same AdamW
+and their English parallels, the first training batch `toolkit.align.Trainer` would draw), the same AdamW
 engine, after one warm-up step each; the alignment step is `toolkit.align.optimizer_step`, the one training
 runs. The plain step is next-token cross-entropy on both halves of the batch, as a LoRA fine-tune would do.
 """

@@ -1,0 +1,48 @@
+"""Layer weights from the gap, and where the gap is read from (analysis.gaps computes it)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from tests.unit.align.conftest import cfg_for
+from tests.unit.analysis_fixtures import write_activations
+from toolkit import align
+
+
+def test_weights_follow_the_gap_with_mean_one():
+    w = align.weights_from_gaps({0: -30.0, 1: -10.0, 2: 5.0, 3: math.nan}, [0, 1, 2, 3])
+    assert w[0] == pytest.approx(3 * w[1]) and w[2] == 0 and w[3] == 0
+    assert np.mean(list(w.values())) == pytest.approx(1.0)
+    assert align.weights_from_gaps({0: 4.0, 1: 2.0}, [0, 1]) == {0: 1.0, 1: 1.0}  # never weaker: uniform
+    assert align.weights_from_gaps({0: -4.0, 1: -2.0}, [0, 1], "uniform") == {0: 1.0, 1: 1.0}
+    assert align.weights_from_gaps(None, [5]) == {5: 1.0}
+
+
+def test_gaps_from_the_report_csv(tmp_path):
+    path = tmp_path / "gaps.csv"
+    rows = ["language,layer,statistic,value,ci_low,ci_high,gap_pct,gap_parallel_pct,p_value,n"]
+    rows += [f"hi,{layer},mass,1,1,1,{-10 * layer},0,0.5,9" for layer in range(3)]
+    rows += ["hi,0,l0,1,1,1,-99,0,0.5,9", "en,0,mass,1,1,1,,,,9"]
+    path.write_text("\n".join(rows) + "\n")
+    assert align.gaps_from_csv(path, "hi", [0, 1, 2]) == {0: 0.0, 1: -10.0, 2: -20.0}
+    assert align.gaps_from_csv(path, "hi", [0, 5]) is None
+    assert align.gaps_from_csv(tmp_path / "missing.csv", "hi", [0]) is None
+
+
+def test_layer_gaps_fall_back_from_the_csv_to_the_activations_of_training_ids(tmp_path):
+    ids = ["a", "b", "c", "d"]
+    en = np.array([[2.0, 4.0]] * 4)
+    hi = np.array([[1.0, 4.0], [1.0, 4.0], [1.0, 2.0], [100.0, 100.0]])
+    write_activations(tmp_path / "activations" / "en.h5", "en", ids, en, layers=[0, 1])
+    write_activations(tmp_path / "activations" / "hi.h5", "hi", ids, hi, layers=[0, 1])
+    cfg = cfg_for(tmp_path)
+    split = align.Split(["a", "b"], ["c"], ["d"])
+    gaps, source = align.layer_gaps(cfg, None, None, None, "hi", [0, 1], split, align.Dist())
+    assert source.startswith("activations")
+    assert gaps[0] == pytest.approx(-50.0) and gaps[1] == pytest.approx(100 * (10 / 3 - 4) / 4)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "gaps.csv").write_text(
+        "language,layer,statistic,gap_pct\n" + "".join(f"hi,{layer},mass,-7\n" for layer in (0, 1)))
+    assert align.layer_gaps(cfg, None, None, None, "hi", [0, 1], split, align.Dist()) == (
+        {0: -7.0, 1: -7.0}, "reports/gaps.csv")

@@ -1,0 +1,55 @@
+"""Activation-aware LoRA alignment, one module per noun: `data` (split, batches), `weights` (layer weights from
+the gap), `objective` (loss, English reference, KL), `adapter` (LoRA), `distributed`, `engines` (torch,
+DeepSpeed), `checkpoints` (safe save/load), `trainer` (`Trainer.fit`), `metrics` (before/after numbers).
+
+The objective for a target language T and the parallel English sentences (defaults; each weight in
+`AlignConfig`):
+
+    loss  = CE(T) + lambda_align * align + lambda_keep * keep
+    align = (1/|L|) * sum over layers l in L of w_l * d(pool(SAE_l(h_l(T))), pool(SAE_l(h_l^base(en))))
+    keep  = KL(p_base || p_adapted) per English token, averaged over real tokens
+
+- h_l is the residual stream after decoder block l (the extraction hook point); pool is the mean over
+  the sentence's tokens with BOS and padding excluded, the tokens extraction measures.
+- The English codes and the KL's base logits come from the base model (adapter disabled, no second
+  copy) under no_grad: a fixed target, so the adapter cannot close the gap by moving English. Being
+  fixed, they are computed once per sentence before training (`EnglishReference`), not in every step.
+- d = "mse" (default): the relative squared error sum_b ||p_T - p_en||^2 / sum_b ||p_en||^2 per layer.
+  SAE code magnitudes grow with depth, so a raw MSE would let deep layers dominate; relative to the
+  target's energy, w_l alone sets a layer's importance. d = "cosine": mean over the batch of 1 - cos.
+- w_l ("gap", default) = max(0, -gap_l) with gap_l T's measured mass gap to English in percent,
+  scaled to mean 1 over the chosen layers (so "uniform" is all ones and lambda_align means the same
+  for both); layers where T is not weaker get 0; if none is weaker, weights fall back to uniform.
+- The SAEs are frozen; gradients flow through their encoders into the LoRA parameters only.
+
+Cost: a step is the adapted target pass (with SAE encodes) and the adapted English pass, forward and
+backward; logits are formed for real tokens only (`python -m benchmarks.align_step` compares a step
+with a plain LoRA LM step).
+
+Training is deterministic and resumable; see `toolkit.align.trainer`.
+"""
+
+from toolkit.align.adapter import adapter_sha, attach_lora, save_adapter, state_digest, trainable_state
+from toolkit.align.checkpoints import (
+    KEEP_CHECKPOINTS,
+    latest_state,
+    load_tensors,
+    read_json,
+    save_json,
+    saved_checkpoints,
+)
+from toolkit.align.data import REFERENCE, Split, batch_ids, collate, ids_hash, split_ids
+from toolkit.align.distributed import Dist, resolve_engine, setup_distributed
+from toolkit.align.engines import DeepSpeedEngine, TorchEngine, make_engine, optimizer_step
+from toolkit.align.objective import SUMMARY_USES, TERMS, EnglishReference, Objective, reference_uses
+from toolkit.align.trainer import LogProgress, Trainer, TrainingProgress, TrainResult, fingerprint
+from toolkit.align.weights import GAP_SENTENCES, gaps_from_csv, layer_gaps, mean_mass, weights_from_gaps
+
+__all__ = [
+    "GAP_SENTENCES", "KEEP_CHECKPOINTS", "REFERENCE", "SUMMARY_USES", "TERMS", "DeepSpeedEngine", "Dist",
+    "EnglishReference", "LogProgress", "Objective", "Split", "TorchEngine", "TrainResult", "Trainer",
+    "TrainingProgress", "adapter_sha", "attach_lora", "batch_ids", "collate", "fingerprint",
+    "gaps_from_csv", "ids_hash", "latest_state", "layer_gaps", "load_tensors", "make_engine", "mean_mass",
+    "optimizer_step", "read_json", "reference_uses", "resolve_engine", "save_adapter", "save_json",
+    "saved_checkpoints", "setup_distributed", "split_ids", "state_digest", "trainable_state", "weights_from_gaps",
+]

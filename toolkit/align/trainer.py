@@ -1,0 +1,266 @@
+"""The training loop as a class: `Trainer(...).fit()` trains (or resumes) one LoRA adapter into a folder.
+
+Training is deterministic for a given seed: batches are a pure function of the step (seeded epoch
+permutations), and checkpoints hold adapter, optimizer, scheduler, step, loss history and every rank's
+RNG states, written to a staging folder and renamed, so a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from toolkit.align import checkpoints as ckpt
+from toolkit.align.adapter import adapter_sha, attach_lora, save_adapter, state_digest
+from toolkit.align.data import REFERENCE, Split, batch_ids, collate
+from toolkit.align.distributed import Dist, resolve_engine
+from toolkit.align.engines import make_engine, optimizer_step
+from toolkit.align.objective import SUMMARY_USES, TERMS, Objective, reference_uses
+from toolkit.capture import TokenBatch, iter_batches
+from toolkit.config import Config
+from toolkit.corpus import Corpus
+from toolkit.errors import UserError
+from toolkit.models import LoadedModel
+from toolkit.saes import SAESet
+
+log = logging.getLogger(__name__)
+
+
+class TrainingProgress(Protocol):
+    """What the trainer reports: notes, and the step records of a run of `total` steps."""
+
+    def note(self, text: str, label: str | None = None) -> None: ...
+    def start(self, name: str, total: int, completed: int, log_every: int) -> None: ...
+    def update(self, record: dict) -> None: ...
+    def stop(self) -> None: ...
+
+
+class LogProgress:
+    """The default report: notes and every `log_every`-th step to the `logging` module."""
+
+    def note(self, text: str, label: str | None = None) -> None:
+        log.info("%s%s", f"{label}: " if label else "", text)
+
+    def start(self, name: str, total: int, completed: int, log_every: int) -> None:
+        self.name, self.total, self.log_every = name, total, log_every
+
+    def update(self, record: dict) -> None:
+        if record["step"] % self.log_every == 0:
+            log.info("align %s step %d/%d: %s", self.name, record["step"], self.total,
+                     "  ".join(f"{k} {record[k]:.4f}" for k in TERMS))
+
+    def stop(self) -> None:
+        pass
+
+
+class _Silent(LogProgress):
+    def note(self, text: str, label: str | None = None) -> None:
+        pass
+
+    def update(self, record: dict) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the peft model, adapter enabled
+    adapter: Path
+    metrics: dict
+    state: dict[str, torch.Tensor] = field(repr=False)
+    resumed_from: int | None = None
+
+
+def fingerprint(cfg: Config, lm: LoadedModel, saes: SAESet, targets: list[str], split: Split, engine: str,
+                world: int) -> str:
+    """What a checkpoint must share with this run to be resumed: everything but the step count, the
+    checkpoint cadence and the unit selection (targets are passed explicitly, the engine resolved)."""
+    a = {k: v for k, v in cfg.to_dict()["align"].items()
+         if k not in ("steps", "checkpoint_every", "targets", "joint", "engine")}
+    spec = [a, lm.model_id, lm.revision, str(lm.dtype), saes.ids, targets, split.to_dict(), engine, world,
+            cfg.run.seed, cfg.extract.max_length]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """Train one LoRA adapter for `targets` (one language, or several for a joint adapter) into `folder`.
+
+    Resumes from the latest checkpoint in `folder/checkpoints` when its fingerprint matches; its layer
+    weights win over `weights`, so a resumed run optimises the objective it started with. `lm.model` must
+    be the base model; `fit` returns it wrapped (`TrainResult.model`).
+    """
+
+    def __init__(self, cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, targets: list[str],
+                 split: Split, weights: dict[str, dict[int, float]], folder: Path, dist: Dist | None = None,
+                 engine: str | None = None, progress: TrainingProgress | None = None, info: dict | None = None):
+        self.cfg, self.a, self.lm, self.saes, self.corpus = cfg, cfg.align, lm, saes, corpus
+        self.targets, self.split, self.folder = targets, split, folder
+        self.dist = dist or Dist()
+        self.progress = (progress or LogProgress()) if self.dist.main else _Silent()
+        self.engine_name = resolve_engine(engine or self.a.engine)
+        self.fingerprint = fingerprint(cfg, lm, saes, targets, split, self.engine_name, self.dist.world)
+        self.state = self._resumable_state()
+        self.weights = weights if not self.state else {
+            lang: {int(k): v for k, v in w.items()} for lang, w in self.state["weights"].items()}
+        self.info = (info or self.state.get("info")) if self.state else info
+        self.history: dict[str, list] = {"steps": [], "validation": []}
+        self.start = 0
+
+    def _resumable_state(self) -> dict | None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = ckpt.latest_state(self.folder)
+        if state and state.get("fingerprint") != self.fingerprint:
+            raise UserError(
+                f"{self.folder / 'checkpoints'} holds checkpoints of a different configuration (align settings, "
+                "model, SAEs, split, engine or number of processes changed); delete that folder to start afresh or "
+                "use another --run")
+        if state and state["step"] > self.a.steps:
+            raise UserError(f"{self.folder}: the latest checkpoint is at step {state['step']}, beyond align.steps="
+                            f"{self.a.steps}; raise --steps or delete the checkpoints to retrain")
+        return state
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        """LoRA (same initialisation on every rank and run), engine, objective, resumed state, English reference."""
+        a, lm = self.a, self.lm
+        torch.manual_seed(self.cfg.run.seed)
+        self.model = attach_lora(lm.model, a, lm.n_layers)
+        peft_lm = LoadedModel(self.model, lm.tokenizer, lm.model_id, lm.revision, lm.device, lm.dtype)
+        n_lora, n_all = (sum(p.numel() for p in self.model.parameters() if p.requires_grad or every)
+                         for every in (False, True))
+        self.progress.note(f"LoRA: {n_lora:,} trainable parameters ({100 * n_lora / n_all:.2f} % of the model), "
+                           f"engine {self.engine_name}")
+        self.engine = make_engine(self.engine_name, self.model, a, a.grad_accum * len(self.targets), self.dist, lm)
+        uses = reference_uses(a, len(self.split.train), len(self.targets), self.dist.world)
+        self.objective = Objective(peft_lm, self.saes, self.weights, a, summarise=uses >= SUMMARY_USES)
+        if self.state:
+            self.resume()
+        self.metrics = {
+            "targets": self.targets, "engine": self.engine_name, "world_size": self.dist.world,
+            "fingerprint": self.fingerprint, "config": self.cfg.to_dict()["align"], "weights": self.weights,
+            "split": self.split.to_dict(), **(self.info or {}),
+            "resumed_from": (self.state or {}).get("resumed_from", []) + ([self.start] if self.state else []),
+        }
+        self.texts = {lang: dict(self.corpus.sentences(lang)) for lang in [*self.targets, REFERENCE]}
+        self._fill_reference(uses)
+
+    def resume(self) -> None:
+        """Engine, adapter and RNG state of the latest checkpoint; every file read without unpickling code."""
+        latest = ckpt.saved_checkpoints(self.folder)[-1]
+        self.engine.load(latest)
+        ckpt.load_rng(latest, self.dist.rank)
+        self.history, self.start = self.state["history"], self.state["step"]
+        self.progress.note(f"resuming from step {self.start} ({latest})", label="+".join(self.targets))
+
+    def _fill_reference(self, uses: float) -> None:
+        began, ex = time.perf_counter(), self.cfg.extract
+        english = [(sid, self.texts[REFERENCE][sid]) for sid in dict.fromkeys(self.split.train + self.split.val)]
+        reference = self.objective.reference
+        reference.fill(iter_batches(english, self.lm.tokenizer, ex.batch_tokens, ex.max_length))
+        self.progress.note(f"English reference from the base model: {len(reference)} sentences, "
+                           f"{reference.nbytes / 2**20:.0f} MiB, {time.perf_counter() - began:.1f} s "
+                           f"(KL base {'summarised' if reference.linear else 'recomputed each step'}, "
+                           f"{uses:.1f} uses per sentence)")
+
+    # --------------------------------------------------------------------------------------- training
+
+    def fit(self) -> TrainResult:
+        """Train from the start or the resumed step to `align.steps`, checkpointing, then save the adapter."""
+        self._setup()
+        a = self.a
+        self.engine.train(True)
+        self.progress.start("+".join(self.targets), a.steps, self.start, max(1, min(a.checkpoint_every, a.steps // 20)))
+        try:
+            for step in range(self.start, a.steps):
+                record = self.train_step(step)
+                self.history["steps"].append(record)
+                self.progress.update(record)
+                if (step + 1) % a.checkpoint_every == 0 or step + 1 == a.steps:
+                    if self.split.val:
+                        self.history["validation"].append(self.validate(step + 1))
+                    self.save_checkpoint(step + 1)
+        finally:
+            self.progress.stop()
+        return self._finish()
+
+    def batch(self, lang: str, ids: list[str]) -> tuple[TokenBatch, TokenBatch]:
+        """The target-language batch and its English parallel."""
+        n = self.cfg.extract.max_length
+        return (collate(self.lm.tokenizer, [(s, self.texts[lang][s]) for s in ids], n),
+                collate(self.lm.tokenizer, [(s, self.texts[REFERENCE][s]) for s in ids], n))
+
+    def train_step(self, step: int) -> dict:
+        """Optimizer step `step` (0-based): its micro-batches are a pure function of the step and the rank."""
+        a, dist, seed = self.a, self.dist, self.cfg.run.seed
+        began, cpu = time.perf_counter(), time.process_time()
+        micro = [(*self.batch(lang, batch_ids(self.split.train, (step * a.grad_accum + m) * dist.world + dist.rank,
+                                              a.batch_size, seed, lang)), lang)
+                 for m in range(a.grad_accum) for lang in self.targets]
+        sums = optimizer_step(self.objective, self.engine, micro)
+        record = {"step": step + 1, **dist.mean(sums), "lr": self.engine.lr, "seconds": time.perf_counter() - began,
+                  "cpu_seconds": time.process_time() - cpu}
+        if not all(math.isfinite(record[k]) for k in TERMS):
+            raise RuntimeError(f"align: non-finite loss at step {step + 1}: {record}; lower --lr")
+        return record
+
+    def validate(self, step: int) -> dict:
+        """The loss terms on the validation ids, averaged per sentence over all ranks."""
+        a, dist, val = self.a, self.dist, self.split.val
+        sums, n = dict.fromkeys(TERMS, 0.0), 0
+        self.engine.train(False)
+        with torch.no_grad():
+            for lang in self.targets:
+                chunks = [val[i:i + a.batch_size] for i in range(0, len(val), a.batch_size)]
+                for ids in chunks[dist.rank::dist.world]:
+                    losses = self.objective(self.model, *self.batch(lang, ids), lang)
+                    for k in TERMS:
+                        sums[k] += losses[k].item() * len(ids)
+                    n += len(ids)
+        self.engine.train(True)
+        totals = dist.mean({**sums, "n": float(n)})
+        return {"step": step, **{k: totals[k] / totals["n"] for k in TERMS}} if totals["n"] else {"step": step}
+
+    def save_checkpoint(self, step: int) -> None:
+        """checkpoints/step-NNNNNN whole or not at all; the two newest are kept; metrics.json says how far."""
+        dist = self.dist
+        with ckpt.staged_checkpoint(self.folder / "checkpoints" / f"step-{step:06d}", dist) as tmp:
+            self.engine.save(tmp)
+            ckpt.save_rng(tmp, dist.rank)
+            if dist.main:
+                with self.engine.gathered():
+                    self.model.save_pretrained(str(tmp / "adapter"))
+                ckpt.save_json(tmp / "state.json", {
+                    "step": step, "fingerprint": self.fingerprint, "weights": self.weights, "info": self.info,
+                    "history": self.history, "resumed_from": self.metrics["resumed_from"]})
+        if dist.main:
+            ckpt.prune(self.folder)
+            ckpt.save_json(self.folder / "metrics.json", {**self.metrics, **self.history, "step": step,
+                                                          "complete": False})
+        dist.barrier()
+
+    def _finish(self) -> TrainResult:
+        """Save the adapter, check every rank holds the same weights, write the final metrics.json."""
+        dist, adapter = self.dist, self.folder / "adapter"
+        saved = save_adapter(self.model, self.engine, dist, adapter)
+        digests = [state_digest(saved)] * dist.world
+        if dist.world > 1:
+            torch.distributed.all_gather_object(digests, digests[0])
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"align: ranks hold different adapter weights after training ({digests})")
+        history = self.history
+        last = history["steps"][-1] if history["steps"] else {}
+        self.metrics.update(history, step=self.a.steps, complete=True, adapter=str(adapter),
+                            adapter_sha256=adapter_sha(adapter), rank_digests=digests,
+                            final={k: last.get(k) for k in TERMS},
+                            final_validation=history["validation"][-1] if history["validation"] else None)
+        if dist.main:
+            ckpt.save_json(self.folder / "metrics.json", self.metrics)
+        return TrainResult(self.model, adapter, self.metrics, saved, self.start if self.state else None)

@@ -1,0 +1,92 @@
+"""Layer weights of the alignment term from the target language's measured gap to English.
+
+The gap itself has one home, `analysis.gaps`; this module decides where it is read from (the report's
+gaps.csv, else the extracted activations of training and validation ids, else a small measurement).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.align.data import REFERENCE, Split
+from toolkit.align.distributed import Dist
+from toolkit.capture import iter_batches
+from toolkit.config import Config
+from toolkit.corpus import Corpus
+from toolkit.errors import UserError
+from toolkit.models import LoadedModel
+from toolkit.saes import SAESet
+
+GAP_SENTENCES = 64  # training sentences per language when no gaps were measured before
+
+
+def weights_from_gaps(gaps: dict[int, float] | None, layers: list[int], mode: str = "gap") -> dict[int, float]:
+    """w_l = max(0, -gap_l) scaled to mean 1 over `layers`; all ones for "uniform" or when no layer
+    is weaker than English (or gaps are unknown)."""
+    uniform = dict.fromkeys(layers, 1.0)
+    if mode == "uniform" or not gaps:
+        return uniform
+    raw = {layer: max(0.0, -gaps[layer]) if math.isfinite(gaps.get(layer, math.nan)) else 0.0 for layer in layers}
+    total = sum(raw.values())
+    if total <= 0:
+        return uniform
+    return {layer: raw[layer] * len(layers) / total for layer in layers}
+
+
+def gaps_from_csv(path: Path, lang: str, layers: list[int], stat: str = "mass") -> dict[int, float] | None:
+    """`lang`'s gap per layer from the report stage's gaps.csv; None when the file, the statistic or a layer
+    is missing (the caller falls back to the activations)."""
+    from analysis.gaps import read_gaps_csv  # here, not at the top: analysis.gaps pulls in matplotlib
+
+    if not path.is_file():
+        return None
+    try:
+        found = read_gaps_csv(path, statistic=stat).get(lang, {})
+    except UserError:
+        return None
+    return {layer: found[layer] for layer in layers} if all(layer in found for layer in layers) else None
+
+
+def layer_gaps(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, lang: str, layers: list[int],
+               split: Split, dist: Dist) -> tuple[dict[int, float], str]:
+    """T's mass gap to English per layer and where it came from; rank 0 decides, the others follow."""
+    found = None
+    if dist.main:
+        found = _gaps_and_source(cfg, lm, saes, corpus, lang, layers, split)
+    return dist.share(found)
+
+
+def _gaps_and_source(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, lang: str, layers: list[int],
+                     split: Split) -> tuple[dict[int, float], str]:
+    from analysis.gaps import gap_pct, language_gaps
+
+    gaps = gaps_from_csv(cfg.run_dir / "reports" / "gaps.csv", lang, layers)
+    if gaps is not None:
+        return gaps, "reports/gaps.csv"
+    activations = cfg.run_dir / "activations"
+    if activations.is_dir():
+        gaps = language_gaps(cfg.run_dir, lang, layers, ids=split.train + split.val, reference=REFERENCE)
+    if gaps is not None:
+        return gaps, "activations/*.h5 (training and validation ids)"
+    ids = split.train[:GAP_SENTENCES]
+    sub = corpus.subset(ids)
+    a_lang = mean_mass(cfg, lm, saes, sub.sentences(lang), layers)
+    a_ref = mean_mass(cfg, lm, saes, sub.sentences(REFERENCE), layers)
+    gaps = {layer: gap_pct(a_lang[layer], a_ref[layer]) for layer in layers}
+    return gaps, f"measured on {len(ids)} training sentences"
+
+
+def mean_mass(cfg: Config, lm: LoadedModel, saes: SAESet, sentences: list[tuple[str, str]],
+              layers: list[int]) -> dict[int, float]:
+    """A(L, l) over `sentences`: mean of the per-sentence mean activation mass, as extraction stores it."""
+    from jobs.extract import encode_batch  # TODO(merge): from toolkit.extraction import encode_batch
+
+    per_layer: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    for batch in iter_batches(sentences, lm.tokenizer, cfg.extract.batch_tokens, cfg.extract.max_length):
+        encoded = encode_batch(lm, saes, batch, layers, save_resid=False)
+        for layer in layers:
+            per_layer[layer].append(encoded.layers[layer].mass)
+    return {layer: float(np.concatenate(v).mean()) for layer, v in per_layer.items()}
