@@ -71,6 +71,23 @@ def run(cfg: Config, task: Task | None = None) -> dict:
 
     with console.status(f"loading {cfg.model.name}"):
         base = models.load(replace(cfg.model, adapter=""))
+    scores, seconds = score_models(cfg, base, adapters, labels, present, console)
+    result = results_json(cfg, benches, base.model_id, adapters, labels, scores, bench_tasks, seconds)
+    result["wall_seconds"] = round(time.time() - started, 1)
+    outputs.write_outputs(result, scores, out_dir)
+    for table in outputs.tables(result):
+        console.print(table)
+    if not result["gaps"]:
+        gaps_csv = run_dir.reports / "gaps.csv"
+        console.print(f"[dim]no {gaps_csv}: run the report stage to correlate accuracy with the activation gaps[/]")
+    console.print(f"wrote {out_dir / 'results.json'}, results.csv, items.csv, figures/accuracy.png "
+                  f"in {result['wall_seconds']:.0f} s")
+    return result
+
+
+def score_models(cfg: Config, base: models.LoadedModel, adapters: list[tuple[str, Path]], labels: list[str],
+                 present: list[tasks.BenchTask], console: Console) -> tuple[dict, dict[str, float]]:
+    """Per-item scores of every model on every present task, and each model's seconds, with a progress bar."""
     scores: dict[str, dict[tuple[str, str], scoring.Scores]] = {}
     seconds: dict[str, float] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -98,11 +115,16 @@ def run(cfg: Config, task: Task | None = None) -> dict:
             if path is not None:
                 del model
                 gc.collect()
+    return scores, seconds
 
+
+def results_json(cfg: Config, benches: list[str], model_id: str, adapters: list[tuple[str, Path]], labels: list[str],
+                 scores: dict, bench_tasks: list[tasks.BenchTask], seconds: dict[str, float]) -> dict:
+    """results.json: the config, the models, results, paired comparisons and the gap correlations."""
     results, comparisons = scoring.summarise(scores, bench_tasks)
-    gaps_csv = run_dir.reports / "gaps.csv"
+    gaps_csv = RunDir(cfg.run_dir).reports / "gaps.csv"
     gaps = scoring.mean_gaps(gaps_csv, cfg.report.stat) if gaps_csv.is_file() else {}
-    result = {
+    return {
         "format": "lingogap-eval",
         "version": 1,
         "config": {"tasks": benches, "languages": cfg.lang_codes, "limit": cfg.eval.limit, "shots": cfg.eval.shots,
@@ -113,22 +135,14 @@ def run(cfg: Config, task: Task | None = None) -> dict:
                    else "all items",
                    "splits": {b: {"test": tasks.BENCHMARKS[b].test_split,
                                   "fewshot": list(tasks.BENCHMARKS[b].fewshot_splits)} for b in benches}},
-        "models": [{"label": label, "model_id": base.model_id, "adapter": str(dict(adapters).get(label) or "") or None,
+        "models": [{"label": label, "model_id": model_id, "adapter": str(dict(adapters).get(label) or "") or None,
                     "seconds": seconds.get(label)} for label in labels],
         "results": results,
         "comparisons": comparisons,
         "gaps": {"source": str(gaps_csv), "statistic": cfg.report.stat, "mean_gap_pct": gaps} if gaps else None,
         "correlations": scoring.gap_correlations(results, comparisons, gaps, cfg.run.seed) if gaps else [],
-        "wall_seconds": round(time.time() - started, 1),
+        "wall_seconds": None,
     }
-    outputs.write_outputs(result, scores, out_dir)
-    for table in outputs.tables(result):
-        console.print(table)
-    if not gaps:
-        console.print(f"[dim]no {gaps_csv}: run the report stage to correlate accuracy with the activation gaps[/]")
-    console.print(f"wrote {out_dir / 'results.json'}, results.csv, items.csv, figures/accuracy.png "
-                  f"in {result['wall_seconds']:.0f} s")
-    return result
 
 
 def show_plan(cfg: Config, bench_tasks: list[tasks.BenchTask], labels: list[str], console: Console) -> None:
