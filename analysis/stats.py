@@ -1,4 +1,6 @@
-"""Bootstrap confidence intervals and the Wilcoxon signed-rank test, in numpy alone (no scipy).
+"""The project's statistics, in numpy alone (no scipy): bootstrap intervals, Wilcoxon, McNemar, correlations.
+
+Ranks: `average_ranks` is the one ranking (ties share their average rank) behind Wilcoxon and Spearman.
 
 Bootstrap: percentile intervals from a *cluster* bootstrap whose units are sentence ids. One
 replicate draws the ids with replacement once and reuses that draw for every language and every
@@ -12,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -22,6 +24,7 @@ _MAX_CELLS = 1 << 22  # bootstrap draws held at once (32 MiB of counts), whateve
 # scipy.stats.wilcoxon's method="auto" (scipy 1.17), which wilcoxon() below reproduces:
 EXACT_MAX_N = 50  # exact null distribution up to this many pairs, when there are no ties or zeros
 ENUMERATE_MAX_N = 13  # with ties or zeros: all 2**n sign flips enumerated (scipy's exhaustive permutation test)
+PERMUTATIONS = 10_000  # shuffles behind a correlation's p-value
 
 
 def resample_counts(n_units: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
@@ -109,7 +112,7 @@ def wilcoxon(x: np.ndarray, y: np.ndarray | None = None) -> float:
     if n == 0 or np.isnan(d).any():
         return math.nan
     nonzero = d[d != 0]
-    ranks, tie_sizes = _average_ranks(np.abs(nonzero))
+    ranks, tie_sizes = average_ranks(np.abs(nonzero))
     r_plus = float(ranks[nonzero > 0].sum())
     if n <= EXACT_MAX_N and nonzero.size == n and not (tie_sizes > 1).any():
         return _exact_p(r_plus, n)
@@ -123,7 +126,7 @@ def wilcoxon(x: np.ndarray, y: np.ndarray | None = None) -> float:
     return math.erfc(abs(z) / math.sqrt(2))
 
 
-def _average_ranks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def average_ranks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """1-based ranks of `a` with ties averaged, and the size of each group of tied values."""
     order = np.argsort(a, kind="stable")
     sorted_a = a[order]
@@ -152,3 +155,49 @@ def _sign_flip_p(ranks: np.ndarray, r_plus: float) -> float:
     tol = abs(r_plus) * 100 * np.finfo(np.float64).eps  # scipy's tolerance for equal statistics
     tail = min(np.mean(null <= r_plus + tol), np.mean(null >= r_plus - tol))
     return float(min(1.0, 2 * tail))
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts (a binomial sign test at 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def pearson(x: Iterable[float], y: Iterable[float]) -> float | None:
+    """Pearson's r; None under 3 pairs or for a constant series."""
+    x, y = np.asarray(list(x), dtype=float), np.asarray(list(y), dtype=float)
+    if len(x) < 3:
+        return None
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float(dx @ dx) * float(dy @ dy))
+    return float(dx @ dy / denom) if denom > 0 else None
+
+
+def spearman(x: Iterable[float], y: Iterable[float]) -> float | None:
+    """Spearman's rho: Pearson's r of the average ranks."""
+    x, y = np.asarray(list(x), dtype=float), np.asarray(list(y), dtype=float)
+    return pearson(average_ranks(x)[0], average_ranks(y)[0]) if len(x) >= 3 else None
+
+
+def correlation(x: list[float], y: list[float], seed: int = 0, permutations: int = PERMUTATIONS) -> dict:
+    """Pearson and Spearman with n and two-sided permutation p-values (seeded, `permutations` shuffles)."""
+    r, rho = pearson(x, y), spearman(x, y)
+    out = {"n": len(x), "pearson": r, "spearman": rho, "pearson_p": None, "spearman_p": None}
+    if r is None or rho is None:
+        return out
+    rng = np.random.default_rng(seed)
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    shuffles = np.array([rng.permutation(len(xa)) for _ in range(permutations)])
+    out["pearson_p"] = _permutation_p(xa, ya, r, shuffles)
+    out["spearman_p"] = _permutation_p(average_ranks(xa)[0], average_ranks(ya)[0], rho, shuffles)
+    return out
+
+
+def _permutation_p(a: np.ndarray, b: np.ndarray, observed: float, shuffles: np.ndarray) -> float:
+    """Share of shuffles of `b` (the observed order counted once) whose |r| reaches |observed|."""
+    a, b = a - a.mean(), b - b.mean()
+    stats = b[shuffles] @ a / math.sqrt(float(a @ a) * float(b @ b))
+    return float((1 + np.sum(np.abs(stats) >= abs(observed) - 1e-12)) / (1 + len(shuffles)))

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
-from jobs.extract import Unit, extract_unit
 from toolkit.capture import ResidualCapture, TokenBatch, hook_name, iter_batches
 from toolkit.config import Config
 from toolkit.corpus import Corpus
+from toolkit.extraction import ExtractionUnit, extract_unit
 from toolkit.models import LoadedModel
 from toolkit.saes import LayerSAE, SAESet
 
@@ -43,7 +42,7 @@ def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device)
 
 
 def plan(cfg: Config, lm: LoadedModel, corpus: Corpus) -> dict[str, list[TokenBatch]]:
-    """The batches `jobs.extract` makes for each language of the corpus (same plan, same padding)."""
+    """The batches `toolkit.extraction` makes for each language of the corpus (same plan, same padding)."""
     return {lang: list(iter_batches(corpus.sentences(lang), lm.tokenizer, cfg.extract.batch_tokens,
                                     cfg.extract.max_length)) for lang in corpus.langs}
 
@@ -124,7 +123,7 @@ def run_ladder(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, layer
         run = work_dir / f"rep{next(reps)}"
         rep_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run=str(run)))
         for lang in batches:
-            extract_unit(rep_cfg, lm, saes, corpus, Unit(lang), layers, Console(quiet=True))
+            extract_unit(rep_cfg, lm, saes, corpus, ExtractionUnit(lang), layers)
 
     a = tokens / median_seconds(forward, repeats, lm.device)
     b = tokens / median_seconds(capture, repeats, lm.device)

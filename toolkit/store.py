@@ -4,9 +4,9 @@ Layout (version 1) is documented in docs/hdf5.md; this module is its only writer
 h5py and numpy only, never torch, so `analysis` can use it on a laptop without a model.
 
 Writing is crash-safe by construction: each batch becomes one part file in a staging folder
-(`{name}.parts/`), written under a temporary name and renamed, so a part either exists whole or
-not at all. `finalize()` streams the parts into `{name}.tmp`, marks it complete and renames it
-over the final path. A job killed at any moment resumes after its last part.
+(`{name}.parts/`), staged and renamed (`toolkit.files`), so a part either exists whole or not at
+all. `finalize()` streams the parts into a staging file, marks it complete and renames it over the
+final path. A job killed at any moment resumes after its last part.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from toolkit.errors import UserError
+from toolkit.files import atomic_write, staged
 
 LAYOUT_VERSION = 1
 FORMAT = "lingogap-activations"
@@ -90,7 +91,7 @@ class ActivationWriter:
         self.parts.mkdir(exist_ok=True)
         stamp = self.parts / "fingerprint.json"
         if not stamp.exists():
-            _atomic_write_text(stamp, json.dumps({"fingerprint": self.fingerprint, **identity}, indent=1))
+            atomic_write(stamp, json.dumps({"fingerprint": self.fingerprint, **identity}, indent=1))
         self._n_parts = len(self._part_files())
 
     def _check_existing(self) -> None:
@@ -159,12 +160,10 @@ class ActivationWriter:
             if lb.resid is not None:
                 arrays[f"{layer}/resid"] = np.asarray(lb.resid, dtype=np.float32)
         final = self.parts / f"part-{self._n_parts:06d}.npz"
-        tmp = final.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
+        with staged(final) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, final)
         self._n_parts += 1
 
     def finalize(self, attrs: dict, layer_attrs: dict[int, dict] | None = None) -> Path:
@@ -172,8 +171,12 @@ class ActivationWriter:
         if self.complete:
             return self.path
         parts = self._part_files()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.unlink(missing_ok=True)
+        with staged(self.path) as tmp:
+            self._consolidate(tmp, parts, attrs, layer_attrs)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return self.path
+
+    def _consolidate(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
         with h5py.File(tmp, "w") as h5:
             _write_consolidated(h5, parts, self.layers, self.code_dtype)
             for key, value in {**attrs, **self.identity}.items():
@@ -188,9 +191,6 @@ class ActivationWriter:
             h5.attrs["complete"] = True
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        shutil.rmtree(self.parts, ignore_errors=True)
-        return self.path
 
 
 def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], code_dtype: np.dtype) -> None:
@@ -280,12 +280,6 @@ def _attr(value):
             return np.asarray(value)
         return json.dumps(value, sort_keys=True)
     return value
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _diff(old: dict, new: dict) -> str:

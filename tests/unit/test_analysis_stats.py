@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from analysis import stats
 from analysis.stats import bootstrap_ci, cluster_bootstrap_means, percentile_ci, resample_counts, wilcoxon
 
 
@@ -108,3 +109,27 @@ def test_cluster_bootstrap_resamples_shared_units_together():
     assert ((c[finite] >= values[:3].min(axis=0)) & (c[finite] <= values[:3].max(axis=0))).all()
     low, high = percentile_ci(c)
     assert (low <= high).all()
+
+
+def test_correlation_on_known_numbers():
+    x, y = [1, 2, 3, 4, 5], [5, 6, 7, 8, 7]
+    assert stats.pearson(x, y) == pytest.approx(6 / math.sqrt(52), abs=1e-12)
+    assert stats.spearman(x, y) == pytest.approx(8 / math.sqrt(95), abs=1e-12)  # tied 7s share rank 3.5
+    c = stats.correlation(x, [-v for v in y], seed=0, permutations=2000)
+    assert c["n"] == 5 and c["pearson"] == pytest.approx(-6 / math.sqrt(52))
+    assert 0 < c["pearson_p"] <= 1 and 0 < c["spearman_p"] <= 1
+    perfect = stats.correlation([1, 2, 3, 4, 5, 6], [2, 4, 6, 8, 10, 12], permutations=5000)
+    assert perfect["pearson"] == pytest.approx(1) and perfect["spearman"] == pytest.approx(1)
+    assert perfect["pearson_p"] == pytest.approx(2 / 720, abs=0.004)  # two of 6! orders are as extreme
+    assert stats.pearson([1, 2], [3, 4]) is None and stats.pearson([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_average_ranks_share_ties_and_count_them():
+    ranks, sizes = stats.average_ranks(np.array([5.0, 6.0, 7.0, 8.0, 7.0]))
+    assert ranks.tolist() == [1, 2, 3.5, 5, 3.5] and sorted(sizes.tolist()) == [1, 1, 1, 2]
+
+
+def test_exact_mcnemar_on_known_counts():
+    assert stats.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert stats.mcnemar_exact(2, 8) == pytest.approx(2 * 56 / 1024)
+    assert stats.mcnemar_exact(1, 1) == 1.0 and stats.mcnemar_exact(0, 0) == 1.0

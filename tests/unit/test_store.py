@@ -1,9 +1,153 @@
-"""Activation files at their edges: a layer whose SAE fired on nothing is still a valid file."""
+"""toolkit.store: the public HDF5 format of docs/hdf5.md (names, shapes, dtypes, attributes), a round trip
+through ActivationWriter and ActivationFile, resuming from committed parts, and its edges."""
 
+import json
+
+import h5py
 import numpy as np
+import pytest
 
 from tests.unit.analysis_fixtures import write_activations
-from toolkit.store import ActivationFile
+from toolkit.store import (
+    FORMAT,
+    LAYOUT_VERSION,
+    ActivationFile,
+    ActivationWriter,
+    Batch,
+    LayerBatch,
+    StoreError,
+    fingerprint,
+)
+
+LAYERS = [0, 3]
+D_MODEL = 4
+IDENTITY = {"language": "hi", "shard": 0, "n_shards": 1, "model_id": "test/model", "layers": LAYERS,
+            "sae_ids": ["a", "b"], "d_sae": [8, 8], "code_dtype": "float16"}
+
+
+def make_batch(ids: list[str], lengths: list[int], seed: int, resid: bool = True) -> Batch:
+    """A batch with random CSR codes (1-3 features per token), statistics and residuals."""
+    rng = np.random.default_rng(seed)
+    n_tok = sum(lengths)
+    batch = Batch(ids, np.array(lengths), rng.integers(5, 100, n_tok).astype(np.int32),
+                  np.concatenate([np.arange(1, n + 1) for n in lengths]).astype(np.int32))
+    for layer in LAYERS:
+        per_token = rng.integers(1, 4, n_tok)
+        indptr = np.r_[0, np.cumsum(per_token)]
+        batch.layers[layer] = LayerBatch(
+            indptr=indptr, indices=rng.integers(0, 8, indptr[-1]).astype(np.int32),
+            values=rng.uniform(0.5, 4, indptr[-1]).astype(np.float32),
+            mass=rng.uniform(0, 1, len(ids)), l0=rng.uniform(0, 1, len(ids)), max=rng.uniform(0, 1, len(ids)),
+            resid=rng.normal(size=(n_tok, D_MODEL)).astype(np.float32) if resid else None)
+    return batch
+
+
+BATCHES = [make_batch(["s0", "s1"], [3, 2], 0), make_batch(["s2", "s3", "s4"], [1, 4, 2], 1)]
+
+
+def write(path, batches=BATCHES, identity=IDENTITY, **kwargs):
+    writer = ActivationWriter(path, identity, LAYERS, "float16", **kwargs)
+    for b in batches:
+        writer.write_batch(b)
+    writer.finalize({"seconds": 1.5, "lingogap_version": "test"}, {i: {"fve": 0.5, "l0": 2.0} for i in LAYERS})
+    return writer
+
+
+def datasets(path) -> dict[str, np.ndarray]:
+    out = {}
+    with h5py.File(path, "r") as h5:
+        h5.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_names_shapes_dtypes_and_attributes_follow_the_documented_layout(tmp_path):
+    path = tmp_path / "hi.h5"
+    write(path)
+    S, T = 5, 12
+    nnz = {i: sum(int(b.layers[i].indptr[-1]) for b in BATCHES) for i in LAYERS}
+    expected = {"sentences/id": ((S,), None), "sentences/token_offsets": ((S + 1,), np.int64),
+                "tokens/id": ((T,), np.int32), "tokens/position": ((T,), np.int32)}
+    for i in LAYERS:
+        g = f"layers/{i}"
+        expected |= {f"{g}/codes/indptr": ((T + 1,), np.int64), f"{g}/codes/indices": ((nnz[i],), np.int32),
+                     f"{g}/codes/values": ((nnz[i],), np.float16), f"{g}/resid": ((T, D_MODEL), np.float32)}
+        expected |= {f"{g}/stats/{s}": ((S,), np.float32) for s in ("mass", "l0", "max")}
+    with h5py.File(path, "r") as h5:
+        found = []
+        h5.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
+        assert sorted(found) == sorted(expected)
+        for name, (shape, dtype) in expected.items():
+            ds = h5[name]
+            assert ds.shape == shape, name
+            if dtype is None:
+                assert h5py.check_string_dtype(ds.dtype).encoding == "utf-8" and not ds.fletcher32
+            else:
+                assert ds.dtype == dtype and ds.fletcher32 and ds.chunks, name
+            assert ds.compression is None
+        a = h5.attrs
+        assert a["format"] == FORMAT and a["layout_version"] == LAYOUT_VERSION and a["complete"]
+        assert json.loads(a["identity"]) == IDENTITY and a["fingerprint"] == fingerprint(IDENTITY)
+        assert a["n_sentences"] == S and a["n_tokens"] == T and a["seconds"] == 1.5
+        assert a["language"] == "hi" and list(a["layers"]) == LAYERS and list(a["sae_ids"]) == ["a", "b"]
+        assert all(h5[f"layers/{i}"].attrs["fve"] == 0.5 for i in LAYERS)
+    assert not list(tmp_path.glob(".*")) and not (tmp_path / "hi.h5.parts").exists()  # nothing staged is left
+
+
+def test_round_trip_reads_back_what_was_written(tmp_path):
+    path = tmp_path / "hi.h5"
+    write(path)
+    with ActivationFile(path) as f:
+        assert f.language == "hi" and f.layers == LAYERS and f.n_sentences == 5
+        assert f.sentence_ids == ["s0", "s1", "s2", "s3", "s4"]
+        assert f.token_offsets.tolist() == [0, 3, 5, 6, 10, 12]
+        assert f.token_ids.tolist() == np.concatenate([b.token_ids for b in BATCHES]).tolist()
+        for i in LAYERS:
+            indptr, indices, values = f.codes(i)
+            assert indices.tolist() == np.concatenate([b.layers[i].indices for b in BATCHES]).tolist()
+            np.testing.assert_array_equal(values, np.concatenate([b.layers[i].values for b in BATCHES])
+                                          .astype(np.float16))
+            assert indptr[-1] == len(indices) and (np.diff(indptr) >= 1).all()
+            for stat in ("mass", "l0", "max"):
+                np.testing.assert_array_equal(
+                    f.stats(i, stat), np.concatenate([getattr(b.layers[i], stat) for b in BATCHES]).astype(np.float32))
+            assert f.has_resid(i)
+            np.testing.assert_array_equal(f.resid(i), np.concatenate([b.layers[i].resid for b in BATCHES]))
+
+
+def test_a_resumed_writer_appends_after_its_committed_parts(tmp_path):
+    first = ActivationWriter(tmp_path / "hi.h5", IDENTITY, LAYERS)
+    first.write_batch(BATCHES[0])
+    del first  # a killed job: its parts stay, the final file does not exist
+    resumed = ActivationWriter(tmp_path / "hi.h5", IDENTITY, LAYERS)
+    assert not resumed.complete and resumed.n_parts == 1 and resumed.done_sentence_ids() == {"s0", "s1"}
+    resumed.write_batch(BATCHES[1])
+    resumed.finalize({"seconds": 1.5, "lingogap_version": "test"}, {i: {"fve": 0.5, "l0": 2.0} for i in LAYERS})
+    write(tmp_path / "ref" / "hi.h5")
+    want, got = datasets(tmp_path / "ref" / "hi.h5"), datasets(tmp_path / "hi.h5")
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(want[name], got[name], err_msg=name)
+    again = ActivationWriter(tmp_path / "hi.h5", IDENTITY, LAYERS)
+    assert again.complete and again.done_sentence_ids() == {f"s{k}" for k in range(5)}
+
+
+def test_another_identity_is_refused_in_parts_and_in_files_unless_overwritten(tmp_path):
+    other = {**IDENTITY, "model_id": "test/other"}
+    ActivationWriter(tmp_path / "a.h5", IDENTITY, LAYERS).write_batch(BATCHES[0])
+    with pytest.raises(StoreError, match="partial extraction with a different configuration.*model_id"):
+        ActivationWriter(tmp_path / "a.h5", other, LAYERS)
+    write(tmp_path / "b.h5")
+    with pytest.raises(StoreError, match="different configuration.*--overwrite"):
+        ActivationWriter(tmp_path / "b.h5", other, LAYERS)
+    fresh = ActivationWriter(tmp_path / "b.h5", other, LAYERS, overwrite=True)
+    assert not fresh.complete and fresh.n_parts == 0
+
+
+def test_codes_that_overflow_float16_are_refused(tmp_path):
+    batch = make_batch(["s0"], [2], 0)
+    batch.layers[3].values[0] = 1e6
+    with pytest.raises(StoreError, match="overflows float16"):
+        ActivationWriter(tmp_path / "hi.h5", IDENTITY, LAYERS).write_batch(batch)
 
 
 def test_a_layer_without_any_active_feature_is_stored_and_read(tmp_path):
@@ -15,3 +159,11 @@ def test_a_layer_without_any_active_feature_is_stored_and_read(tmp_path):
         assert len(indices) == len(values) == 0 and (indptr == 0).all() and len(indptr) == 7
         assert f.codes(0)[1].tolist() == [3, 5] * 3
         assert f.code_bytes(0) == 6 * (4 + 4) and f.code_bytes(1) == 0  # float32 values, int32 indices
+
+
+def test_truncated_file_is_reported(tmp_path):
+    source = write(tmp_path / "hi.h5").path
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    with pytest.raises(StoreError, match="truncated or corrupt"):
+        ActivationFile(broken)

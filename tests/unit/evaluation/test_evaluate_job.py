@@ -1,0 +1,112 @@
+"""jobs.evaluate end to end on the tiny model: results.json/csv, items.csv, the figure, base vs adapted on the
+same items, and the report of a missing language."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis import stats
+from toolkit.config import Config
+from toolkit.errors import UserError
+
+
+def _cfg(tmp_path, data, **extra) -> Config:
+    return Config.build({"run": {"preset": "tiny", "run": str(tmp_path / "run"), "langs": "hi"},
+                         "eval": {"tasks": "arc", "limit": 10, "bench_data": str(data), "batch_size": 4, **extra}})
+
+
+def _items(run: Path) -> dict:
+    with open(run / "eval" / "items.csv", newline="") as fh:
+        out: dict = {}
+        for r in csv.DictReader(fh):
+            out.setdefault((r["model"], r["task"], r["language"]), {})[r["item"]] = r
+    return out
+
+
+def test_tiny_model_ten_arc_items_in_two_languages(tmp_path, fixture_data):
+    from jobs import evaluate
+
+    result = evaluate.run(_cfg(tmp_path, fixture_data))
+    run = tmp_path / "run"
+    rows = {(r["model"], r["language"]): r for r in result["results"]}
+    assert set(rows) == {("base", "en"), ("base", "hi")} and [m["label"] for m in result["models"]] == ["base"]
+    items = _items(run)
+    for lang in ("en", "hi"):
+        r = rows["base", lang]
+        assert r["status"] == "ok" and r["n"] == 10
+        assert 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1
+        acc = np.array([float(i["acc"]) for i in items["base", "arc", lang].values()])
+        assert r["acc"] == pytest.approx(acc.mean())
+        assert r["acc_stderr"] == pytest.approx(np.std(acc, ddof=1) / math.sqrt(10))
+        assert all(int(i["acc"]) == (i["pred"] == i["gold"]) for i in items["base", "arc", lang].values())
+    on_disk = json.loads((run / "eval" / "results.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(result["results"]))
+    assert (run / "eval" / "figures" / "accuracy.png").stat().st_size > 1000
+    assert "evaluate" in json.loads((run / "manifest.json").read_text())["stages"]
+    with open(run / "eval" / "results.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+
+
+def _make_adapter(path: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from toolkit import models
+    from toolkit.config import ModelConfig
+
+    lm = models.load(ModelConfig(name="tiny"))
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    get_peft_model(lm.model, config).save_pretrained(str(path))
+
+
+def test_adapter_against_base_on_the_same_items(tmp_path, fixture_data, capsys, monkeypatch):
+    from jobs import evaluate
+
+    _make_adapter(tmp_path / "run" / "align" / "hi" / "adapter")
+    monkeypatch.setenv("COLUMNS", "160")  # the job's own console prints the tables to stderr
+    result = evaluate.run(_cfg(tmp_path, fixture_data, tasks="arc,hellaswag"))
+    assert [m["label"] for m in result["models"]] == ["base", "adapted:hi"]
+    items = _items(tmp_path / "run")
+    by = {(r["model"], r["task"], r["language"]): r for r in result["results"]}
+    preds_differ = False
+    for c in result["comparisons"]:
+        base, adapted = items["base", c["task"], c["language"]], items["adapted:hi", c["task"], c["language"]]
+        assert set(base) == set(adapted) and c["n_paired"] == len(base) == 10
+        assert c["delta_acc"] == pytest.approx(by["adapted:hi", c["task"], c["language"]]["acc"]
+                                               - by["base", c["task"], c["language"]]["acc"])
+        assert c["base_only"] == sum(base[k]["acc"] == "1" and adapted[k]["acc"] == "0" for k in base)
+        assert c["adapted_only"] == sum(base[k]["acc"] == "0" and adapted[k]["acc"] == "1" for k in base)
+        assert c["p_mcnemar"] == stats.mcnemar_exact(c["base_only"], c["adapted_only"])
+        preds_differ |= any(base[k]["pred"] != adapted[k]["pred"] for k in base)
+    assert len(result["comparisons"]) == 4 and preds_differ, "the adapter should change some predictions"
+    text = capsys.readouterr().err
+    assert "base vs adapted:hi" in text and "Δ acc" in text
+    with open(tmp_path / "run" / "eval" / "results.csv", newline="") as fh:
+        adapted_rows = [r for r in csv.DictReader(fh) if r["model"] == "adapted:hi"]
+    assert len(adapted_rows) == 4 and all(r["p_mcnemar"] for r in adapted_rows)
+
+
+def test_explicit_adapter_and_missing_language_in_the_report(tmp_path, fixture_data, capsys, monkeypatch):
+    from jobs import evaluate
+
+    cfg = _cfg(tmp_path, fixture_data, tasks="hellaswag")
+    cfg.run.langs = "zh"
+    cfg.model.adapter = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="adapter_config.json"):
+        evaluate.run(cfg)
+    cfg.model.adapter = ""
+    monkeypatch.setenv("COLUMNS", "160")
+    capsys.readouterr()
+    result = evaluate.run(cfg)
+    status = {r["language"]: r["status"] for r in result["results"]}
+    assert status == {"en": "ok", "zh": "missing"}
+    assert "missing" in capsys.readouterr().err
+    assert evaluate.adapter_label(tmp_path / "align" / "ml" / "adapter") == "adapted:ml"
+    assert evaluate.adapter_label(tmp_path / "my-lora") == "adapted:my-lora"

@@ -1,0 +1,193 @@
+"""The measurement core: residual stream of every selected layer -> per-layer SAE codes -> HDF5, resumable.
+
+One extraction unit is one language (or one shard of it). The caller loads the model and the SAEs
+once and extracts any number of units with them; progress is reported through a callback, so this
+module prints nothing (`jobs/extract.py` draws the bars and the summary table).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toolkit import __version__, models
+from toolkit import saes as sae_sources
+from toolkit.capture import HOOK_TEMPLATE, ResidualCapture, TokenBatch, iter_batches
+from toolkit.config import Config
+from toolkit.corpus import Corpus
+from toolkit.errors import UserError
+from toolkit.rundir import RunDir
+from toolkit.store import ActivationFile, ActivationWriter, Batch, LayerBatch, shard_name
+
+# advance(sentences done in this batch, tokens per second so far)
+Advance = Callable[[int, float], None]
+# progress(lang, total sentences, sentences already committed) -> a context yielding `advance`;
+# entered only when a unit has batches left to compute.
+ProgressFactory = Callable[[str, int, int], AbstractContextManager[Advance]]
+
+
+@dataclass
+class ExtractionUnit:
+    lang: str
+    shard: int = 0
+    n_shards: int = 1
+
+
+@dataclass
+class Summary:
+    lang: str
+    sentences: int
+    tokens: int
+    seconds: float
+    path: Path
+    mean_l0: float
+    skipped: bool = False
+
+
+def all_units(cfg: Config) -> list[ExtractionUnit]:
+    """Every language and shard of the config."""
+    return [ExtractionUnit(lang, k, cfg.extract.shards) for lang in cfg.lang_codes for k in range(cfg.extract.shards)]
+
+
+def fixed_mmap_threshold(size: int = 4 << 20) -> bool:
+    """Give buffers of `size` bytes and more back to the OS when freed (glibc; a no-op elsewhere).
+
+    glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), after which tensors of
+    varying batch shapes come from a heap that fragments: peak RSS grew 1.37x from 1x to 16x the corpus
+    at 256-token batches, 1.07x with this fix. 256 KiB instead cost 20 % of throughput in page faults
+    for no lower peak (docs/performance.md).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(-3, size))  # -3: M_MMAP_THRESHOLD in malloc.h
+
+
+def shard_ids(ids: list[str], shard: int, n_shards: int) -> list[str]:
+    """Contiguous blocks of ids, so shard files of one language concatenate in corpus order."""
+    bounds = np.linspace(0, len(ids), n_shards + 1).round().astype(int)
+    return ids[bounds[shard]:bounds[shard + 1]]
+
+
+def identity(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpus: Corpus, unit: ExtractionUnit,
+             layers: list[int]) -> dict:
+    """What makes a file this extraction's: a writer refuses to resume a file with another identity."""
+    return {
+        "language": unit.lang, "shard": unit.shard, "n_shards": unit.n_shards,
+        "corpus_name": corpus.name, "corpus_hash": corpus.lang_hash(unit.lang), "n_corpus": len(corpus.ids),
+        "model_id": lm.model_id, "model_revision": lm.revision, "preset": cfg.run.preset,
+        "adapter": cfg.model.adapter, "compute_dtype": str(lm.dtype).removeprefix("torch."),
+        "d_model": lm.d_model, "layers": layers, "hook_point": HOOK_TEMPLATE,
+        "sae_source": saes.source, "sae_ids": saes.ids, "d_sae": [saes.layers[i].d_sae for i in layers],
+        "code_dtype": cfg.extract.code_dtype, "max_length": cfg.extract.max_length,
+        "batch_tokens": cfg.extract.batch_tokens, "save_resid": cfg.extract.save_resid,
+    }
+
+
+@contextmanager
+def no_progress(lang: str, total: int, completed: int) -> Iterator[Advance]:
+    yield lambda sentences, rate: None
+
+
+def extract_unit(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpus: Corpus,
+                 unit: ExtractionUnit, layers: list[int], progress: ProgressFactory = no_progress) -> Summary:
+    """Extract one unit into RUN/activations, resuming from its committed parts; skip a finished file."""
+    path = RunDir(cfg.run_dir).activations / shard_name(unit.lang, unit.shard, unit.n_shards)
+    writer = ActivationWriter(path, identity(cfg, lm, saes, corpus, unit, layers), layers,
+                              cfg.extract.code_dtype, overwrite=cfg.extract.overwrite)
+    if writer.complete:
+        return summary_of(path, skipped=True)
+    sentences = corpus.subset(shard_ids(corpus.ids, unit.shard, unit.n_shards)).sentences(unit.lang)
+    # The plan depends only on the text and the config, so a resumed run skips exactly the batches
+    # already committed and its file equals an uninterrupted run's.
+    batches = list(iter_batches(sentences, lm.tokenizer, cfg.extract.batch_tokens, cfg.extract.max_length))
+    committed = writer.n_parts
+    done_ids = [sid for b in batches[:committed] for sid in b.sentence_ids]
+    if set(done_ids) != writer.done_sentence_ids():
+        raise UserError(f"{writer.parts} does not match the current batch plan; rerun with --overwrite")
+    started = time.perf_counter()
+    n_tokens = sum(b.n_real - len(b.sentence_ids) for b in batches[committed:])
+    with progress(unit.lang, len(sentences), len(done_ids)) as advance:
+        _encode_and_write(lm, saes, batches[committed:], layers, cfg.extract.save_resid, writer, started, advance)
+    seconds = time.perf_counter() - started
+    writer.finalize(
+        {"lingogap_version": __version__, "seconds": seconds, "sae_quality": saes.quality(),
+         "tokens_per_second": n_tokens / max(seconds, 1e-9)},
+        {i: {"sae_id": saes.layers[i].sae_id, "d_sae": saes.layers[i].d_sae, "fve": saes.layers[i].fve,
+             "l0": saes.layers[i].l0} for i in layers},
+    )
+    return summary_of(path, seconds=seconds)
+
+
+def _encode_and_write(lm: models.LoadedModel, saes: sae_sources.SAESet, batches: list[TokenBatch],
+                      layers: list[int], save_resid: bool, writer: ActivationWriter, started: float,
+                      advance: Advance) -> None:
+    # Batch k is written (and fsynced) by one I/O thread while batch k+1 is computed; parts stay in order.
+    with ThreadPoolExecutor(1, thread_name_prefix="hdf5-parts") as io:
+        done_tokens = 0
+        writing = None
+        for batch in batches:
+            encoded = encode_batch(lm, saes, batch, layers, save_resid)
+            if writing is not None:
+                writing.result()
+            writing = io.submit(writer.write_batch, encoded)
+            done_tokens += batch.n_real - len(batch.sentence_ids)
+            advance(len(batch.sentence_ids), done_tokens / max(time.perf_counter() - started, 1e-9))
+        if writing is not None:
+            writing.result()
+
+
+def encode_batch(lm: models.LoadedModel, saes: sae_sources.SAESet, batch: TokenBatch, layers: list[int],
+                 save_resid: bool) -> Batch:
+    """One forward pass; each layer's residual is encoded by its SAE inside the hook and dropped."""
+    keep = batch.keep
+    lengths = keep.sum(1)
+    # sentence index of every kept token (boolean indexing keeps row-major order)
+    owner = torch.arange(len(lengths)).repeat_interleave(lengths).to(lm.device)
+    n_sent = len(lengths)
+    out = Batch(
+        sentence_ids=batch.sentence_ids,
+        lengths=lengths.numpy(),
+        token_ids=batch.input_ids[keep].numpy(),
+        positions=torch.arange(batch.input_ids.shape[1]).expand_as(keep)[keep].numpy(),
+    )
+    keep_dev = keep.to(lm.device)
+    per_sentence = lengths.to(lm.device, torch.float32)
+
+    def sink(layer: int, hidden: torch.Tensor) -> None:
+        x = hidden[keep_dev]
+        rows, cols, values = saes.layers[layer].encode_sparse(x)
+        values = values.float()  # the statistics come from the few nonzero entries
+        who = owner[rows]
+        mass = torch.zeros(n_sent, device=values.device).index_add_(0, who, values) / per_sentence
+        l0 = torch.bincount(who, minlength=n_sent) / per_sentence
+        peak = torch.zeros(n_sent, device=values.device).scatter_reduce_(0, who, values, "amax", include_self=False)
+        indptr = torch.zeros(len(x) + 1, dtype=torch.long)
+        indptr[1:] = torch.bincount(rows.cpu(), minlength=len(x)).cumsum(0)
+        out.layers[layer] = LayerBatch(
+            indptr=indptr.numpy(), indices=cols.cpu().numpy(), values=values.cpu().numpy(),
+            mass=mass.cpu().numpy(), l0=l0.cpu().numpy(), max=peak.cpu().numpy(),
+            resid=x.float().cpu().numpy() if save_resid else None,
+        )
+
+    with torch.inference_mode(), ResidualCapture(lm, layers, sink) as cap:
+        cap.run(batch)
+    return out
+
+
+def summary_of(path: Path, seconds: float | None = None, skipped: bool = False) -> Summary:
+    """A finished file's summary; `seconds` from its attributes unless this run measured them."""
+    with ActivationFile(path) as f:
+        layers = f.layers
+        l0 = float(np.mean([f.stats(i, "l0").mean() for i in layers])) if f.n_sentences else float("nan")
+        return Summary(f.language, f.n_sentences, int(f.attrs["n_tokens"]),
+                       float(f.attrs.get("seconds", 0.0)) if seconds is None else seconds, path, l0, skipped)
