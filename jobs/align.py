@@ -29,13 +29,14 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from jobs.extract import Unit, extract_unit  # TODO(merge): from toolkit.extraction (moved there on wt-extract)
+from jobs.progress import extraction_bar
 from toolkit import align, models, stages
 from toolkit import corpus as corpora
 from toolkit import saes as sae_sources
 from toolkit.align import metrics as am
 from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
+from toolkit.extraction import ExtractionUnit, extract_unit
 from toolkit.rundir import RunDir
 from toolkit.stages import Task
 from toolkit.store import ActivationFile
@@ -55,16 +56,12 @@ def align_targets(cfg: Config, langs: list[str] | None = None) -> list[AlignTarg
     return [AlignTarget("joint", chosen)] if cfg.align.joint else [AlignTarget(lang, [lang]) for lang in chosen]
 
 
-def run(cfg: Config, task: Task | None = None, *, console: Console | None = None,
-        langs: list[str] | None = None) -> list[dict]:
-    """Train and measure one adapter per target language (or one joint adapter); returns a summary per target.
-
-    `console` and `langs` are what toolkit.cluster passes today (TODO(merge): drop them once it calls
-    stages.run(cfg, "align", task))."""
+def run(cfg: Config, task: Task | None = None) -> list[dict]:
+    """Train and measure one adapter per target language (or one joint adapter); returns a summary per target."""
     engine = align.resolve_engine(cfg.align.engine)
     dist = align.setup_distributed(engine, cfg.model.device)
-    console = (console or Console(stderr=True)) if dist.main else Console(quiet=True)
-    todo = align_targets(cfg, list(task.langs) if task and task.langs else langs)
+    console = Console(stderr=True) if dist.main else Console(quiet=True)
+    todo = align_targets(cfg, list(task.langs) if task and task.langs else None)
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     if dist.main:
         RunDir(cfg.run_dir).write_manifest(cfg, "align", corpus.hash)
@@ -261,7 +258,7 @@ def measure(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpu
     ppl = {} if fresh or not ppl_path.is_file() else align.read_json(ppl_path)
     out = {}
     for lang in corpus.langs:
-        summary = extract_unit(sub_cfg, lm, saes, corpus, Unit(lang), layers, console)
+        summary = extract_unit(sub_cfg, lm, saes, corpus, ExtractionUnit(lang), layers, extraction_bar(console))
         with ActivationFile(summary.path) as f:
             a = {layer: float(f.stats(layer, "mass").mean()) for layer in layers}
         if lang not in ppl:

@@ -82,7 +82,7 @@ def _gaps_and_source(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus,
 def mean_mass(cfg: Config, lm: LoadedModel, saes: SAESet, sentences: list[tuple[str, str]],
               layers: list[int]) -> dict[int, float]:
     """A(L, l) over `sentences`: mean of the per-sentence mean activation mass, as extraction stores it."""
-    from jobs.extract import encode_batch  # TODO(merge): from toolkit.extraction import encode_batch
+    from toolkit.extraction import encode_batch
 
     per_layer: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     for batch in iter_batches(sentences, lm.tokenizer, cfg.extract.batch_tokens, cfg.extract.max_length):
