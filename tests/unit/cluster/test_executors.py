@@ -10,10 +10,18 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
+from rich.console import Console
 
-from tests.unit.cluster.common import HERE, TINY
+from tests.unit.cluster.common import HERE, TINY, cfg_of
+from toolkit.cluster import get_executor, plan
+from toolkit.cluster.base import Executor
+from toolkit.cluster.debug import DebugExecutor
 from toolkit.cluster.job import ResumableStageJob
+from toolkit.cluster.local import LocalExecutor
+from toolkit.cluster.slurm import SlurmExecutor
 from toolkit.cluster.states import result_of
+from toolkit.errors import UserError
 from toolkit.submit import main
 
 
@@ -120,3 +128,27 @@ def test_dry_run_lists_the_jobs_and_their_resources(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "jobs (slurm, profile example-gpu)" in out and "0 GPU, 16GB, 60 min" in out  # report: no GPU
     assert f"apptainer exec --nv --bind {tmp_path}," in out and not (tmp_path / "jobs.json").exists()
+
+
+def test_executors_are_chosen_by_name(tmp_path):
+    console = Console(file=open(os.devnull, "w"))
+    assert type(get_executor(cfg_of(tmp_path), console)) is LocalExecutor
+    assert type(get_executor(cfg_of(tmp_path, executor="debug"), console)) is DebugExecutor
+    slurm = get_executor(cfg_of(tmp_path, executor="slurm", cluster="testcluster"), console)
+    assert type(slurm) is SlurmExecutor and slurm.profile.name == "testcluster"
+    cfg = cfg_of(tmp_path)
+    cfg.run.executor = "cloud"
+    with pytest.raises(UserError, match="unknown executor 'cloud'; known: .*local.*debug.*slurm"):
+        get_executor(cfg, console)
+
+
+def test_local_merges_a_stage_into_one_call_and_debug_keeps_the_tasks(tmp_path, capsys):
+    assert main(["extract", *TINY, "--run", str(tmp_path), "--dry-run"]) == 0
+    assert "jobs (local)" in capsys.readouterr().out.split("resolved config")[-1]
+    cfg = cfg_of(tmp_path, executor="debug")
+    step = plan(cfg, "extract")[-1]  # (after train-saes: the tiny preset trains its SAEs)
+    console = Console(file=open(os.devnull, "w"))
+    assert [t.label for t in get_executor(cfg, console).tasks(step)] == ["en", "hi"]
+    cfg.run.executor = "local"
+    assert [t.label for t in get_executor(cfg, console).tasks(step)] == ["en,hi"]
+    assert isinstance(get_executor(cfg, console), Executor)
