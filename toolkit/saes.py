@@ -31,37 +31,10 @@ from toolkit.config import Config
 from toolkit.corpus import Corpus
 from toolkit.errors import HubUnreachable, UserError
 from toolkit.models import LoadedModel
+from toolkit.sae_source import SAESource as SAESource  # re-exported: `--sae` parsed, torch-free
 
 HELDOUT_FRACTION = 0.1
 QUALITY_CHUNK_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class SAESource:
-    """`--sae` parsed once: kind `auto`, `train`, `random`, `pretrained` (arg: the release) or `dir` (arg: PATH)."""
-
-    kind: str
-    arg: str = ""
-
-    @classmethod
-    def parse(cls, spec: str | SAESource) -> SAESource:
-        if isinstance(spec, SAESource):
-            return spec
-        kind, _, arg = spec.partition(":")
-        return cls(kind, arg)
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.arg}" if self.kind in ("pretrained", "dir") else self.kind
-
-    @property
-    def paths(self) -> list[Path]:
-        """Local paths a job reads (a container must bind them)."""
-        return [Path(self.arg)] if self.kind == "dir" and self.arg else []
-
-    def absolute(self) -> SAESource:
-        if self.kind == "dir" and self.arg:
-            return SAESource("dir", str(Path(self.arg).expanduser().resolve()))
-        return self
 
 
 @dataclass

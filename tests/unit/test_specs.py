@@ -6,7 +6,7 @@ import pytest
 
 from toolkit.corpus import CorpusSpec
 from toolkit.errors import UserError
-from toolkit.saes import SAESource
+from toolkit.sae_source import SAESource
 
 
 @pytest.mark.parametrize("spec, kind, arg, paths", [
@@ -50,6 +50,12 @@ def test_corpus_load_takes_a_spec_or_a_string():
 def test_sae_sources(spec, kind, arg, paths):
     parsed = SAESource.parse(spec)
     assert (parsed.kind, parsed.arg, parsed.paths, str(parsed)) == (kind, arg, paths, spec)
+
+
+def test_the_sae_module_re_exports_the_source():
+    from toolkit import saes
+
+    assert saes.SAESource is SAESource
 
 
 def test_sae_directories_become_absolute(tmp_path, monkeypatch):

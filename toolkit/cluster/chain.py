@@ -14,6 +14,7 @@ from toolkit import stages
 from toolkit.config import Config
 from toolkit.corpus import CorpusSpec
 from toolkit.errors import UserError
+from toolkit.sae_source import SAESource
 from toolkit.stages import Task
 
 
@@ -28,8 +29,6 @@ class Step:
 def stage_list(cfg: Config, stage: str) -> list[str]:
     """The stages a command runs, in order. With --sae train, jobs (slurm, debug) get a train-saes job first;
     `local` runs one process that trains them inside the extraction anyway."""
-    from toolkit.saes import SAESource
-
     names = [s.strip() for s in cfg.run.stages.split(",") if s.strip()] if stage == "pipeline" else [stage]
     if SAESource.parse(cfg.sae.source).kind == "train" and cfg.run.executor != "local" and "train-saes" not in names:
         users = [i for i, s in enumerate(names) if stages.get(s).uses_saes]
@@ -47,8 +46,6 @@ def plan(cfg: Config, stage: str) -> list[Step]:
 
 def absolute(cfg: Config) -> Config:
     """A copy whose paths are absolute, so jobs find them whatever their working directory."""
-    from toolkit.saes import SAESource
-
     out = copy.deepcopy(cfg)
     out.run.run = str(Path(cfg.run.run).expanduser().resolve())
     out.run.corpus = _absolute_corpus(cfg.run.corpus)

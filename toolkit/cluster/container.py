@@ -18,6 +18,7 @@ from toolkit.cluster.profile import ROOT, Container
 from toolkit.config import Config, cache_dir
 from toolkit.corpus import CorpusSpec
 from toolkit.errors import UserError
+from toolkit.sae_source import SAESource
 
 DEF_FILE = ROOT / "containers" / "Apptainer.def"
 VERSION_PROBE = ("import json, sys, submitit, cloudpickle; print(json.dumps({'python': '%d.%d' % sys.version_info[:2], "
@@ -80,8 +81,6 @@ def hf_home() -> Path:
 
 def data_paths(cfg: Config) -> list[Path]:
     """Host paths a job reads besides the run directory and the caches (corpus, SAEs, model, adapter, data)."""
-    from toolkit.saes import SAESource
-
     out: list[Path] = []
     for spec in (cfg.run.corpus, cfg.sae.train_corpus):
         out += CorpusSpec.parse(spec).paths
