@@ -6,9 +6,11 @@ from rich.console import Console
 
 from toolkit.config import Config
 from toolkit.rundir import RunDir
+from toolkit.stages import Task
 
 
-def run(cfg: Config, console: Console | None = None):
+def run(cfg: Config, task: Task | None = None):
+    """The report of the whole run; one task: the stage does not split."""
     from analysis.gaps import run_report
 
     RunDir(cfg.run_dir).write_manifest(cfg, "report")

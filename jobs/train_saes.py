@@ -5,14 +5,17 @@ from __future__ import annotations
 from rich.console import Console
 
 from toolkit import models, saes
-from toolkit.config import Config, parse_layers
+from toolkit.config import Config
 from toolkit.errors import UserError
+from toolkit.layers import parse_layers
 from toolkit.rundir import RunDir
+from toolkit.stages import Task
 
 
-def run(cfg: Config, console: Console | None = None) -> saes.SAESet:
-    console = console or Console(stderr=True)
-    if cfg.sae.source not in ("auto", "train"):
+def run(cfg: Config, task: Task | None = None) -> saes.SAESet:
+    """Train (or reuse) the run's SAEs; one task: the stage does not split."""
+    console = Console(stderr=True)
+    if saes.SAESource.parse(cfg.sae.source).kind not in ("auto", "train"):
         raise UserError(f"train-saes trains local SAEs; --sae {cfg.sae.source} names SAEs that already exist "
                         "(use --sae train, or run extract directly)")
     corpus = saes.training_corpus(cfg)

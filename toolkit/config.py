@@ -17,7 +17,10 @@ from typing import Any
 
 import yaml
 
+from toolkit import stages
 from toolkit.errors import UserError
+from toolkit.layers import band_ranges
+from toolkit.layers import parse_layers as parse_layers  # re-exported: the jobs import it from here
 
 
 def opt(default, help: str, flag: str | None = None, choices: tuple | None = None):
@@ -124,7 +127,6 @@ class EvalConfig:
     no_base: bool = opt(False, "skip the base model when an adapter is evaluated")
 
 
-PIPELINE_STAGES = ("train-saes", "extract", "report", "align", "evaluate")
 
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
@@ -236,17 +238,16 @@ class Config:
             raise UserError("sae.id_template must contain {i} (the layer) for a pretrained SAE release")
         if self.run.executor == "slurm" and not self.run.cluster:
             raise UserError("run.cluster: --executor slurm needs --cluster NAME (a profile in slurm/profiles/)")
-        bad_stages = [s for s in self.run.stages.split(",") if s.strip() not in PIPELINE_STAGES]
+        jobs = stages.job_stages()
+        bad_stages = [s for s in self.run.stages.split(",") if s.strip() not in jobs]
         if bad_stages or not self.run.stages.strip():
             raise UserError(f"run.stages: unknown stage(s) {', '.join(bad_stages) or '(none)'}; "
-                            f"choose from {', '.join(PIPELINE_STAGES)}")
+                            f"choose from {', '.join(jobs)}")
         if self.run.container and not self.run.container.endswith(".sif"):
             raise UserError(f"run.container must be an Apptainer image ending in .sif (got {self.run.container!r})")
         if self.report.bands:
-            from analysis.bands import parse_bands
-
             try:
-                parse_bands(self.report.bands, range(1000))
+                band_ranges(self.report.bands)
             except UserError as exc:
                 raise UserError(f"report.{exc}") from None
         unknown = {t.strip() for t in self.eval.tasks.split(",")} - {"arc", "mmlu", "hellaswag"}
@@ -414,38 +415,6 @@ def load_yaml(path: str) -> dict[str, dict[str, Any]]:
         else:
             out.setdefault("run", {})[key] = value
     return out
-
-
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """`all`, `0-5,12`, `0-25:2` (range with stride), `10-` (to the last) or `::3` (stride over all)."""
-    spec = spec.strip()
-    if spec in ("all", ""):
-        return list(range(n_layers))
-    chosen: set[int] = set()
-    for part in spec.split(","):
-        chosen.update(_layer_part(re.sub(r"\s+", "", part), n_layers))
-    bad = sorted(i for i in chosen if i >= n_layers)
-    if bad:
-        raise UserError(f"run.layers: layer(s) {bad} out of range; the model has layers 0-{n_layers - 1}")
-    return sorted(chosen)
-
-
-def _layer_part(part: str, n_layers: int) -> range:
-    m = re.fullmatch(r"::(\d+)|(\d+)(-(\d*))?(?::(\d+))?", part)
-    if not m:
-        # `-1` used to read as 0-1; layer ids count from 0 and never from the end.
-        hint = "layer ids are not negative and a range needs its start; " if part.startswith("-") else ""
-        raise UserError(f"run.layers: cannot parse {part!r}; {hint}use forms like all, 0-5,12 or 0-25:2")
-    step = int(m.group(1) or m.group(5) or 1)
-    if step < 1:
-        raise UserError(f"run.layers: stride must be at least 1 in {part!r}")
-    if m.group(1):
-        return range(0, n_layers, step)
-    start = int(m.group(2))
-    end = start if m.group(3) is None else (int(m.group(4)) if m.group(4) else n_layers - 1)
-    if end < start:
-        raise UserError(f"run.layers: reversed or empty range {part!r}; write the lower layer first, e.g. 2-5")
-    return range(start, end + 1, step)
 
 
 def cache_dir() -> Path:

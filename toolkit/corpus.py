@@ -55,9 +55,55 @@ class Corpus:
         return Corpus(self.name, list(ids), {lang: [t[i] for i in rows] for lang, t in self.texts.items()})
 
 
-def load(spec: str, langs: list[str], max_sentences: int = 0) -> Corpus:
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A corpus option (`--corpus`, `--sae-train-corpus`) parsed once: `kind` and its argument.
+
+    Kinds: `embedded`, `ntrex:DIR`, `flores[:dev|devtest]`, `text:DIR`, `jsonl:FILE`; `load` checks them.
+    An empty spec (no training corpus of its own) has kind "".
+    """
+
+    kind: str
+    arg: str = ""
+
+    @classmethod
+    def parse(cls, spec: str | CorpusSpec) -> CorpusSpec:
+        if isinstance(spec, CorpusSpec):
+            return spec
+        kind, _, arg = spec.partition(":")
+        return cls(kind, arg)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.arg}" if self.arg else self.kind
+
+    @property
+    def paths(self) -> list[Path]:
+        """Local paths a job reads (a container must bind them): the folder of text/ntrex, a jsonl's folder."""
+        if not self.arg:
+            return []
+        if self.kind in ("text", "ntrex"):
+            return [Path(self.arg)]
+        return [Path(self.arg).parent] if self.kind == "jsonl" else []
+
+    def absolute(self) -> CorpusSpec:
+        """The same spec with its local path absolute, so a job finds it from any working directory."""
+        if self.kind in ("text", "ntrex", "jsonl") and self.arg:
+            return CorpusSpec(self.kind, str(Path(self.arg).expanduser().resolve()))
+        return self
+
+    def check(self, name: str) -> None:
+        """Fail when the local input is missing (before anything is submitted); `name` is the option."""
+        if self.kind in ("text", "ntrex") and self.arg and not Path(self.arg).is_dir():
+            raise UserError(f"{name}: {self.arg} is not a folder")
+        if self.kind == "jsonl" and not Path(self.arg).is_file():
+            raise UserError(f"{name}: {self.arg} is not a file")
+
+
+def load(spec: str | CorpusSpec, langs: list[str], max_sentences: int = 0) -> Corpus:
     """Load `spec` for `langs`; `max_sentences` keeps the same first N ids in every language."""
-    kind, _, arg = spec.partition(":")
+    parsed = CorpusSpec.parse(spec)
+    kind, arg = parsed.kind, parsed.arg
+    spec = spec if isinstance(spec, str) else str(spec)
     if kind == "embedded":
         corpus = _embedded(langs)
     elif kind == "ntrex":

@@ -12,7 +12,9 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from toolkit import corpus as corpora
-from toolkit.config import Config, cache_dir, parse_layers
+from toolkit import stages
+from toolkit.config import Config, cache_dir
+from toolkit.layers import parse_layers
 
 KNOWN_LAYERS = {"embedded": (18, 640), "tiny": (26, 64), "google/gemma-2-2b": (26, 2304)}
 ASSUMED_L0 = 64  # for the disk estimate before any SAE is measured
@@ -48,8 +50,8 @@ def _tokenizer(cfg: Config):
 def show(cfg: Config, stage: str, console: Console) -> None:
     console.print(Panel(Syntax(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "yaml"),
                         title=f"resolved config ({stage}, preset {cfg.run.preset})"))
-    if stage not in ("extract", "train-saes", "pipeline", "align"):
-        return
+    if stage != "pipeline" and not stages.get(stage).reads_corpus:
+        return  # the table below is about the corpus a stage reads
     langs = cfg.lang_codes
     corpus = corpora.load(cfg.run.corpus, langs, cfg.run.max_sentences)
     shape = model_shape(cfg)

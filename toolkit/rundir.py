@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from toolkit import __version__
 from toolkit.config import Config
+from toolkit.files import write_json
 
 PACKAGES = ("torch", "transformers", "sae-lens", "peft", "deepspeed", "submitit", "h5py", "lm-eval", "numpy")
 SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key)$")  # not `batch_tokens`
@@ -55,9 +55,7 @@ class RunDir:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": platform.node(),
         }
-        tmp = self.manifest.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, self.manifest)
+        write_json(self.manifest, data, indent=1, sort_keys=True)
         return data
 
 

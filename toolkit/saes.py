@@ -31,6 +31,7 @@ from toolkit.config import Config
 from toolkit.corpus import Corpus
 from toolkit.errors import HubUnreachable, UserError
 from toolkit.models import LoadedModel
+from toolkit.sae_source import SAESource as SAESource  # re-exported: `--sae` parsed, torch-free
 
 HELDOUT_FRACTION = 0.1
 QUALITY_CHUNK_TOKENS = 256

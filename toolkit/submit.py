@@ -1,7 +1,8 @@
 """The command line: `python -m toolkit.submit STAGE [flags]` (also installed as `lingogap`).
 
 This module parses, plans and submits; the work itself lives in `jobs/`. Flags are generated from
-the `toolkit.config` dataclasses, so `--help`, YAML keys and the Python API never disagree.
+the `toolkit.config` dataclasses, so `--help`, YAML keys and the Python API never disagree; the stages
+(sub-commands) and the config sections each takes come from the stage registry, `toolkit.stages`.
 """
 
 from __future__ import annotations
@@ -14,21 +15,10 @@ from typing import Any
 
 from rich.console import Console
 
-from toolkit import __version__
+from toolkit import __version__, stages
 from toolkit.config import SECTIONS, Config
 from toolkit.errors import UserError
 
-STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "extract": ("stream every layer's SAE codes into RUN/activations/{lang}.h5", ("model", "sae", "extract")),
-    "train-saes": ("train (or reuse) one SAE per layer on the model's activations", ("model", "sae", "extract")),
-    "report": ("per-language, per-layer activation gaps vs English: tables, figures, JSON/CSV", ("report",)),
-    "align": ("train activation-aware LoRA adapters for the target languages", ("model", "sae", "extract", "align")),
-    "evaluate": ("ARC-Challenge, MMLU, HellaSwag per language through lm-eval, base vs adapted", ("model", "eval")),
-    "pipeline": ("submit extract -> report (-> align -> evaluate) as one dependent chain",
-                 ("model", "sae", "extract", "report", "align", "eval")),
-    "status": ("show the jobs of a run: stage, language, job id, state, elapsed, log, last error", ()),
-    "cancel": ("cancel a run's queued or running jobs", ()),
-}
 PREFIX = {"sae": "sae-"}
 
 
@@ -42,26 +32,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lingogap {__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for stage, (help_text, sections) in STAGES.items():
-        p = sub.add_parser(stage, help=help_text, description=help_text,
+    for stage in stages.all_stages():
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
         p.add_argument("--config", metavar="YAML", help="YAML config file (CLI flags override it)")
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, run nothing")
         p.add_argument("--debug", action="store_true", help="show tracebacks; run jobs in-process")
-        for section in ("run", *sections):
-            group = p.add_argument_group(section)
-            for f in dataclasses.fields(SECTIONS[section]):
-                kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "help": f.metadata["help"],
-                                          "default": argparse.SUPPRESS}
-                if isinstance(f.default, bool):
-                    kwargs["action"] = argparse.BooleanOptionalAction
-                else:
-                    kwargs["type"] = type(f.default)
-                    kwargs["metavar"] = f.name.upper()
-                    if f.metadata.get("choices"):
-                        kwargs["choices"] = f.metadata["choices"]
-                group.add_argument(flag_of(section, f), **kwargs)
+        for section in ("run", *stage.sections):
+            _add_section(p.add_argument_group(section), section)
     return parser
+
+
+def _add_section(group: argparse._ArgumentGroup, section: str) -> None:
+    """One flag per field of a config section, named, typed and explained by the field."""
+    for f in dataclasses.fields(SECTIONS[section]):
+        kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "help": f.metadata["help"],
+                                  "default": argparse.SUPPRESS}
+        if isinstance(f.default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = type(f.default)
+            kwargs["metavar"] = f.name.upper()
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(flag_of(section, f), **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

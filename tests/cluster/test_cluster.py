@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from toolkit import cluster
+from toolkit.cluster.states import states
 from toolkit.submit import main
 
 pytestmark = pytest.mark.cluster
@@ -162,14 +162,14 @@ def test_cancel_stops_a_running_array(slurm_cluster, tmp_path, capsys):
     assert main(["extract", *LONG, "--langs", "en,hi,ml", "--run", str(run), *SLURM]) == 0
     records = job_records(run)
     ids = [r["job_id"] for r in records]
-    wait_until(lambda: sum(s == "RUNNING" for s, _ in cluster.states(records).values()) >= 2, 60, "running tasks")
+    wait_until(lambda: sum(s == "RUNNING" for s, _ in states(records).values()) >= 2, 60, "running tasks")
     # ...and their Python has started (submitit's own signal handling is in place)
     wait_until(lambda: sum("Starting with" in _text(r["stdout"]) for r in records) >= 2, 60, "the jobs' Python")
     try:
         assert main(["cancel", "--run", str(run)]) == 0
         out = capsys.readouterr().err
         assert all(i in out for i in ids), out
-        wait_until(lambda: all(s == "CANCELLED" for s, _ in cluster.states(records).values()), 30, "CANCELLED")
+        wait_until(lambda: all(s == "CANCELLED" for s, _ in states(records).values()), 30, "CANCELLED")
         assert main(["status", "--run", str(run)]) == 0
         assert capsys.readouterr().err.count("CANCELLED") >= 3
         assert not (run / "activations" / "en.h5").exists()

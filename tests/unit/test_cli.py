@@ -4,7 +4,8 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from toolkit.submit import STAGES, build_parser, main
+from toolkit import stages
+from toolkit.submit import build_parser, main
 
 
 def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -19,7 +20,14 @@ def test_help_lists_every_stage():
         assert stage in out.stdout
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_stage_takes_the_flags_of_its_registered_sections(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["report", "--help"])
+    text = capsys.readouterr().out
+    assert "--n-boot" in text and "--bands" in text and "--sae-width" not in text and "--lora-r" not in text
+
+
+@pytest.mark.parametrize("stage", [s.name for s in stages.all_stages()])
 def test_every_stage_has_help_and_the_common_flags(stage, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([stage, "--help"])
@@ -59,6 +67,12 @@ def test_dry_run_prints_config_and_plan_without_loading_a_model(tmp_path):
     assert "bytes per token" in out.stdout and "layers: [0, 1, 2, 3]" in out.stdout
     assert "hi" in out.stdout and "total" in out.stdout
     assert not (tmp_path / "activations").exists()
+
+
+def test_dry_run_of_a_stage_that_reads_no_corpus_shows_the_config_only(tmp_path):
+    out = cli("report", "--preset", "tiny", "--run", str(tmp_path), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "preset: tiny" in out.stdout and "bytes per token" not in out.stdout and "report" in out.stdout
 
 
 def test_config_file_via_cli(tmp_path):

@@ -1,7 +1,12 @@
+import subprocess
+import sys
+
 import pytest
 
-from toolkit.config import Config, parse_layers
+from tests.conftest import ROOT
+from toolkit.config import Config
 from toolkit.errors import UserError
+from toolkit.layers import parse_layers
 
 
 def test_defaults_are_the_embedded_preset():
@@ -61,21 +66,6 @@ def test_yaml_errors(tmp_path):
         Config.build({"run": {"preset": "huge"}})
 
 
-@pytest.mark.parametrize(
-    "spec, n, expected",
-    [("all", 4, [0, 1, 2, 3]), ("0-2,5", 8, [0, 1, 2, 5]), ("0-25:5", 26, [0, 5, 10, 15, 20, 25]),
-     ("::6", 18, [0, 6, 12]), ("3", 4, [3]), ("10-", 12, [10, 11])],
-)
-def test_parse_layers(spec, n, expected):
-    assert parse_layers(spec, n) == expected
-
-
-@pytest.mark.parametrize("spec, message", [("0-30", "out of range"), ("a-b", "cannot parse"), ("5-2", "empty")])
-def test_parse_layers_errors(spec, message):
-    with pytest.raises(UserError, match=message):
-        parse_layers(spec, 26)
-
-
 def test_bands_are_checked_when_the_config_is_built():
     assert Config.build({"report": {"bands": "0-8,9-17,18-25"}}).report.bands == "0-8,9-17,18-25"
     with pytest.raises(UserError, match="report.bands .*must not overlap"):
@@ -109,3 +99,14 @@ def test_lossless_values_are_converted():
                                                                                           "layers": 3}})
     assert (cfg.sae.width, cfg.sae.lr, cfg.sae.train_tokens) == (64, 1.0, 500)
     assert (cfg.run.langs, cfg.run.layers) == ("en,hi", "3")
+
+
+def test_pipeline_stages_come_from_the_registry():
+    with pytest.raises(UserError, match="choose from train-saes, extract, report, align, evaluate"):
+        Config.build({"run": {"stages": "extract,status"}})
+
+
+def test_the_config_does_not_import_the_analysis_package():
+    code = "import sys, toolkit.config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'analysis'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

@@ -18,7 +18,7 @@ def test_concurrent_stages_all_land_in_the_manifest(tmp_path):
     data = json.loads((tmp_path / "manifest.json").read_text())
     assert sorted(data["stages"]) == sorted(stages)
     assert {s: data["stages"][s]["corpus_hash"] for s in stages} == {s: s for s in stages}
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))  # nothing left staged
 
 
 def test_manifest_keeps_token_counts_and_drops_secrets():

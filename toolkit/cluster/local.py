@@ -1,0 +1,62 @@
+"""`--executor local` (the default): each stage runs in this process, one after another.
+
+A stage's tasks are merged into one call (an extraction loads the model once for all its languages),
+progress shows live, Ctrl-C stops it and the same command resumes. Each call is recorded in
+RUN/jobs.json (job id `local-PID-N`), so `status` shows it and `cancel` interrupts it (SIGINT to this
+process; same host only).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from toolkit import stages
+from toolkit.cluster.base import Executor, register_executor
+from toolkit.cluster.chain import Step
+from toolkit.cluster.joblog import JobLog, now
+from toolkit.stages import Task
+
+
+@register_executor
+class LocalExecutor(Executor):
+    name = "local"
+
+    def tasks(self, step: Step) -> list[Task]:
+        return [stages.get(step.stage).merge(step.tasks)]
+
+    def run(self, steps: list[Step]) -> int:
+        """Every step in order; a failure stops the chain (and propagates, recorded as FAILED)."""
+        log = JobLog(self.cfg.run_dir)
+        for step in steps:
+            for task in self.tasks(step):
+                self._recorded(log, step.stage, task)
+        return 0
+
+    def call(self, stage: str, task: Task) -> None:
+        stages.run(self.cfg, stage, task)
+
+    def failed(self, exc: BaseException) -> None:
+        """Called with a task's exception before it propagates."""
+
+    def _recorded(self, log: JobLog, stage: str, task: Task) -> None:
+        job_id = f"{self.name}-{os.getpid()}-{len(log.read())}"
+        log.add([{"stage": stage, "language": task.label, "job_id": job_id, "array_task": None,
+                  "executor": self.name, "host": socket.gethostname(), "pid": os.getpid(),
+                  "submitted": now(), "started": time.time(), "state": "RUNNING"}])
+        try:
+            self.call(stage, task)
+        except KeyboardInterrupt:
+            log.update(job_id, state="CANCELLED", ended=time.time(), error="interrupted (Ctrl-C or cancel)")
+            raise
+        except BaseException as exc:
+            log.update(job_id, state="FAILED", ended=time.time(), error=one_line(exc))
+            self.failed(exc)
+            raise
+        log.update(job_id, state="COMPLETED", ended=time.time())
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}".rstrip(": ")

@@ -1,0 +1,37 @@
+"""`--sae` parsed once into a typed value, torch-free so that submitting and planning never import torch.
+
+`toolkit.saes` resolves it into SAEs (and re-exports it); the cluster layer asks it which paths to bind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SAESource:
+    """`--sae` parsed once: kind `auto`, `train`, `random`, `pretrained` (arg: the release) or `dir` (arg: PATH)."""
+
+    kind: str
+    arg: str = ""
+
+    @classmethod
+    def parse(cls, spec: str | SAESource) -> SAESource:
+        if isinstance(spec, SAESource):
+            return spec
+        kind, _, arg = spec.partition(":")
+        return cls(kind, arg)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.arg}" if self.kind in ("pretrained", "dir") else self.kind
+
+    @property
+    def paths(self) -> list[Path]:
+        """Local paths a job reads (a container must bind them)."""
+        return [Path(self.arg)] if self.kind == "dir" and self.arg else []
+
+    def absolute(self) -> SAESource:
+        if self.kind == "dir" and self.arg:
+            return SAESource("dir", str(Path(self.arg).expanduser().resolve()))
+        return self
