@@ -80,7 +80,8 @@ def jumprelu_saes(lm: LoadedModel, layers: list[int], width: int, l0: int, calib
             pre = (x - sae.b_dec) @ sae.W_enc
             k = max(1, min(len(x), round(len(x) * (1 - l0 / width))))
             sae.threshold.copy_(pre.kthvalue(k, dim=0).values.clamp_min(0))
-        out[layer] = LayerSAE(layer, sae.to(lm.dtype).eval(), f"random-jumprelu:l0={l0}/layer_{layer}")
+        out[layer] = LayerSAE(layer, sae.to(lm.dtype).eval(), f"random-jumprelu:l0={l0}/layer_{layer}",
+                              mean=x.mean(0), mean_source="calibration batches")
     return SAESet(f"random-jumprelu:seed{seed},width{width},l0{l0}", out)
 
 

@@ -35,7 +35,7 @@ def run(cfg: Config, task: Task | None = None) -> list[Summary]:
     lm = models.load(cfg.model)
     layers = parse_layers(cfg.run.layers, lm.n_layers)
     saes = sae_sources.load(cfg, lm, layers, corpus, console)
-    saes.drop_decoders()
+    saes.own_memory()
     bar = extraction_bar(console)
     summaries = [extract_unit(cfg, lm, saes, corpus, unit, layers, bar) for unit in todo]
     print_summary(summaries, console)
@@ -44,10 +44,11 @@ def run(cfg: Config, task: Task | None = None) -> list[Summary]:
 
 def print_summary(summaries: list[Summary], console: Console) -> None:
     table = Table(title="Extraction")
-    for col in ("language", "sentences", "tokens", "seconds", "tok/s", "file size", "mean L0", ""):
+    for col in ("language", "sentences", "truncated", "tokens", "seconds", "tok/s", "file size", "mean L0", ""):
         table.add_column(col, justify="left" if col in ("language", "") else "right")
     for s in summaries:
-        table.add_row(s.lang, f"{s.sentences:,}", f"{s.tokens:,}", f"{s.seconds:.1f}",
+        cut = "?" if s.truncated is None else f"[yellow]{s.truncated:,}[/]" if s.truncated else "0"
+        table.add_row(s.lang, f"{s.sentences:,}", cut, f"{s.tokens:,}", f"{s.seconds:.1f}",
                       f"{s.tokens / max(s.seconds, 1e-9):,.0f}", human_bytes(s.path.stat().st_size), f"{s.mean_l0:.1f}",
                       "already done" if s.skipped else "")
     console.print(table)

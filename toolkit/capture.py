@@ -78,6 +78,13 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return [ids if ids and ids[0] == bos else ([bos] + ids)[:max_length] for ids in encoded]
 
 
+def count_truncated(tokenizer, texts: list[str], max_length: int) -> int:
+    """How many texts `tokenize` cuts at `max_length` tokens (BOS included)."""
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return sum(len(ids) + (0 if ids and ids[0] == bos else 1) > max_length for ids in encoded)
+
+
 def iter_batches(
     sentences: list[tuple[str, str]], tokenizer, batch_tokens: int, max_length: int
 ) -> Iterator[TokenBatch]:

@@ -73,7 +73,8 @@ class SAEConfig:
 @dataclass
 class ExtractConfig:
     batch_tokens: int = opt(4096, "padded tokens per forward batch (sentences are grouped by length)")
-    max_length: int = opt(128, "truncate sentences to this many tokens (BOS included)")
+    max_length: int = opt(512, "truncate sentences to this many tokens (BOS included); cut sentences are "
+                               "counted per language (NTREX's longest line is 194 tokens)")
     save_resid: bool = opt(False, "also store dense residuals (float32) for representation similarity")
     code_dtype: str = opt("float16", "dtype of stored SAE code values", choices=("float16", "float32"))
     shards: int = opt(1, "split each language into N array tasks (merged by the report)")

@@ -265,3 +265,14 @@ def _flores(langs: list[str], split: str) -> Corpus:
         ) from None
     ids = [str(i) for i in tables[langs[0]]["id"]]
     return Corpus(f"flores:{split}", ids, {lang: list(t["text"]) for lang, t in tables.items()})
+
+
+HELDOUT_FRACTION = 0.1
+
+
+def is_heldout(sentence_id: str, fraction: float = HELDOUT_FRACTION) -> bool:
+    """Stable split by id hash: the same sentence is held out in every language and every run.
+
+    Held-out sentences measure SAE quality and fidelity (never trained on) and alignment gains."""
+    digest = hashlib.sha256(sentence_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction

@@ -20,7 +20,7 @@ import torch
 
 from toolkit import __version__, models
 from toolkit import saes as sae_sources
-from toolkit.capture import HOOK_TEMPLATE, ResidualCapture, TokenBatch, iter_batches
+from toolkit.capture import HOOK_TEMPLATE, ResidualCapture, TokenBatch, count_truncated, iter_batches
 from toolkit.config import Config
 from toolkit.corpus import Corpus
 from toolkit.errors import UserError
@@ -50,6 +50,7 @@ class Summary:
     path: Path
     mean_l0: float
     skipped: bool = False
+    truncated: int | None = None  # sentences cut at max_length (None: a file from before it was counted)
 
 
 def all_units(cfg: Config) -> list[ExtractionUnit]:
@@ -114,6 +115,7 @@ def extract_unit(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, 
     done_ids = [sid for b in batches[:committed] for sid in b.sentence_ids]
     if set(done_ids) != writer.done_sentence_ids():
         raise UserError(f"{writer.parts} does not match the current batch plan; rerun with --overwrite")
+    truncated = count_truncated(lm.tokenizer, [text for _, text in sentences], cfg.extract.max_length)
     started = time.perf_counter()
     n_tokens = sum(b.n_real - len(b.sentence_ids) for b in batches[committed:])
     with progress(unit.lang, len(sentences), len(done_ids)) as advance:
@@ -121,9 +123,9 @@ def extract_unit(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, 
     seconds = time.perf_counter() - started
     writer.finalize(
         {"lingogap_version": __version__, "seconds": seconds, "sae_quality": saes.quality(),
-         "tokens_per_second": n_tokens / max(seconds, 1e-9)},
+         "tokens_per_second": n_tokens / max(seconds, 1e-9), "n_truncated": truncated},
         {i: {"sae_id": saes.layers[i].sae_id, "d_sae": saes.layers[i].d_sae, "fve": saes.layers[i].fve,
-             "l0": saes.layers[i].l0} for i in layers},
+             "l0": saes.layers[i].l0, "mean_source": saes.layers[i].mean_source} for i in layers},
     )
     return summary_of(path, seconds=seconds)
 
@@ -163,20 +165,29 @@ def encode_batch(lm: models.LoadedModel, saes: sae_sources.SAESet, batch: TokenB
     keep_dev = keep.to(lm.device)
     per_sentence = lengths.to(lm.device, torch.float32)
 
+    def per_sentence_sum(values: torch.Tensor, who: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_sent, device=values.device).index_add_(0, who, values)
+
     def sink(layer: int, hidden: torch.Tensor) -> None:
         x = hidden[keep_dev]
-        rows, cols, values = saes.layers[layer].encode_sparse(x)
+        layer_sae = saes.layers[layer]
+        rows, cols, values = layer_sae.encode_sparse(x)
         values = values.float()  # the statistics come from the few nonzero entries
         who = owner[rows]
-        mass = torch.zeros(n_sent, device=values.device).index_add_(0, who, values) / per_sentence
+        mass = per_sentence_sum(values, who) / per_sentence
         l0 = torch.bincount(who, minlength=n_sent) / per_sentence
         peak = torch.zeros(n_sent, device=values.device).scatter_reduce_(0, who, values, "amax", include_self=False)
         indptr = torch.zeros(len(x) + 1, dtype=torch.long)
         indptr[1:] = torch.bincount(rows.cpu(), minlength=len(x)).cumsum(0)
+        controls = _controls(layer_sae, x, rows, cols, values)
+        sums = {k: per_sentence_sum(v, owner) for k, v in controls.items()}
         out.layers[layer] = LayerBatch(
             indptr=indptr.numpy(), indices=cols.cpu().numpy(), values=values.cpu().numpy(),
             mass=mass.cpu().numpy(), l0=l0.cpu().numpy(), max=peak.cpu().numpy(),
             resid=x.float().cpu().numpy() if save_resid else None,
+            resid_norm=(sums["norm"] / per_sentence).cpu().numpy(),
+            recon_err=(sums["ratio"] / per_sentence).cpu().numpy(),
+            sq_err=sums["err"].cpu().numpy(), sq_dev=sums["dev"].cpu().numpy(),
         )
 
     with torch.inference_mode(), ResidualCapture(lm, layers, sink) as cap:
@@ -184,10 +195,23 @@ def encode_batch(lm: models.LoadedModel, saes: sae_sources.SAESet, batch: TokenB
     return out
 
 
+def _controls(layer_sae: sae_sources.LayerSAE, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token SAE-free control and SAE error: |x|, |x - x_hat|^2, |x - x_bar|^2 and their ratio (1 - FVE)."""
+    if layer_sae.mean is None:
+        raise ValueError(f"the SAE of layer {layer_sae.layer} has no mean activation (x_bar) for its error")
+    xf = x.float()
+    err = (xf - layer_sae.decode_sparse(rows, cols, values, len(x))).square().sum(1)
+    dev = (xf - layer_sae.mean.to(xf)).square().sum(1)
+    return {"norm": xf.norm(dim=1), "err": err, "dev": dev, "ratio": err / dev.clamp_min(torch.finfo(dev.dtype).tiny)}
+
+
 def summary_of(path: Path, seconds: float | None = None, skipped: bool = False) -> Summary:
     """A finished file's summary; `seconds` from its attributes unless this run measured them."""
     with ActivationFile(path) as f:
         layers = f.layers
         l0 = float(np.mean([f.stats(i, "l0").mean() for i in layers])) if f.n_sentences else float("nan")
+        truncated = f.attrs.get("n_truncated")
         return Summary(f.language, f.n_sentences, int(f.attrs["n_tokens"]),
-                       float(f.attrs.get("seconds", 0.0)) if seconds is None else seconds, path, l0, skipped)
+                       float(f.attrs.get("seconds", 0.0)) if seconds is None else seconds, path, l0, skipped,
+                       None if truncated is None else int(truncated))

@@ -28,12 +28,11 @@ from rich.table import Table
 
 from toolkit.capture import ResidualCapture, hook_name, iter_batches, tokenize
 from toolkit.config import Config
-from toolkit.corpus import Corpus
+from toolkit.corpus import HELDOUT_FRACTION, Corpus, is_heldout  # noqa: F401 (re-exported)
 from toolkit.errors import HubUnreachable, UserError
 from toolkit.models import LoadedModel
 from toolkit.sae_source import SAESource as SAESource  # re-exported: `--sae` parsed, torch-free
 
-HELDOUT_FRACTION = 0.1
 QUALITY_CHUNK_TOKENS = 256
 
 
@@ -44,6 +43,8 @@ class LayerSAE:
     sae_id: str
     fve: float = math.nan
     l0: float = math.nan
+    mean: torch.Tensor | None = None  # x_bar: the mean activation the SAE was trained on (or measured), for FVE
+    mean_source: str = ""
 
     @property
     def d_sae(self) -> int:
@@ -79,12 +80,25 @@ class LayerSAE:
         rows, cols = (pre > threshold).nonzero(as_tuple=True)
         return rows, cols, pre[rows, cols]
 
+    def decode_sparse(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_tokens: int
+                      ) -> torch.Tensor:
+        """x_hat of `n_tokens` tokens from their nonzero codes (as `encode_sparse` gives them), in float32.
+
+        Equal to `sae.decode` of the dense codes: a sparse product touches only the active decoder rows,
+        so reconstructing costs about L0 x d_model per token instead of d_sae x d_model. Call it right
+        after `encode_sparse` of the same tokens: SAEs that normalise their input keep that batch's scale.
+        """
+        sae = self.sae
+        if _plain_threshold(sae) is None:
+            codes = torch.zeros(n_tokens, self.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+            codes[rows, cols] = values.to(codes.dtype)
+            return sae.decode(codes).float()
+        sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), values.to(sae.W_dec.dtype), (n_tokens, self.d_sae))
+        out = torch.sparse.mm(sparse, sae.W_dec) + sae.b_dec
+        return sae.run_time_activation_norm_fn_out(sae.hook_sae_recons(out)).float()
+
     def _pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.sae.b_enc, self.sae.process_sae_in(x), self.sae.W_enc)
-
-
-def _dropped_decoder(feature_acts: torch.Tensor) -> torch.Tensor:
-    raise RuntimeError("this SAE's decoder was freed by SAESet.drop_decoders(); load the SAEs again to decode")
 
 
 def _plain_threshold(sae: torch.nn.Module) -> torch.Tensor | float | None:
@@ -113,29 +127,14 @@ class SAESet:
     def quality(self) -> dict[str, dict[str, float]]:
         return {str(i): {"fve": s.fve, "l0": s.l0} for i, s in sorted(self.layers.items())}
 
-    def drop_decoders(self) -> None:
-        """Free what encoding does not use, for a job that only encodes (extraction, once quality is known).
-
-        A ReLU or JumpReLU SAE encodes with W_enc, b_enc, b_dec and its threshold; W_dec is as large as
-        W_enc (0.75 GB for 18 layers of 640 x 16k). It becomes an empty tensor and `decode` an error, and
-        on the CPU the rest is copied out of the safetensors file's mapping, which would otherwise keep
-        every page read so far resident, the decoder's included.
-        """
+    def own_memory(self) -> None:
+        """Copy CPU weights out of the safetensors file's mapping, which would otherwise keep every page
+        read so far resident. Decoders stay: extraction reconstructs from the sparse codes (recon_err)."""
         for layer in self.layers.values():
-            sae = layer.sae
-            if _plain_threshold(sae) is None:
-                continue  # other architectures may encode through their decoder (matching pursuit)
-            sae.W_dec = torch.nn.Parameter(sae.W_dec.new_empty(0, sae.W_dec.shape[1]), requires_grad=False)
-            sae.decode = _dropped_decoder
-            if sae.W_enc.device.type == "cpu":
-                for tensor in itertools.chain(sae.parameters(), sae.buffers()):
+            if layer.sae.W_enc.device.type == "cpu":
+                for tensor in itertools.chain(layer.sae.parameters(), layer.sae.buffers()):
                     tensor.data = tensor.data.clone()
 
-
-def is_heldout(sentence_id: str, fraction: float = HELDOUT_FRACTION) -> bool:
-    """Stable split by id hash: the same sentence is held out in every language and every run."""
-    digest = hashlib.sha256(sentence_id.encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
 def check(sae: torch.nn.Module, layer: int, d_model: int, where: str) -> None:
@@ -178,7 +177,8 @@ def load(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, consol
         saes = train(cfg, lm, layers, training_corpus(cfg, corpus), console)
     else:
         saes = _random(cfg.sae.width, layers, lm, cfg.run.seed)
-    missing = [i for i in layers if not math.isfinite(saes.layers[i].fve)]
+    # x_bar (the FVE's reference point) of an SAE that recorded none comes from the same held-out pass
+    missing = [i for i in layers if not math.isfinite(saes.layers[i].fve) or saes.layers[i].mean is None]
     if missing:
         measure_quality(saes, lm, _heldout(corpus), cfg.extract.batch_tokens, cfg.extract.max_length)
     return saes
@@ -419,6 +419,9 @@ def measure_quality(saes: SAESet, lm: LoadedModel, sentences: list[tuple[str, st
         variance = sumsq[layer] - total[layer].norm().item() ** 2 / n
         s.fve = 1.0 - sse[layer] / variance if variance > 0 else math.nan
         s.l0 = active[layer] / n
+        if s.mean is None:
+            s.mean = (total[layer] / n).float().to(lm.device)
+            s.mean_source = "held-out sentences of the run's corpus (all languages)"
 
 
 def print_quality(saes: SAESet, console: Console) -> None:

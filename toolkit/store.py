@@ -24,9 +24,13 @@ import numpy as np
 from toolkit.errors import UserError
 from toolkit.files import atomic_write, staged
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 FORMAT = "lingogap-activations"
-STATS = ("mass", "l0", "max")
+SAE_STATS = ("mass", "l0", "max")  # what the SAE codes say
+CONTROLS = ("resid_norm", "recon_err")  # SAE-free control and the SAE's per-token error (layout 2)
+FIDELITY_SUMS = ("sq_err", "sq_dev")  # per-sentence sums behind a language's FVE (layout 2)
+STATS = SAE_STATS + CONTROLS  # the statistics a gap can be computed on
+STORED = STATS + FIDELITY_SUMS
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -45,6 +49,11 @@ class LayerBatch:
     l0: np.ndarray  # (S,) mean over tokens of the active-feature count
     max: np.ndarray  # (S,) largest activation in the sentence
     resid: np.ndarray | None = None  # (T, d_model) float32, only with save_resid
+    # Controls from the same forward pass, per sentence; None only in files written without them (v1).
+    resid_norm: np.ndarray | None = None  # (S,) mean over tokens of the residual's L2 norm
+    recon_err: np.ndarray | None = None  # (S,) mean over tokens of |x - x_hat|^2 / |x - x_mean|^2
+    sq_err: np.ndarray | None = None  # (S,) sum over tokens of |x - x_hat|^2
+    sq_dev: np.ndarray | None = None  # (S,) sum over tokens of |x - x_mean|^2
 
 
 @dataclass
@@ -155,8 +164,9 @@ class ActivationWriter:
             arrays[f"{layer}/indptr"] = np.asarray(lb.indptr, dtype=np.int64)
             arrays[f"{layer}/indices"] = np.asarray(lb.indices, dtype=np.int32)
             arrays[f"{layer}/values"] = _cast_codes(lb.values, self.code_dtype)
-            for stat in STATS:
-                arrays[f"{layer}/{stat}"] = np.asarray(getattr(lb, stat), dtype=np.float32)
+            for stat in STORED:
+                if getattr(lb, stat) is not None:
+                    arrays[f"{layer}/{stat}"] = np.asarray(getattr(lb, stat), dtype=np.float32)
             if lb.resid is not None:
                 arrays[f"{layer}/resid"] = np.asarray(lb.resid, dtype=np.float32)
         final = self.parts / f"part-{self._n_parts:06d}.npz"
@@ -198,8 +208,10 @@ def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], cod
     n_sent = n_tok = 0
     nnz = np.zeros(len(layers), dtype=np.int64)
     resid_width = None
+    stored = list(STORED)
     for part in parts:
         with np.load(part) as z:
+            stored = [stat for stat in stored if f"{layers[0]}/{stat}" in z.files]
             n_sent += len(z["lengths"])
             n_tok += int(z["lengths"].sum())
             nnz += z["nnz"]
@@ -226,7 +238,7 @@ def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], cod
         out[f"{layer}/indptr"] = make(f"{g}/codes/indptr", np.int64, n_tok + 1)
         out[f"{layer}/indices"] = make(f"{g}/codes/indices", np.int32, int(nnz[k]))
         out[f"{layer}/values"] = make(f"{g}/codes/values", code_dtype, int(nnz[k]))
-        for stat in STATS:
+        for stat in stored:
             out[f"{layer}/{stat}"] = make(f"{g}/stats/{stat}", np.float32, n_sent)
         if resid_width:
             out[f"{layer}/resid"] = make(f"{g}/resid", np.float32, n_tok, resid_width)
@@ -248,7 +260,7 @@ def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], cod
                 out[f"{layer}/indptr"][t + 1:t + dt + 1] = z_nnz[k] + z[f"{layer}/indptr"][1:]
                 out[f"{layer}/indices"][z_nnz[k]:z_nnz[k] + n] = z[f"{layer}/indices"]
                 out[f"{layer}/values"][z_nnz[k]:z_nnz[k] + n] = z[f"{layer}/values"]
-                for stat in STATS:
+                for stat in stored:
                     out[f"{layer}/{stat}"][s:s + ds] = z[f"{layer}/{stat}"]
                 if resid_width:
                     out[f"{layer}/resid"][t:t + dt] = z[f"{layer}/resid"]
@@ -368,9 +380,20 @@ class ActivationFile:
         return int(self._h5.attrs["n_sentences"])
 
     def stats(self, layer: int, stat: str = "mass") -> np.ndarray:
-        if stat not in STATS:
+        """(S,) per-sentence statistic in file order; a control a v1 file lacks is a clear error."""
+        if stat not in STORED:
             raise StoreError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
+        if not self.has_stat(layer, stat):
+            raise StoreError(f"{self.path} holds no {stat!r} (layout version {self._h5.attrs.get('layout_version')}, "
+                             "written before the controls existed); rerun extract with --overwrite to measure it")
         return self._read(f"layers/{layer}/stats/{stat}").astype(np.float64)
+
+    def has_stat(self, layer: int, stat: str) -> bool:
+        return f"layers/{layer}/stats/{stat}" in self._h5
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self._read("tokens/position")
 
     def codes(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """CSR arrays (indptr, indices, values as float32) of all kept tokens at `layer`."""

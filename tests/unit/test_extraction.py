@@ -40,7 +40,7 @@ def open_run(cfg: Config):
     lm = models.load(cfg.model)
     layers = parse_layers(cfg.run.layers, lm.n_layers)
     saes = sae_sources.load(cfg, lm, layers, corpus)
-    saes.drop_decoders()
+    saes.own_memory()
     return lm, saes, corpus, layers
 
 
