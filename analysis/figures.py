@@ -28,6 +28,8 @@ def write_figures(report: GapReport, folder: Path) -> list[Path]:
         "gap_lines.png": gap_lines(report),
         "overlap_heatmap.png": overlap_heatmap(report),
     }
+    if report.instrument is not None and report.instrument.layer_gaps:
+        figures["instrument.png"] = instrument_lines(report)
     for name, fig in figures.items():
         FigureCanvasAgg(fig)
         fig.savefig(folder / name, dpi=DPI, bbox_inches="tight")
@@ -74,6 +76,33 @@ def gap_lines(report: GapReport) -> Figure:
         fontsize=10,
         pad=14,
     )
+    return fig
+
+
+def instrument_lines(report: GapReport) -> Figure:
+    """The SAE statistic's gaps beside the residual-norm control's, per layer, one panel each, shared y axis."""
+    panel = report.instrument
+    measures = [m for m in (panel.statistic, "resid_norm", "position-matched") if m in panel.layer_gaps]
+    fig = Figure(figsize=(max(6.5, 0.22 * len(report.layers) + 2.5) * len(measures) / 1.6, 4.2))
+    axes = fig.subplots(1, len(measures), sharey=True, squeeze=False)[0]
+    x = np.asarray(report.layers)
+    names = list(panel.layer_gaps[measures[0]])
+    palette = _palette(len(names))
+    for ax, measure in zip(axes, measures, strict=True):
+        _shade_bands(ax, report)
+        ax.axhline(0, color="black", linewidth=0.8)
+        for i, name in enumerate(names):
+            group = name == GROUP_NAME
+            ax.plot(x, panel.layer_gaps[measure][name], "-" if group or name in report.low_langs else "--",
+                    color="black" if group else palette[i], linewidth=2.4 if group else 1.1,
+                    marker=None if group else "o", markersize=2, label=f"{name} mean" if group else name)
+        ax.set_title(measure, fontsize=10)
+        ax.set_xlabel("layer")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel(f"gap vs {report.reference} (%)")
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    fig.suptitle(f"instrument check: SAE {panel.statistic} vs SAE-free residual norm{_model_suffix(report)}",
+                 fontsize=10)
     return fig
 
 

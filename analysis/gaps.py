@@ -21,13 +21,14 @@ from rich.console import Console
 
 from analysis.bands import compact, parse_bands
 from analysis.figures import write_figures
+from analysis.instrument import build_panel, require_stat
 from analysis.overlap import active_keys, feature_overlap, mean_cosine, pair_keys
 from analysis.report import GROUP_NAME, GapReport, GapRow, Headline, OverlapRow, SimilarityRow, write_csv, write_json
 from analysis.sources import LanguageSource, load_sources, resolve_paths
 from analysis.stats import cluster_bootstrap_means, nanmean, percentile_ci, quiet_nan, wilcoxon
 from analysis.terminal import render
 from toolkit.errors import UserError
-from toolkit.store import STATS
+from toolkit.store import SAE_STATS, STATS
 
 LOW_LANGS = ("id", "ca", "mr", "ml", "hi")
 REPORT_WIDTH = 80  # report.txt is the terminal report at the width it is designed for
@@ -57,6 +58,8 @@ def analyse(
     languages = _order(sources, reference, low_langs)
     group = [lang for lang in low_langs if lang in sources and lang != reference]
 
+    if stat not in SAE_STATS:
+        require_stat(sources, layers, stat)
     values = {lang: sources[lang].stats(layers, stat) for lang in languages}
     units = np.unique(np.concatenate([s.ids for s in sources.values()]))
     groups = {lang: (np.searchsorted(units, sources[lang].ids), values[lang]) for lang in languages}
@@ -76,6 +79,7 @@ def analyse(
         group_reps = nanmean([gap_reps[lang] for lang in group], axis=0)
         headlines.insert(0, _headline(GROUP_NAME, group, group_gap, group_reps, layers, band_layers))
     overlap, similarity = _compare(sources, languages, reference, layers, pairs)
+    panel = build_panel(sources, reference, languages, group, GROUP_NAME, layers, band_layers, stat, n_boot, seed)
     return GapReport(
         statistic=stat,
         reference=reference,
@@ -91,7 +95,8 @@ def analyse(
         similarity=similarity,
         meta=meta,
         sources={lang: [str(p) for p in sources[lang].paths] for lang in languages},
-        notes=_notes(sources, languages, reference, low_langs, pairs, layers, ref_a, stat),
+        notes=_notes(sources, languages, reference, low_langs, pairs, layers, ref_a, stat) + truncation_notes(sources),
+        instrument=panel,
     )
 
 
@@ -343,6 +348,26 @@ def _notes(
     if dead:
         notes.append(f"{reference} has zero mean {stat} at layer(s) {compact(dead)}: gaps are undefined there")
     return notes
+
+
+def truncation_notes(sources: dict[str, LanguageSource], warn_share: float = 0.01) -> list[str]:
+    """A note per language whose extraction cut more than `warn_share` of its sentences at max_length."""
+    notes = []
+    for lang, src in sources.items():
+        cut = [_with_attrs(p).get("n_truncated") for p in src.paths]
+        if any(c is None for c in cut):
+            continue  # files from before truncation was counted
+        if sum(cut) > warn_share * src.n:
+            notes.append(f"{lang}: {sum(cut)} of {src.n} sentences were cut at max_length; their tail tokens are "
+                         "missing from every statistic: rerun extract with a larger --max-length and --overwrite")
+    return notes
+
+
+def _with_attrs(path: Path) -> dict:
+    from toolkit.store import ActivationFile
+
+    with ActivationFile(path) as f:
+        return f.attrs
 
 
 def _default_out(paths: Sequence[str]) -> Path:

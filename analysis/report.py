@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.instrument import InstrumentPanel
 from analysis.stats import CI_LEVEL, nanmean
 
 GROUP_NAME = "medium/low-resource"
@@ -37,6 +38,14 @@ METHODS = {
     "pairs of the same ratio per pair (pairs with no active feature on either side left out).",
     "similarity": "per layer, mean over parallel sentence pairs of the cosine similarity of the mean-pooled "
     "residual stream (only where dense residuals were saved).",
+    "instrument": "the SAE gap beside its controls, per language (and group) and band: the band gap (mean over "
+    "the band's layers) under the SAE statistic, l0, resid_norm (mean per-token L2 norm of the residual stream, "
+    "no SAE involved) and position-matched (the SAE statistic's token mass over positions 1..K of each parallel "
+    "pair, K the shorter sentence's token count), each with the bootstrap CI above. agrees: same sign as the SAE "
+    "gap and both CIs exclude 0; disagrees: opposite signs, both exclude 0; unclear otherwise. fidelity: per "
+    "language and layer, FVE = 1 - sum |x - x_hat|^2 / sum |x - x_bar|^2 over the language's held-out sentences "
+    "(x_bar: the mean activation recorded with the SAE), dead_frac / dense_frac: features firing on none / more "
+    "than 10 % of the language's tokens.",
 }
 
 
@@ -106,6 +115,7 @@ class GapReport:
     meta: dict = field(default_factory=dict)  # model, SAEs and provenance of the files
     sources: dict[str, list[str]] = field(default_factory=dict)  # language -> files
     notes: list[str] = field(default_factory=list)
+    instrument: InstrumentPanel | None = None  # the SAE gap beside its controls and the SAE's fidelity
 
     @property
     def others(self) -> list[str]:
@@ -143,8 +153,9 @@ class GapReport:
             "methods": METHODS,
         }
         rows = {k: [dataclasses.asdict(r) for r in getattr(self, k)] for k in ("rows", "overlap", "similarity")}
-        body = {"format": "lingogap-gaps", "version": 1, "metadata": meta, **rows,
-                "headlines": [dataclasses.asdict(h) for h in self.headlines], "notes": self.notes}
+        body = {"format": "lingogap-gaps", "version": 2, "metadata": meta, **rows,
+                "headlines": [dataclasses.asdict(h) for h in self.headlines], "notes": self.notes,
+                "instrument": dataclasses.asdict(self.instrument) if self.instrument else None}
         return _finite(body)
 
 

@@ -68,6 +68,46 @@ class LanguageSource:
             values.append(val)
         return np.concatenate(rows), np.concatenate(indices), np.concatenate(values)
 
+    def fidelity_sums(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) per-sentence sums of |x - x_hat|^2 and |x - x_bar|^2 at `layer`, canonical rows (layout 2)."""
+        err, dev = np.empty(self.n), np.empty(self.n)
+        for shard in self.shards:
+            with ActivationFile(shard.path) as f:
+                err[shard.rows], dev[shard.rows] = f.stats(layer, "sq_err"), f.stats(layer, "sq_dev")
+        return err, dev
+
+    def offsets(self) -> np.ndarray:
+        """(n+1,) token offsets of the canonical sentence order, as `token_values` arranges tokens."""
+        lengths = np.empty(self.n, dtype=np.int64)
+        for shard in self.shards:
+            lengths[shard.rows] = np.diff(_with_file(shard.path, lambda f: f.token_offsets))
+        return np.concatenate([[0], np.cumsum(lengths)])
+
+    def token_mass(self, layer: int) -> np.ndarray:
+        """(T,) summed SAE activation of every token at `layer`, sentences in canonical order."""
+        parts: list[tuple[int, np.ndarray]] = []
+        for shard in self.shards:
+            with ActivationFile(shard.path) as f:
+                offsets = f.token_offsets
+                indptr, _, values = f.codes(layer)
+            n_tok = len(indptr) - 1
+            per_token = np.bincount(np.repeat(np.arange(n_tok), np.diff(indptr)), weights=values, minlength=n_tok)
+            parts += [(int(row), per_token[offsets[i]:offsets[i + 1]]) for i, row in enumerate(shard.rows)]
+        parts.sort(key=lambda p: p[0])
+        return np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
+
+    def feature_counts(self, layer: int) -> tuple[np.ndarray, int]:
+        """How many of the language's tokens each SAE feature fires on at `layer`, and the token count."""
+        counts, n_tokens = None, 0
+        for shard in self.shards:
+            with ActivationFile(shard.path) as f:
+                width = int(np.asarray(f.attrs["d_sae"])[f.layers.index(layer)])
+                indptr, indices, _ = f.codes(layer)
+            part = np.bincount(indices, minlength=width)
+            counts = part if counts is None else counts + part
+            n_tokens += len(indptr) - 1
+        return counts, n_tokens
+
     def has_resid(self, layer: int) -> bool:
         return all(_with_file(s.path, lambda f: f.has_resid(layer)) for s in self.shards)
 

@@ -37,6 +37,8 @@ def render(report: GapReport, console: Console) -> None:
         console.print(gap_table(report, console.width))
         console.print(_gap_legend(report), style="dim")
     console.print(summary_table(report))
+    if report.instrument is not None:
+        console.print(instrument_table(report))
     for note in report.notes:
         console.print(Text.assemble(("note: ", "yellow"), note))
 
@@ -59,6 +61,14 @@ def headline_panel(report: GapReport) -> Panel:
         parts.append(Text(f"largest deep-layer gaps: {listed}"))
     if not parts:
         parts.append(Text(f"only {report.reference} was analysed: no gap to report"))
+    panel = report.instrument
+    if panel is not None:
+        for verdict in panel.verdicts:
+            parts.append(Text(verdict, style="bold red" if "DISAGREE" in verdict else ""))
+        for sentence in panel.low_fidelity:
+            parts.append(Text(sentence, style="yellow"))
+        if panel.missing:
+            parts.append(Text(panel.missing, style="yellow"))
     return Panel(Group(*parts), title=f"headline · {report.statistic}", title_align="left", border_style="cyan")
 
 
@@ -167,6 +177,60 @@ def _context(report: GapReport) -> str:
         f"statistic {report.statistic} · SAEs {saes} · {n_layers} layer{'s' if n_layers != 1 else ''} · "
         f"{report.n_boot} bootstrap resamples (seed {report.seed})\nbands: {describe(report.bands)}"
     )
+
+
+_MEASURE_LABEL = {"position-matched": "pos-matched"}
+_MARK = {"agrees": ("✓", "green"), "disagrees": ("✗", "bold red"), "unclear": ("?", "dim"), "": ("", "")}
+
+
+def instrument_table(report: GapReport) -> Table:
+    """Per language and band: the SAE gap beside its controls (CI, agreement) and the SAEs' FVE for it."""
+    panel = report.instrument
+    bands = [b for b in report.bands if report.bands[b]]
+    table = Table(title=f"instrument check · gap % vs {report.reference} [95 % CI] · ✓ agrees ✗ disagrees with "
+                        f"{panel.statistic}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("language")
+    table.add_column("measure")
+    for band in bands:
+        table.add_column(band, justify="right")
+    if panel.missing:
+        table.add_row("—", panel.missing, *[""] * len(bands))
+        return table
+    if report.reference in panel.band_fve:
+        ref_fve = [_fve_cell(panel, report.reference, report.reference, b) for b in bands]
+        table.add_row(report.reference, "FVE", *ref_fve, end_section=True)
+    names = list(dict.fromkeys(r.language for r in panel.rows))
+    names = [n for n in names if n == GROUP_NAME] + [n for n in names if n != GROUP_NAME]
+    measures = list(dict.fromkeys(r.measure for r in panel.rows))
+    for k, name in enumerate(names):
+        for j, measure in enumerate(measures):
+            cells = []
+            for band in bands:
+                r = panel.row(name, band, measure)
+                mark, style = _MARK[r.agrees] if r else ("", "")
+                cells.append(Text.assemble(_instrument_cell(r), (mark, style)) if r else Text("—"))
+            label = _GROUP_LABEL if name == GROUP_NAME else name
+            table.add_row(label if j == 0 else "", _MEASURE_LABEL.get(measure, measure), *cells)
+        if name in panel.band_fve:
+            table.add_row("", "FVE", *[_fve_cell(panel, name, report.reference, b) for b in bands],
+                          end_section=k < len(names) - 1)
+        elif k < len(names) - 1:
+            table.rows[-1].end_section = True
+    return table
+
+
+def _instrument_cell(r) -> str:
+    if not _finite(r.gap_pct):
+        return "—"
+    ci = f" [{r.ci_low:+.0f},{r.ci_high:+.0f}]" if _finite(r.ci_low) and _finite(r.ci_high) else ""
+    return f"{r.gap_pct:+.0f}{ci}"
+
+
+def _fve_cell(panel, name: str, reference: str, band: str) -> Text:
+    value = panel.band_fve[name].get(band, float("nan"))
+    ref = panel.band_fve.get(reference, {}).get(band, float("nan"))
+    low = _finite(value) and _finite(ref) and value < ref - 0.1
+    return Text("—" if not _finite(value) else f"{value:.2f}", style="yellow" if low else "")
 
 
 def _headline_sentence(h: Headline) -> Text:

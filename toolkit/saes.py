@@ -93,7 +93,8 @@ class LayerSAE:
             codes = torch.zeros(n_tokens, self.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
             codes[rows, cols] = values.to(codes.dtype)
             return sae.decode(codes).float()
-        sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), values.to(sae.W_dec.dtype), (n_tokens, self.d_sae))
+        sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), values.to(sae.W_dec.dtype), (n_tokens, self.d_sae),
+                                         check_invariants=False)
         out = torch.sparse.mm(sparse, sae.W_dec) + sae.b_dec
         return sae.run_time_activation_norm_fn_out(sae.hook_sae_recons(out)).float()
 

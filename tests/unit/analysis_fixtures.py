@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.store import ActivationWriter, Batch, LayerBatch
+from toolkit.store import CONTROLS, FIDELITY_SUMS, ActivationWriter, Batch, LayerBatch
 
 MODEL = "test/tiny-model"
 SAE_SOURCE = "test-saes"
@@ -30,7 +30,8 @@ def write_activations(
 ) -> Path:
     """Write one finished activation file with known per-sentence statistics.
 
-    stats: (S, n_layers) values stored as mass, l0 and max alike, or {"mass": ..., "l0": ..., "max": ...}.
+    stats: (S, n_layers) values stored as mass, l0 and max alike, or {"mass": ..., "l0": ..., "max": ...}, plus
+      optionally the controls and fidelity sums of layout 2 ("resid_norm", "recon_err", "sq_err", "sq_dev").
     features: per layer, per sentence, per token, its codes: feature ids (value 1.0) or (feature, value);
       by default token t at layer l has the single feature (crc32(sentence id) + t + l) % 7.
     resid: (S, n_layers, d) mean-pooled residuals; every token of a sentence gets that vector.
@@ -50,6 +51,7 @@ def write_activations(
         "corpus_hash": "c0ffee",
         "shard": shard[0],
         "n_shards": shard[1],
+        "d_sae": [7] * len(layers),
         **identity,
     }
     writer = ActivationWriter(path, ident, layers, code_dtype="float32", overwrite=True)
@@ -79,6 +81,7 @@ def write_activations(
                 l0=stats.get("l0", stats["mass"])[list(rows), j],
                 max=stats.get("max", stats["mass"])[list(rows), j],
                 resid=None if resid is None else np.repeat(resid[list(rows), j], n_tokens, axis=0),
+                **{k: stats[k][list(rows), j] for k in CONTROLS + FIDELITY_SUMS if k in stats},
             )
         writer.write_batch(batch)
     return writer.finalize(attrs={"preset": "test", "corpus_name": "synthetic"})

@@ -64,7 +64,7 @@ def test_layout_of_three_languages(tiny_run, tiny_lm):
     for lang, (path,) in files.items():
         with ActivationFile(path) as f:
             a = f.attrs
-            assert a["layout_version"] == 1 and a["complete"] and a["language"] == lang
+            assert a["layout_version"] == 2 and a["complete"] and a["language"] == lang
             assert f.layers == [0, 1, 2, 3, 25] and a["hook_point"] == "blocks.{layer}.hook_resid_post"
             assert a["model_id"] == "tiny-gemma2-random" and a["sae_source"].startswith("local:")
             assert len(a["sae_ids"]) == 5 and a["corpus_hash"] == corpus.lang_hash(lang)
