@@ -6,8 +6,8 @@ while a Slurm array task takes one language. Per target:
 
 1. split the parallel corpus by sentence id (seeded): held-out ids for the measurement, validation
    ids, training ids — disjoint (`toolkit.align.split_ids`);
-2. layer weights from T's measured gap (`toolkit.align.layer_gaps`): RUN/reports/gaps.csv, else
-   RUN/activations/*.h5 (training and validation ids only), else measured on a few training sentences;
+2. layer weights from T's measured gap (`toolkit.align.layer_gaps`): RUN/activations/*.h5 on training and
+   validation ids only (never the held-out ids that measure the gain), else measured on a few training sentences;
 3. train (`toolkit.align.Trainer`; resumable, checkpointed), adapter in peft format in `adapter/`;
 4. extract the held-out sentences of every language of the run with the base model (once per run and
    split, in `RUN/align/base-{key}/`) and with the saved adapter (`RUN/align/{target}/after/`), plus LM

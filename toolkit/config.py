@@ -157,7 +157,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"name": "google/gemma-2-2b"},
         "sae": {"source": "pretrained:gemma-scope-2b-pt-res-canonical", "release": "gemma-scope-2b-pt-res-canonical",
                 "id_template": "layer_{i}/width_16k/canonical"},
-        "corpus": None,
+        # the paper's sentences: FLORES+ devtest from the hub (offline, say --corpus ntrex:DIR), never the
+        # 143 embedded sentences by accident
+        "run": {"corpus": "flores:devtest"},
     },
 }
 

@@ -43,13 +43,13 @@ from toolkit.align.distributed import Dist, resolve_engine, setup_distributed
 from toolkit.align.engines import DeepSpeedEngine, TorchEngine, make_engine, optimizer_step
 from toolkit.align.objective import SUMMARY_USES, TERMS, EnglishReference, Objective, reference_uses
 from toolkit.align.trainer import LogProgress, Trainer, TrainingProgress, TrainResult, fingerprint
-from toolkit.align.weights import GAP_SENTENCES, gaps_from_csv, layer_gaps, mean_mass, weights_from_gaps
+from toolkit.align.weights import GAP_SENTENCES, layer_gaps, mean_mass, weights_from_gaps
 
 __all__ = [
     "GAP_SENTENCES", "KEEP_CHECKPOINTS", "REFERENCE", "SUMMARY_USES", "TERMS", "DeepSpeedEngine", "Dist",
     "EnglishReference", "LogProgress", "Objective", "Split", "TorchEngine", "TrainResult", "Trainer",
     "TrainingProgress", "adapter_sha", "attach_lora", "batch_ids", "collate", "fingerprint",
-    "gaps_from_csv", "ids_hash", "latest_state", "layer_gaps", "load_tensors", "make_engine", "mean_mass",
+    "ids_hash", "latest_state", "layer_gaps", "load_tensors", "make_engine", "mean_mass",
     "optimizer_step", "read_json", "reference_uses", "resolve_engine", "save_adapter", "save_json",
     "saved_checkpoints", "setup_distributed", "split_ids", "state_digest", "trainable_state", "weights_from_gaps",
 ]

@@ -7,7 +7,6 @@ gaps.csv, else the extracted activations of training and validation ids, else a 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -16,7 +15,6 @@ from toolkit.align.distributed import Dist
 from toolkit.capture import iter_batches
 from toolkit.config import Config
 from toolkit.corpus import Corpus
-from toolkit.errors import UserError
 from toolkit.models import LoadedModel
 from toolkit.saes import SAESet
 
@@ -36,20 +34,6 @@ def weights_from_gaps(gaps: dict[int, float] | None, layers: list[int], mode: st
     return {layer: raw[layer] * len(layers) / total for layer in layers}
 
 
-def gaps_from_csv(path: Path, lang: str, layers: list[int], stat: str = "mass") -> dict[int, float] | None:
-    """`lang`'s gap per layer from the report stage's gaps.csv; None when the file, the statistic or a layer
-    is missing (the caller falls back to the activations)."""
-    from analysis.gaps import read_gaps_csv  # here, not at the top: analysis.gaps pulls in matplotlib
-
-    if not path.is_file():
-        return None
-    try:
-        found = read_gaps_csv(path, statistic=stat).get(lang, {})
-    except UserError:
-        return None
-    return {layer: found[layer] for layer in layers} if all(layer in found for layer in layers) else None
-
-
 def layer_gaps(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, lang: str, layers: list[int],
                split: Split, dist: Dist) -> tuple[dict[int, float], str]:
     """T's mass gap to English per layer and where it came from; rank 0 decides, the others follow."""
@@ -63,11 +47,9 @@ def _gaps_and_source(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus,
                      split: Split) -> tuple[dict[int, float], str]:
     from analysis.gaps import gap_pct, language_gaps
 
-    gaps = gaps_from_csv(cfg.run_dir / "reports" / "gaps.csv", lang, layers)
-    if gaps is not None:
-        return gaps, "reports/gaps.csv"
-    activations = cfg.run_dir / "activations"
-    if activations.is_dir():
+    # Never reports/gaps.csv: it averages over every sentence, the held-out ones that measure the gain included.
+    gaps = None
+    if (cfg.run_dir / "activations").is_dir():
         gaps = language_gaps(cfg.run_dir, lang, layers, ids=split.train + split.val, reference=REFERENCE)
     if gaps is not None:
         return gaps, "activations/*.h5 (training and validation ids)"

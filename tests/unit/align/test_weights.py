@@ -19,18 +19,7 @@ def test_weights_follow_the_gap_with_mean_one():
     assert align.weights_from_gaps(None, [5]) == {5: 1.0}
 
 
-def test_gaps_from_the_report_csv(tmp_path):
-    path = tmp_path / "gaps.csv"
-    rows = ["language,layer,statistic,value,ci_low,ci_high,gap_pct,gap_parallel_pct,p_value,n"]
-    rows += [f"hi,{layer},mass,1,1,1,{-10 * layer},0,0.5,9" for layer in range(3)]
-    rows += ["hi,0,l0,1,1,1,-99,0,0.5,9", "en,0,mass,1,1,1,,,,9"]
-    path.write_text("\n".join(rows) + "\n")
-    assert align.gaps_from_csv(path, "hi", [0, 1, 2]) == {0: 0.0, 1: -10.0, 2: -20.0}
-    assert align.gaps_from_csv(path, "hi", [0, 5]) is None
-    assert align.gaps_from_csv(tmp_path / "missing.csv", "hi", [0]) is None
-
-
-def test_layer_gaps_fall_back_from_the_csv_to_the_activations_of_training_ids(tmp_path):
+def test_layer_gaps_come_from_training_and_validation_ids_only(tmp_path):
     ids = ["a", "b", "c", "d"]
     en = np.array([[2.0, 4.0]] * 4)
     hi = np.array([[1.0, 4.0], [1.0, 4.0], [1.0, 2.0], [100.0, 100.0]])
@@ -41,8 +30,8 @@ def test_layer_gaps_fall_back_from_the_csv_to_the_activations_of_training_ids(tm
     gaps, source = align.layer_gaps(cfg, None, None, None, "hi", [0, 1], split, align.Dist())
     assert source.startswith("activations")
     assert gaps[0] == pytest.approx(-50.0) and gaps[1] == pytest.approx(100 * (10 / 3 - 4) / 4)
+    # a report's gaps.csv (over all ids, the held-out "d" included) is not read
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "gaps.csv").write_text(
         "language,layer,statistic,gap_pct\n" + "".join(f"hi,{layer},mass,-7\n" for layer in (0, 1)))
-    assert align.layer_gaps(cfg, None, None, None, "hi", [0, 1], split, align.Dist()) == (
-        {0: -7.0, 1: -7.0}, "reports/gaps.csv")
+    assert align.layer_gaps(cfg, None, None, None, "hi", [0, 1], split, align.Dist()) == (gaps, source)
