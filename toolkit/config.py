@@ -84,7 +84,8 @@ class ExtractConfig:
 
 @dataclass
 class ReportConfig:
-    stat: str = opt("mass", "per-sentence statistic", choices=("mass", "l0", "max"))
+    stat: str = opt("mass", "per-sentence statistic: an SAE one (mass, l0, max) or a control (resid_norm, recon_err)",
+                    choices=("mass", "l0", "max", "resid_norm", "recon_err"))
     bands: str = opt("", "early,middle,deep layer bands such as 0-8,9-17,18-25 (default: thirds)")
     n_boot: int = opt(1000, "bootstrap resamples for confidence intervals")
 
