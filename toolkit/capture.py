@@ -72,14 +72,22 @@ def plan_batches(lengths: list[int], batch_tokens: int, max_padding: float = 1.1
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids with BOS first (added when the tokenizer does not add it itself)."""
+    """Token ids with BOS first (added when the tokenizer does not add it itself), at most `max_length`
+    tokens or the model's context (`models.limit_context`), whichever is shorter."""
+    max_length = context_limit(tokenizer, max_length)
     encoded = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     bos = tokenizer.bos_token_id
     return [ids if ids and ids[0] == bos else ([bos] + ids)[:max_length] for ids in encoded]
 
 
+def context_limit(tokenizer, max_length: int) -> int:
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(max_length, int(limit)) if isinstance(limit, int) and limit > 0 else max_length
+
+
 def count_truncated(tokenizer, texts: list[str], max_length: int) -> int:
-    """How many texts `tokenize` cuts at `max_length` tokens (BOS included)."""
+    """How many texts `tokenize` cuts at `max_length` tokens (BOS included) or at the model's context."""
+    max_length = context_limit(tokenizer, max_length)
     encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
     bos = tokenizer.bos_token_id
     return sum(len(ids) + (0 if ids and ids[0] == bos else 1) > max_length for ids in encoded)

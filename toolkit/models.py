@@ -83,7 +83,16 @@ def load(cfg: ModelConfig) -> LoadedModel:
     model.to(device).eval()
     if device.type == "cpu":
         page_in(model)
+    limit_context(tokenizer, model.config)
     return LoadedModel(model, tokenizer, model_id, revision, device, dtype)
+
+
+def limit_context(tokenizer, config) -> None:
+    """Cap the tokenizer's model_max_length at the model's learned positions (GPT-2's n_positions, ...), so
+    that `capture.tokenize` never feeds a position the model has no embedding for, whatever --max-length says."""
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions and getattr(config, "position_embedding_type", "absolute") == "absolute":
+        tokenizer.model_max_length = min(int(tokenizer.model_max_length), int(positions))
 
 
 def page_in(model: torch.nn.Module) -> None:
