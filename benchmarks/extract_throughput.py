@@ -182,7 +182,9 @@ def print_table(r: dict, console: Console) -> None:
     table.add_column("value", justify="right")
     table.add_column("target", justify="right")
     rows = [("A forward, tokens/s", "forward_tps"), ("B + capture all layers, tokens/s", "capture_tps"),
-            ("F SAE encode all layers, tokens/s", "encode_tps"), ("P full pipeline, tokens/s", "pipeline_tps"),
+            ("F SAE encode all layers, tokens/s", "encode_tps"),
+            ("F+C encode + controls (resid_norm, recon_err), tokens/s", "encode_controls_tps"),
+            ("controls' cost over encode", "controls_cost_over_encode"), ("P full pipeline, tokens/s", "pipeline_tps"),
             ("floor 1/(1/A+1/F), tokens/s", "floor_tps"), ("B/A", "capture_over_forward"),
             ("P/floor", "pipeline_over_floor"),
             ("sae-lens cache runner, 1 layer per run, all layers, tokens/s", "saelens_all_layers_tps"),

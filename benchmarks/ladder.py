@@ -20,7 +20,7 @@ import torch
 from toolkit.capture import ResidualCapture, TokenBatch, hook_name, iter_batches
 from toolkit.config import Config
 from toolkit.corpus import Corpus
-from toolkit.extraction import ExtractionUnit, extract_unit
+from toolkit.extraction import ExtractionUnit, controls, extract_unit
 from toolkit.models import LoadedModel
 from toolkit.saes import LayerSAE, SAESet
 
@@ -118,6 +118,14 @@ def run_ladder(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, layer
                 for layer, x in per_layer.items():
                     saes.layers[layer].encode_sparse(x)
 
+    def encode_and_controls() -> None:
+        with torch.inference_mode():
+            for per_layer in captured:
+                for layer, x in per_layer.items():
+                    layer_sae = saes.layers[layer]
+                    rows, cols, values = layer_sae.encode_sparse(x)
+                    controls(layer_sae, x, rows, cols, values.float())
+
     reps = itertools.count()
 
     def pipeline() -> None:
@@ -130,12 +138,14 @@ def run_ladder(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, layer
     b = tokens / median_seconds(capture, repeats, lm.device)
     capture(keep_all=True)
     f = tokens / median_seconds(encode, repeats, lm.device)
+    fc = tokens / median_seconds(encode_and_controls, repeats, lm.device)
     captured.clear()
     p = tokens / median_seconds(pipeline, repeats, lm.device)
     floor = 1 / (1 / a + 1 / f)
     return {
         "tokens": tokens, "batches": len(flat), "padded_tokens": sum(b.n_padded for b in flat),
         "forward_tps": a, "capture_tps": b, "encode_tps": f, "pipeline_tps": p, "floor_tps": floor,
+        "encode_controls_tps": fc, "controls_cost_over_encode": f / fc - 1,
         "capture_over_forward": b / a, "pipeline_over_floor": p / floor,
         "files": sorted(str(p) for p in (work_dir / f"rep{repeats}" / "activations").glob("*.h5")),
     }

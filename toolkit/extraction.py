@@ -179,8 +179,8 @@ def encode_batch(lm: models.LoadedModel, saes: sae_sources.SAESet, batch: TokenB
         peak = torch.zeros(n_sent, device=values.device).scatter_reduce_(0, who, values, "amax", include_self=False)
         indptr = torch.zeros(len(x) + 1, dtype=torch.long)
         indptr[1:] = torch.bincount(rows.cpu(), minlength=len(x)).cumsum(0)
-        controls = _controls(layer_sae, x, rows, cols, values)
-        sums = {k: per_sentence_sum(v, owner) for k, v in controls.items()}
+        measured = controls(layer_sae, x, rows, cols, values)
+        sums = {k: per_sentence_sum(v, owner) for k, v in measured.items()}
         out.layers[layer] = LayerBatch(
             indptr=indptr.numpy(), indices=cols.cpu().numpy(), values=values.cpu().numpy(),
             mass=mass.cpu().numpy(), l0=l0.cpu().numpy(), max=peak.cpu().numpy(),
@@ -195,7 +195,7 @@ def encode_batch(lm: models.LoadedModel, saes: sae_sources.SAESet, batch: TokenB
     return out
 
 
-def _controls(layer_sae: sae_sources.LayerSAE, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+def controls(layer_sae: sae_sources.LayerSAE, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
               values: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-token SAE-free control and SAE error: |x|, |x - x_hat|^2, |x - x_bar|^2 and their ratio (1 - FVE)."""
     if layer_sae.mean is None:

@@ -12,7 +12,8 @@ from benchmarks import extract_throughput
 
 pytestmark = pytest.mark.integration
 
-KEYS = {"forward_tps", "capture_tps", "encode_tps", "pipeline_tps", "floor_tps", "pipeline_over_floor",
+KEYS = {"forward_tps", "capture_tps", "encode_tps", "encode_controls_tps", "controls_cost_over_encode",
+        "pipeline_tps", "floor_tps", "pipeline_over_floor",
         "capture_over_forward", "saelens_all_layers_tps", "pipeline_over_saelens", "rss_ratio_16x", "bytes_per_token",
         "align_step_ratio", "machine", "threads", "torch", "date"}
 
