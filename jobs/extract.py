@@ -31,7 +31,7 @@ from toolkit.locks import WriterLock
 from toolkit.plan import check_corpus, disk_needed, free_bytes, human_bytes
 from toolkit.rundir import RunDir
 from toolkit.stages import Task
-from toolkit.store import StoreError, identity_diff, portable, recorded_identity, shard_name
+from toolkit.store import StoreError, identity_diff, portable, recorded_identity, shard_name, verify
 
 
 def run(cfg: Config, task: Task | None = None) -> list[Summary]:
@@ -70,7 +70,8 @@ def unit_path(cfg: Config, unit: ExtractionUnit) -> Path:
 
 def check_existing(cfg: Config, lm: models.LoadedModel, corpus: Corpus, units: list[ExtractionUnit],
                    layers: list[int]) -> list[ExtractionUnit]:
-    """Refuse files or parts made with another configuration before any SAE is trained; the units left to do."""
+    """Refuse damaged files, or files and parts made with another configuration, before any SAE is trained;
+    the units left to do."""
     left = []
     for unit in units:
         path = unit_path(cfg, unit)
@@ -84,6 +85,8 @@ def check_existing(cfg: Config, lm: models.LoadedModel, corpus: Corpus, units: l
                                  "pass --overwrite to start afresh, or use another --run directory")
         if cfg.extract.overwrite or not path.exists():
             left.append(unit)
+        else:
+            verify(path)  # a finished file counts as done only if it reads back (checked once, recorded)
     return left
 
 

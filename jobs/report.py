@@ -14,7 +14,7 @@ def run(cfg: Config, task: Task | None = None):
     from analysis.gaps import run_report
 
     run_dir = RunDir(cfg.run_dir)
-    run_dir.check(must_exist=True)
+    run_dir.check(must_exist=True, saes=False)
     # the report itself goes to stdout (it is the product); progress and errors go to stderr
     report = run_report(cfg.run_dir, stat=cfg.report.stat, bands=cfg.report.bands or None, n_boot=cfg.report.n_boot,
                         seed=cfg.run.seed, console=Console())

@@ -71,16 +71,17 @@ class RunDir:
                             + MANIFEST_FIX.format(path=self.manifest))
         return data
 
-    def check(self, must_exist: bool = False) -> None:
+    def check(self, must_exist: bool = False, saes: bool = True) -> None:
         """Before a stage writes anything: the folder is there (if it must be) and writable, and the run's
-        own records (manifest, job log, SAE metadata) read back. Each problem names its fix."""
+        own records (manifest, job log, with `saes` the trained SAEs) read back. Each problem names its fix."""
         if must_exist and not self.root.is_dir():
             raise UserError(f"no run folder {self.root}; run extract (or pipeline) with this --run first")
         check_writable(self.root)
         self.read_manifest()
         if self.jobs_file.is_file():
             read_json(self.jobs_file, JOBS_FIX.format(path=self.jobs_file))
-        self.check_saes()
+        if saes:
+            self.check_saes()
 
     def check_saes(self) -> None:
         """Every SAE trained in the run has readable metadata and weights (a damaged one names its folder)."""

@@ -145,8 +145,8 @@ class ActivationWriter:
         hint = "pass --overwrite to start afresh, or use another --run directory"
         old = recorded_identity(self.path)
         if old is not None and not same_identity(old, self.identity):
-            where = self.path if self.path.exists() else f"{self.parts} holds a partial extraction that"
-            raise StoreError(f"{where} was written with a different configuration "
+            where = f"{self.path} was written" if self.path.exists() else f"{self.parts} holds a partial extraction"
+            raise StoreError(f"{where} with a different configuration "
                              f"({identity_diff(portable(old), self.identity)}); {hint}")
 
     @property

@@ -115,7 +115,7 @@ def preflight(cfg: Config, stage: str) -> None:
     (writable, its records readable; `report` needs one) and what the config asks of the corpus."""
     from toolkit.rundir import RunDir
 
-    RunDir(cfg.run_dir).check(must_exist=stage == "report")
+    RunDir(cfg.run_dir).check(must_exist=stage == "report", saes=stage == "pipeline" or stages.get(stage).uses_saes)
     if stage in ("extract", "pipeline") and cfg.extract.shards > 1:
         from toolkit import corpus as corpora
         from toolkit import plan
