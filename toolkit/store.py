@@ -11,6 +11,7 @@ final path. A job killed at any moment resumes after its last part.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ FIDELITY_SUMS = ("sq_err", "sq_dev")  # per-sentence sums behind a language's FV
 STATS = SAE_STATS + CONTROLS  # the statistics a gap can be computed on
 STORED = STATS + FIDELITY_SUMS
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+CONSOLIDATION_SLACK = 64 << 10  # HDF5 metadata beyond the parts' own bytes (+5 % for chunk padding)
 
 
 class StoreError(UserError):
@@ -209,6 +211,7 @@ class ActivationWriter:
         try:
             if not self.complete:
                 parts = self._part_files()
+                self._check_space(parts)
                 with staged(self.path) as tmp:  # per-process staging name: only a whole file is renamed
                     self._consolidate(tmp, parts, attrs, layer_attrs)
                 mark_verified(self.path)  # just written and fsynced: nothing to read back
@@ -217,7 +220,24 @@ class ActivationWriter:
             self.close()
         return self.path
 
+    def _check_space(self, parts: list[Path]) -> None:
+        """The consolidated file is about as large as its (uncompressed) parts. HDF5 meets a full disk in its
+        cache flushes and object destructors (chained errors, once a segfault), so it is not let near one."""
+        need = int(sum(p.stat().st_size for p in parts) * 1.05) + CONSOLIDATION_SLACK
+        free = shutil.disk_usage(self.path.parent).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"consolidating needs about {need:,} bytes and {free:,} are free",
+                          str(self.path))
+
     def _consolidate(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
+        try:
+            self._write_file(tmp, parts, attrs, layer_attrs)
+        except (RuntimeError, OSError) as exc:  # HDF5 words a full disk in its message only
+            if "errno = 28" in str(exc) or "No space left on device" in str(exc):
+                raise OSError(errno.ENOSPC, "no space left on device", str(self.path)) from None
+            raise
+
+    def _write_file(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
         with h5py.File(tmp, "w") as h5:
             _write_consolidated(h5, parts, self.layers, self.code_dtype)
             for key, value in {**attrs, **self.identity}.items():
