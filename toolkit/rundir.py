@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import re
+import shutil
 import subprocess
 import time
 from importlib import metadata
@@ -92,6 +93,17 @@ class RunDir:
                     read_json(layer / name, fix)
             for weights in layer.glob("*.safetensors"):
                 _check_safetensors(weights, fix)
+
+
+def discard_if_empty(root: str | Path) -> bool:
+    """Remove a run folder that holds nothing but records of jobs and lock files (a command that created it
+    and then failed leaves no folder behind); True if removed."""
+    root = Path(root)
+    files = [p for p in root.rglob("*") if not p.is_dir()]
+    if not root.is_dir() or any(p.name != "jobs.json" and not p.name.endswith(".lock") for p in files):
+        return False
+    shutil.rmtree(root, ignore_errors=True)
+    return True
 
 
 def _check_safetensors(path: Path, fix: str) -> None:

@@ -20,6 +20,7 @@ from toolkit import stages
 from toolkit.cluster.base import Executor, register_executor
 from toolkit.cluster.chain import Step
 from toolkit.cluster.joblog import JobLog, now
+from toolkit.rundir import discard_if_empty
 from toolkit.stages import Task
 
 
@@ -33,10 +34,16 @@ class LocalExecutor(Executor):
     def run(self, steps: list[Step]) -> int:
         """Every step in order; a failure stops the chain (and propagates, recorded as FAILED)."""
         log = JobLog(self.cfg.run_dir)
-        with terminate_as_interrupt():
-            for step in steps:
-                for task in self.tasks(step):
-                    self._recorded(log, step.stage, task)
+        fresh = not self.cfg.run_dir.exists()
+        try:
+            with terminate_as_interrupt():
+                for step in steps:
+                    for task in self.tasks(step):
+                        self._recorded(log, step.stage, task)
+        except BaseException:
+            if fresh:  # a failed command leaves no run folder it created (the error is on this terminal)
+                discard_if_empty(self.cfg.run_dir)
+            raise
         return 0
 
     def call(self, stage: str, task: Task) -> None:
