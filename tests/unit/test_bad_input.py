@@ -104,7 +104,8 @@ def test_bad_input_is_one_clear_error(tmp_path, files, args, message, dry_run):
     assert {p: snapshot(p) for p in before} == before
 
 
-@pytest.mark.parametrize("args", [["--shards", "3"], ["--model", "/nowhere/model"]], ids=["before-the-job", "in-the-job"])
+@pytest.mark.parametrize("args", [["--shards", "3"], ["--model", "/nowhere/model"]],
+                         ids=["before-the-job", "in-the-job"])
 def test_a_refused_command_creates_no_run_folder(tmp_path, args):
     out = cli("extract", "--preset", "tiny", "--langs", "en,hi", "--max-sentences", "2", *args,
               "--run", str(tmp_path / "run"))
