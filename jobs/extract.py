@@ -73,11 +73,12 @@ def check_existing(cfg: Config, lm: models.LoadedModel, corpus: Corpus, units: l
     """Refuse damaged files, or files and parts made with another configuration, before any SAE is trained;
     the units left to do."""
     left = []
+    sae_source = planned_sae_source(cfg, lm, corpus)
     for unit in units:
         path = unit_path(cfg, unit)
         old = None if cfg.extract.overwrite else recorded_identity(path)
         if old is not None:
-            new = base_identity(cfg, lm, corpus, unit, layers)
+            new = {**base_identity(cfg, lm, corpus, unit, layers), **sae_source}
             old = {k: portable(old).get(k) for k in new}
             if old != new:
                 where = path if path.exists() else path.with_name(path.name + ".parts")
@@ -88,6 +89,15 @@ def check_existing(cfg: Config, lm: models.LoadedModel, corpus: Corpus, units: l
         else:
             verify(path)  # a finished file counts as done only if it reads back (checked once, recorded)
     return left
+
+
+def planned_sae_source(cfg: Config, lm: models.LoadedModel, corpus: Corpus) -> dict:
+    """`--sae train` names its SAE set (`local:KEY`, the recipe's hash) before training it: an SAE recipe
+    that differs from the files' is refused without training another set."""
+    if cfg.sae.source != "train":
+        return {}
+    key = sae_sources.training_key(cfg, lm, sae_sources.training_corpus(cfg, corpus))
+    return {"sae_source": f"local:{key}"}
 
 
 def check_space(cfg: Config, lm: models.LoadedModel, corpus: Corpus, units: list[ExtractionUnit],

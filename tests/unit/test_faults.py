@@ -182,9 +182,10 @@ def first_sae_layer(run: Path) -> Path:
      ["hi.h5 is corrupt", "delete it and rerun extract"]),
     (lambda run: None, ["extract", *ARGS, "--code-dtype", "float32"], ["different configuration", "code_dtype"]),
     (lambda run: None, ["extract", *ARGS, "--max-sentences", "6"], ["different configuration", "corpus_hash"]),
+    (lambda run: None, ["extract", *ARGS, "--sae-width", "64"], ["different configuration", "sae_source"]),
     (lambda run: None, ["extract", *ARGS, "--shards", "9"], ["extract.shards: 9 shards for 8 sentences"]),
 ], ids=["manifest", "jobs-json", "jobs-json-status", "sae-meta", "sae-cfg", "sae-weights", "h5-chunk",
-        "mismatch-dtype", "mismatch-corpus", "too-many-shards"])
+        "mismatch-dtype", "mismatch-corpus", "mismatch-sae-recipe", "too-many-shards"])
 def test_damaged_run_files_and_refused_runs_change_nothing(template, tmp_path, damage, args, fragments):
     run = copy_run(template, tmp_path / "run")
     damage(run)
