@@ -134,8 +134,8 @@ def environment_error(exc: OSError, cfg: Config | None) -> str | None:
     if exc.errno in NO_SPACE or "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
         return no_space_message(cfg, where)
     if exc.errno in NO_WRITE:
-        return (f"cannot write {where}: {NO_WRITE[exc.errno]}; choose another --run folder or fix its "
-                "permissions, then rerun the same command (it resumes)")
+        return (f"cannot use {where}: {NO_WRITE[exc.errno]}; fix its permissions or choose another --run folder, "
+                "then rerun the same command (it resumes)")
     return None
 
 

@@ -264,6 +264,20 @@ def test_a_read_only_run_folder_is_one_message_and_stays_as_it_was(template, tmp
         assert snapshot(run) == before
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder")
+def test_an_unwritable_run_folder_is_one_message_and_stays_as_it_was(template, tmp_path):
+    run = copy_run(template, tmp_path / "locked")
+    before = snapshot(run)
+    for folder in (run, run / "activations"):
+        folder.chmod(0o555)
+    try:
+        one_clear_error(cli("extract", *ARGS, "--run", str(run)), "no permission to write there")
+        assert snapshot(run) == before
+    finally:
+        for folder in (run, run / "activations"):
+            folder.chmod(0o755)
+
+
 def test_sigterm_records_cancelled_and_leaves_a_resumable_run(template, tmp_path):
     run = copy_run(template, tmp_path / "term", only_saes=True)
     proc = start("extract", *ARGS[:-4], "--max-sentences", "200", "--layers", "0-1", "--run", str(run))
