@@ -77,6 +77,14 @@ class WriterLock:
         if holder and _is_me(holder):  # never remove a lock another process took over
             self.path.unlink(missing_ok=True)
 
+    def check_free(self) -> None:
+        """Raise LockHeld now if a live writer holds the lock (a submit-time check; taking it is `acquire`)."""
+        if self.path in _held or not self.path.exists():
+            return
+        holder = read_holder(self.path)
+        if holder is None or (holder and not stale(holder, self.path) and not _is_me(holder)):
+            raise LockHeld(self._held_message(holder))
+
     def _create(self) -> bool:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -112,10 +112,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def preflight(cfg: Config, stage: str) -> None:
     """Checks before any job is run or submitted, so that a refused command leaves no trace: the run folder
-    (writable, its records readable; `report` needs one) and what the config asks of the corpus."""
+    (writable, its records readable; `report` needs one), no live writer on its files, and what the config
+    asks of the corpus."""
     from toolkit.rundir import RunDir
 
-    RunDir(cfg.run_dir).check(must_exist=stage == "report", saes=stage == "pipeline" or stages.get(stage).uses_saes)
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.check(must_exist=stage == "report", saes=stage == "pipeline" or stages.get(stage).uses_saes)
+    if stage in ("extract", "pipeline"):
+        from toolkit.locks import WriterLock
+        from toolkit.store import shard_name
+
+        n = cfg.extract.shards  # a second submission is refused here, before a job loads anything
+        for lang in cfg.lang_codes:
+            for k in range(n):
+                WriterLock(run_dir.activations / shard_name(lang, k, n)).check_free()
     if stage in ("extract", "pipeline") and cfg.extract.shards > 1:
         from toolkit import corpus as corpora
         from toolkit import plan

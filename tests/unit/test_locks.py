@@ -80,3 +80,13 @@ def test_a_lock_being_written_is_held_and_an_old_empty_one_is_stale(tmp_path):
     os.utime(lock_path(target), (old, old))
     with WriterLock(target):
         pass
+
+
+def test_check_free_refuses_a_live_holder_and_passes_a_stale_one(tmp_path, other_process):
+    target = tmp_path / "en.h5"
+    WriterLock(target).check_free()  # no lock
+    holder_file(target, pid=dead_pid())
+    WriterLock(target).check_free()
+    holder_file(target, pid=other_process.pid)
+    with pytest.raises(LockHeld, match=f"pid {other_process.pid}"):
+        WriterLock(target).check_free()
