@@ -80,7 +80,7 @@ class RunDir:
         check_writable(self.root)
         self.read_manifest()
         if self.jobs_file.is_file():
-            read_json(self.jobs_file, JOBS_FIX.format(path=self.jobs_file))
+            read_json(self.jobs_file, JOBS_FIX)
         if saes:
             self.check_saes()
 

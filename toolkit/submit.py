@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
     except OSError as exc:
-        message = environment_error(exc, cfg)
+        message = environment_error(exc, cfg, args.stage)
         if debug or message is None:
             raise
         console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -137,12 +137,12 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 NO_WRITE = {errno.EACCES: "permission denied", errno.EROFS: "read-only filesystem", errno.EPERM: "not permitted"}
 
 
-def environment_error(exc: OSError, cfg: Config | None) -> str | None:
+def environment_error(exc: OSError, cfg: Config | None, stage: str = "") -> str | None:
     """One message for a full disk or an unwritable place; None for any other OSError (a bug shows in full).
     HDF5 reports a full disk inside its message, without an errno."""
     where = exc.filename or (cfg.run_dir if cfg else "the run folder")
     if exc.errno in NO_SPACE or "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
-        return no_space_message(cfg, where)
+        return no_space_message(cfg if stage in ("extract", "pipeline") else None, where)
     if exc.errno in NO_WRITE:
         return (f"cannot use {where}: {NO_WRITE[exc.errno]}; fix its permissions or choose another --run folder, "
                 "then rerun the same command (it resumes)")
@@ -150,14 +150,14 @@ def environment_error(exc: OSError, cfg: Config | None) -> str | None:
 
 
 def no_space_message(cfg: Config | None, where: object) -> str:
+    """With an extraction's config, how much it needs (the --dry-run estimate) and how much is free."""
     from toolkit import plan
 
     need = plan.disk_estimate(cfg) if cfg else None
-    free = plan.free_bytes(cfg.run_dir) if cfg else None
-    needs = f"this run needs about {plan.human_bytes(need)} (the --dry-run estimate)" if need else \
-        "--dry-run estimates how much this run needs"
-    return (f"the disk is full (writing {where}): {needs}, {plan.human_bytes(free)} is free there. Free some "
-            "space (or choose another --run folder) and rerun the same command: it resumes from what was committed")
+    needs = (f": this run needs about {plan.human_bytes(need)} (the --dry-run estimate), "
+             f"{plan.human_bytes(plan.free_bytes(cfg.run_dir))} is free there") if cfg and need else ""
+    return (f"the disk is full (writing {where}){needs}. Free some space (or choose another --run folder) and rerun "
+            "the same command: it resumes from what was committed")
 
 
 if __name__ == "__main__":

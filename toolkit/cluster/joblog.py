@@ -21,7 +21,7 @@ class JobLog:
     def read(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        fix = JOBS_FIX.format(path=self.path)
+        fix = JOBS_FIX
         data = read_json(self.path, fix)
         jobs = data.get("jobs", []) if isinstance(data, dict) else None
         if not isinstance(jobs, list) or not all(isinstance(j, dict) and "job_id" in j for j in jobs):
