@@ -89,11 +89,11 @@ def test_two_concurrent_writers_one_writes_each_file_and_the_output_equals_a_sin
     for trial in range(trials):
         run = copy_run(template, tmp_path / f"trial{trial}", only_saes=True)
         first = start("extract", *ARGS, "--run", str(run))
-        if trial == trials - 1:  # a requeue arriving after the first finished
-            first.wait(timeout=300)
+        done_first = first.communicate(timeout=300) if trial == trials - 1 else None  # a late requeue
         time.sleep(0.3 * (trial % 5))  # from a photo finish to the second arriving mid-run
         second = start("extract", *ARGS, "--run", str(run))
-        results = [(p.wait(timeout=300), *p.communicate()) for p in (first, second)]
+        outputs = [done_first or first.communicate(timeout=300), second.communicate(timeout=300)]
+        results = [(p.returncode, *out) for p, out in zip((first, second), outputs)]
         writes = 0
         for rc, _stdout, stderr in results:
             assert "Traceback" not in stderr, stderr[-3000:]
