@@ -34,6 +34,10 @@ FIDELITY_SUMS = ("sq_err", "sq_dev")  # per-sentence sums behind a language's FV
 STATS = SAE_STATS + CONTROLS  # the statistics a gap can be computed on
 STORED = STATS + FIDELITY_SUMS
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+# HDF5's own file locking fails on many cluster filesystems (Lustre or NFS without flock: "unable to lock
+# file"). It is not needed: one writer per file is toolkit.locks' job, it writes a private staging file, and
+# a file is read only once renamed into place, never changed after.
+HDF5_LOCKING = False
 CONSOLIDATION_SLACK = 64 << 10  # HDF5 metadata beyond the parts' own bytes (+5 % for chunk padding)
 
 
@@ -238,7 +242,7 @@ class ActivationWriter:
             raise
 
     def _write_file(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
-        with h5py.File(tmp, "w") as h5:
+        with h5py.File(tmp, "w", locking=HDF5_LOCKING) as h5:
             _write_consolidated(h5, parts, self.layers, self.code_dtype)
             for key, value in {**attrs, **self.identity}.items():
                 h5.attrs[key] = _attr(value)
@@ -415,7 +419,7 @@ class ActivationFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._h5 = h5py.File(self.path, "r")
+            self._h5 = h5py.File(self.path, "r", locking=HDF5_LOCKING)
         except FileNotFoundError:
             raise StoreError(f"{self.path}: no such activation file") from None
         except OSError as exc:
