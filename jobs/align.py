@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from toolkit.align import metrics as am
 from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
 from toolkit.extraction import ExtractionUnit, extract_unit
+from toolkit.locks import WriterLock
 from toolkit.rundir import RunDir
 from toolkit.stages import Task
 from toolkit.store import ActivationFile
@@ -97,11 +99,13 @@ def align_one(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, cor
     """Train (or resume, or reuse) one adapter, then measure it against the base model (rank 0)."""
     folder = RunDir(cfg.run_dir).align(target.name)
     fingerprint = align.fingerprint(cfg, lm, saes, target.targets, split, engine, dist.world)
-    metrics = _finished(folder, cfg, fingerprint)
-    if metrics is not None:
-        console.print(f"[bold]{target.name}:[/] adapter already trained ({folder / 'adapter'}); measuring only")
-    else:
-        metrics = train(cfg, lm, saes, corpus, target, split, dist, engine, console, folder, fingerprint)
+    # one writer per target folder: rank 0 holds it (the ranks of one job write together)
+    with WriterLock(folder, f"alignment {folder}") if dist.main else nullcontext():
+        metrics = _finished(folder, cfg, fingerprint)
+        if metrics is not None:
+            console.print(f"[bold]{target.name}:[/] adapter already trained ({folder / 'adapter'}); measuring only")
+        else:
+            metrics = train(cfg, lm, saes, corpus, target, split, dist, engine, console, folder, fingerprint)
     summary = {"unit": target.name, "targets": target.targets, "adapter": str(folder / "adapter"),
                "metrics": str(folder / "metrics.json"), "final": metrics.get("final"),
                "final_validation": metrics.get("final_validation")}

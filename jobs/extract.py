@@ -5,6 +5,9 @@ The work itself is `toolkit.extraction`; this layer adds the progress bars and t
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
@@ -13,33 +16,100 @@ from toolkit import corpus as corpora
 from toolkit import models
 from toolkit import saes as sae_sources
 from toolkit.config import Config, parse_layers
+from toolkit.corpus import Corpus
+from toolkit.errors import UserError
 from toolkit.extraction import (
     ExtractionUnit,
     Summary,
     all_units,
+    base_identity,
     extract_unit,
     fixed_mmap_threshold,
+    shard_ids,
 )
-from toolkit.plan import human_bytes
+from toolkit.locks import WriterLock
+from toolkit.plan import check_corpus, disk_needed, free_bytes, human_bytes
 from toolkit.rundir import RunDir
 from toolkit.stages import Task
+from toolkit.store import StoreError, identity_diff, portable, recorded_identity, shard_name, verify
 
 
 def run(cfg: Config, task: Task | None = None) -> list[Summary]:
-    """Extract the task's units (default: every language and shard of the config)."""
+    """Extract the task's units (default: every language and shard of the config).
+
+    Everything is checked before the manifest is written or an SAE trained: the corpus, the run folder,
+    one writer per file (each unit's lock is held to the end), the identity of files already there and
+    the free disk space.
+    """
     console = Console(stderr=True)
     fixed_mmap_threshold()
     todo = all_units(cfg) if task is None or task.units is None else [ExtractionUnit(*u) for u in task.units]
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
-    RunDir(cfg.run_dir).write_manifest(cfg, "extract", corpus.hash)
-    lm = models.load(cfg.model)
-    layers = parse_layers(cfg.run.layers, lm.n_layers)
-    saes = sae_sources.load(cfg, lm, layers, corpus, console)
-    saes.own_memory()
-    bar = extraction_bar(console)
-    summaries = [extract_unit(cfg, lm, saes, corpus, unit, layers, bar) for unit in todo]
+    check_corpus(cfg, corpus)
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.check()
+    with ExitStack() as locks:
+        for unit in todo:
+            locks.enter_context(WriterLock(unit_path(cfg, unit)))
+        lm = models.load(cfg.model)
+        layers = parse_layers(cfg.run.layers, lm.n_layers)
+        left = check_existing(cfg, lm, corpus, todo, layers)
+        check_space(cfg, lm, corpus, left, layers)
+        run_dir.write_manifest(cfg, "extract", corpus.hash)
+        saes = sae_sources.load(cfg, lm, layers, corpus, console)
+        saes.own_memory()
+        bar = extraction_bar(console)
+        summaries = [extract_unit(cfg, lm, saes, corpus, unit, layers, bar) for unit in todo]
     print_summary(summaries, console)
     return summaries
+
+
+def unit_path(cfg: Config, unit: ExtractionUnit) -> Path:
+    return RunDir(cfg.run_dir).activations / shard_name(unit.lang, unit.shard, unit.n_shards)
+
+
+def check_existing(cfg: Config, lm: models.LoadedModel, corpus: Corpus, units: list[ExtractionUnit],
+                   layers: list[int]) -> list[ExtractionUnit]:
+    """Refuse damaged files, or files and parts made with another configuration, before any SAE is trained;
+    the units left to do."""
+    left = []
+    sae_source = planned_sae_source(cfg, lm, corpus)
+    for unit in units:
+        path = unit_path(cfg, unit)
+        old = None if cfg.extract.overwrite else recorded_identity(path)
+        if old is not None:
+            new = {**base_identity(cfg, lm, corpus, unit, layers), **sae_source}
+            old = {k: portable(old).get(k) for k in new}
+            if old != new:
+                where = path if path.exists() else path.with_name(path.name + ".parts")
+                raise StoreError(f"{where} was written with a different configuration ({identity_diff(old, new)}); "
+                                 "pass --overwrite to start afresh, or use another --run directory")
+        if cfg.extract.overwrite or not path.exists():
+            left.append(unit)
+        else:
+            verify(path)  # a finished file counts as done only if it reads back (checked once, recorded)
+    return left
+
+
+def planned_sae_source(cfg: Config, lm: models.LoadedModel, corpus: Corpus) -> dict:
+    """`--sae train` names its SAE set (`local:KEY`, the recipe's hash) before training it: an SAE recipe
+    that differs from the files' is refused without training another set."""
+    if cfg.sae.source != "train":
+        return {}
+    key = sae_sources.training_key(cfg, lm, sae_sources.training_corpus(cfg, corpus))
+    return {"sae_source": f"local:{key}"}
+
+
+def check_space(cfg: Config, lm: models.LoadedModel, corpus: Corpus, units: list[ExtractionUnit],
+                layers: list[int]) -> None:
+    """The dry-run's estimate for what is left to extract must fit on the run folder's disk."""
+    need = sum(disk_needed(cfg, corpus.subset(shard_ids(corpus.ids, u.shard, u.n_shards)).texts[u.lang], lm.tokenizer,
+                           layers, lm.d_model) for u in units)
+    free = free_bytes(cfg.run_dir)
+    if need > free:
+        raise UserError(f"{cfg.run_dir}: the extraction left to do needs about {human_bytes(need)} (the --dry-run "
+                        f"estimate) and {human_bytes(free)} is free there; free some space or choose another --run "
+                        "folder, then rerun the same command (it resumes)")
 
 
 def print_summary(summaries: list[Summary], console: Console) -> None:

@@ -19,8 +19,11 @@ def run(cfg: Config, task: Task | None = None) -> saes.SAESet:
         raise UserError(f"train-saes trains local SAEs; --sae {cfg.sae.source} names SAEs that already exist "
                         "(use --sae train, or run extract directly)")
     corpus = saes.training_corpus(cfg)
-    RunDir(cfg.run_dir).write_manifest(cfg, "train-saes", corpus.hash)
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.check()
     lm = models.load(cfg.model)
-    trained = saes.train(cfg, lm, parse_layers(cfg.run.layers, lm.n_layers), corpus, console)
+    layers = parse_layers(cfg.run.layers, lm.n_layers)
+    run_dir.write_manifest(cfg, "train-saes", corpus.hash)
+    trained = saes.train(cfg, lm, layers, corpus, console)
     saes.print_quality(trained, console)
     return trained

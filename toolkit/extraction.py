@@ -25,7 +25,7 @@ from toolkit.config import Config
 from toolkit.corpus import Corpus
 from toolkit.errors import UserError
 from toolkit.rundir import RunDir
-from toolkit.store import ActivationFile, ActivationWriter, Batch, LayerBatch, shard_name
+from toolkit.store import ActivationFile, ActivationWriter, Batch, LayerBatch, portable, shard_name
 
 # advance(sentences done in this batch, tokens per second so far)
 Advance = Callable[[int, float], None]
@@ -79,19 +79,30 @@ def shard_ids(ids: list[str], shard: int, n_shards: int) -> list[str]:
     return ids[bounds[shard]:bounds[shard + 1]]
 
 
-def identity(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpus: Corpus, unit: ExtractionUnit,
-             layers: list[int]) -> dict:
-    """What makes a file this extraction's: a writer refuses to resume a file with another identity."""
+def base_identity(cfg: Config, lm: models.LoadedModel, corpus: Corpus, unit: ExtractionUnit,
+                  layers: list[int]) -> dict:
+    """The identity known before any SAE is loaded or trained: a mismatch there is refused first."""
     return {
         "language": unit.lang, "shard": unit.shard, "n_shards": unit.n_shards,
         "corpus_name": corpus.name, "corpus_hash": corpus.lang_hash(unit.lang), "n_corpus": len(corpus.ids),
         "model_id": lm.model_id, "model_revision": lm.revision, "preset": cfg.run.preset,
         "adapter": cfg.model.adapter, "compute_dtype": str(lm.dtype).removeprefix("torch."),
         "d_model": lm.d_model, "layers": layers, "hook_point": HOOK_TEMPLATE,
-        "sae_source": saes.source, "sae_ids": saes.ids, "d_sae": [saes.layers[i].d_sae for i in layers],
         "code_dtype": cfg.extract.code_dtype, "max_length": cfg.extract.max_length,
         "batch_tokens": cfg.extract.batch_tokens, "save_resid": cfg.extract.save_resid,
     }
+
+
+def identity(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpus: Corpus, unit: ExtractionUnit,
+             layers: list[int]) -> dict:
+    """What makes a file this extraction's: a writer refuses to resume a file with another identity.
+
+    It holds what determines the numbers, never where the run folder lives (a copied run resumes).
+    """
+    return portable({
+        **base_identity(cfg, lm, corpus, unit, layers),
+        "sae_source": saes.source, "sae_ids": saes.ids, "d_sae": [saes.layers[i].d_sae for i in layers],
+    })
 
 
 @contextmanager
@@ -103,10 +114,15 @@ def extract_unit(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, 
                  unit: ExtractionUnit, layers: list[int], progress: ProgressFactory = no_progress) -> Summary:
     """Extract one unit into RUN/activations, resuming from its committed parts; skip a finished file."""
     path = RunDir(cfg.run_dir).activations / shard_name(unit.lang, unit.shard, unit.n_shards)
-    writer = ActivationWriter(path, identity(cfg, lm, saes, corpus, unit, layers), layers,
-                              cfg.extract.code_dtype, overwrite=cfg.extract.overwrite)
-    if writer.complete:
-        return summary_of(path, skipped=True)
+    with ActivationWriter(path, identity(cfg, lm, saes, corpus, unit, layers), layers,
+                          cfg.extract.code_dtype, overwrite=cfg.extract.overwrite) as writer:
+        if writer.complete:  # and read back once: a damaged file is refused with the fix
+            return summary_of(path, skipped=True)
+        return _extract_into(writer, cfg, lm, saes, corpus, unit, layers, progress)
+
+
+def _extract_into(writer: ActivationWriter, cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet,
+                  corpus: Corpus, unit: ExtractionUnit, layers: list[int], progress: ProgressFactory) -> Summary:
     sentences = corpus.subset(shard_ids(corpus.ids, unit.shard, unit.n_shards)).sentences(unit.lang)
     # The plan depends only on the text and the config, so a resumed run skips exactly the batches
     # already committed and its file equals an uninterrupted run's.
@@ -127,7 +143,7 @@ def extract_unit(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, 
         {i: {"sae_id": saes.layers[i].sae_id, "d_sae": saes.layers[i].d_sae, "fve": saes.layers[i].fve,
              "l0": saes.layers[i].l0, "mean_source": saes.layers[i].mean_source} for i in layers},
     )
-    return summary_of(path, seconds=seconds)
+    return summary_of(writer.path, seconds=seconds)
 
 
 def _encode_and_write(lm: models.LoadedModel, saes: sae_sources.SAESet, batches: list[TokenBatch],

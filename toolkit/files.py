@@ -61,6 +61,40 @@ def write_json(path: str | Path, data: Any, indent: int | None = 1, sort_keys: b
     return atomic_write(path, json.dumps(data, indent=indent, sort_keys=sort_keys, allow_nan=False) + "\n")
 
 
+def read_json(path: str | Path, fix: str) -> Any:
+    """A run file's JSON; a damaged one is a UserError naming the file and `fix`, the way to repair it."""
+    from toolkit.errors import UserError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); {fix}") from None
+
+
+def check_writable(folder: str | Path) -> None:
+    """Refuse a folder this process cannot write into (or create), before anything is written there.
+    A nameless temporary file probes it: permissions, a read-only mount and a full inode table all show."""
+    import errno
+    import tempfile
+
+    from toolkit.errors import UserError
+
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        reason = {errno.EROFS: "a read-only filesystem", errno.EACCES: "no permission to write there",
+                  errno.ENOSPC: "the disk is full"}.get(exc.errno, exc.strerror)
+        where = folder if existing == folder else f"{existing} (to create {folder})"
+        raise UserError(f"cannot write to {where}: {reason}; choose another --run folder or fix its "
+                        "permissions") from None
+
+
 def build_once(target: str | Path, build: Callable[[Path], None], done: str = "DONE") -> Path:
     """Build the folder `target` once across processes and jobs: the first caller holds a lock and fills a
     staging folder through `build(staging)`, which must create `staging/done`; later callers reuse it."""

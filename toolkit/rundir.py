@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import re
+import shutil
 import subprocess
 import time
 from importlib import metadata
@@ -12,9 +12,14 @@ from pathlib import Path
 
 from toolkit import __version__
 from toolkit.config import Config
-from toolkit.files import write_json
+from toolkit.errors import UserError
+from toolkit.files import check_writable, read_json, write_json
 
 PACKAGES = ("torch", "transformers", "sae-lens", "peft", "deepspeed", "submitit", "h5py", "lm-eval", "numpy")
+SAE_JSON = ("cfg.json", "lingogap.json")
+MANIFEST_FIX = ("move it aside (it records how earlier stages ran) and rerun the command; it writes a new "
+                "{path}")
+JOBS_FIX = "delete it (it only lists submitted jobs; no output depends on it) and rerun the command"
 SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key)$")  # not `batch_tokens`
 
 
@@ -42,7 +47,7 @@ class RunDir:
             return self._update_manifest(cfg, stage, corpus_hash)
 
     def _update_manifest(self, cfg: Config, stage: str, corpus_hash: str | None) -> dict:
-        data = json.loads(self.manifest.read_text()) if self.manifest.is_file() else {}
+        data = self.read_manifest()
         data.update(
             lingogap_version=__version__,
             git_revision=git_revision(),
@@ -57,6 +62,59 @@ class RunDir:
         }
         write_json(self.manifest, data, indent=1, sort_keys=True)
         return data
+
+    def read_manifest(self) -> dict:
+        if not self.manifest.is_file():
+            return {}
+        data = read_json(self.manifest, MANIFEST_FIX.format(path=self.manifest))
+        if not isinstance(data, dict):
+            raise UserError(f"{self.manifest} is damaged (not a JSON object); "
+                            + MANIFEST_FIX.format(path=self.manifest))
+        return data
+
+    def check(self, must_exist: bool = False, saes: bool = True) -> None:
+        """Before a stage writes anything: the folder is there (if it must be) and writable, and the run's
+        own records (manifest, job log, with `saes` the trained SAEs) read back. Each problem names its fix."""
+        if must_exist and not self.root.is_dir():
+            raise UserError(f"no run folder {self.root}; run extract (or pipeline) with this --run first")
+        check_writable(self.root)
+        self.read_manifest()
+        if self.jobs_file.is_file():
+            read_json(self.jobs_file, JOBS_FIX)
+        if saes:
+            self.check_saes()
+
+    def check_saes(self) -> None:
+        """Every SAE trained in the run has readable metadata and weights (a damaged one names its folder)."""
+        for layer in sorted(self.saes.glob("*/layer_*")):
+            fix = (f"delete {layer} and rerun train-saes (or extract) with the same settings to train it again")
+            for name in SAE_JSON:
+                if (layer / name).is_file():
+                    read_json(layer / name, fix)
+            for weights in layer.glob("*.safetensors"):
+                _check_safetensors(weights, fix)
+
+
+def discard_if_empty(root: str | Path) -> bool:
+    """Remove a run folder that holds nothing but records of jobs and lock files (a command that created it
+    and then failed leaves no folder behind); True if removed."""
+    root = Path(root)
+    files = [p for p in root.rglob("*") if not p.is_dir()]
+    if not root.is_dir() or any(p.name != "jobs.json" and not p.name.endswith(".lock") for p in files):
+        return False
+    shutil.rmtree(root, ignore_errors=True)
+    return True
+
+
+def _check_safetensors(path: Path, fix: str) -> None:
+    """Open the header (cheap): a truncated or garbled weights file fails here, not in a job."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "np") as fh:
+            fh.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is damaged ({exc}); {fix}") from None
 
 
 def git_revision() -> str:

@@ -11,6 +11,7 @@ final path. A job killed at any moment resumes after its last part.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,8 @@ import h5py
 import numpy as np
 
 from toolkit.errors import UserError
-from toolkit.files import atomic_write, staged
+from toolkit.files import atomic_write, staged, stale_staging
+from toolkit.locks import WriterLock
 
 LAYOUT_VERSION = 2
 FORMAT = "lingogap-activations"
@@ -32,6 +34,11 @@ FIDELITY_SUMS = ("sq_err", "sq_dev")  # per-sentence sums behind a language's FV
 STATS = SAE_STATS + CONTROLS  # the statistics a gap can be computed on
 STORED = STATS + FIDELITY_SUMS
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+# HDF5's own file locking fails on many cluster filesystems (Lustre or NFS without flock: "unable to lock
+# file"). It is not needed: one writer per file is toolkit.locks' job, it writes a private staging file, and
+# a file is read only once renamed into place, never changed after.
+HDF5_LOCKING = False
+CONSOLIDATION_SLACK = 64 << 10  # HDF5 metadata beyond the parts' own bytes (+5 % for chunk padding)
 
 
 class StoreError(UserError):
@@ -93,33 +100,60 @@ class ActivationWriter:
         self.layers = sorted(layers)
         self.code_dtype = np.dtype(code_dtype)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = WriterLock(self.path, str(self.path))
+        self.lock.acquire()  # held until finalize() or close(): one writer per file and its parts
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, overwrite: bool) -> None:
         if overwrite:
             self.path.unlink(missing_ok=True)
+            verified_path(self.path).unlink(missing_ok=True)
             shutil.rmtree(self.parts, ignore_errors=True)
+        self._remove_litter()
         self._check_existing()
+        self._n_parts = 0
+        if self.complete:
+            verify(self.path)
+            return
         self.parts.mkdir(exist_ok=True)
         stamp = self.parts / "fingerprint.json"
         if not stamp.exists():
-            atomic_write(stamp, json.dumps({"fingerprint": self.fingerprint, **identity}, indent=1))
+            atomic_write(stamp, json.dumps({"fingerprint": self.fingerprint, **self.identity}, indent=1))
         self._n_parts = len(self._part_files())
+
+    def __enter__(self) -> ActivationWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give up the file (its committed parts stay for a resume)."""
+        self.lock.release()
+
+    def _remove_litter(self) -> None:
+        """Staging files of writers that died, and the parts of a file that was finished before they were
+        removed (a kill between the final rename and the cleanup)."""
+        for tmp in stale_staging(self.path.parent):
+            if tmp.name.startswith(f".{self.path.name}."):
+                tmp.unlink(missing_ok=True)
+        if self.parts.is_dir():
+            for tmp in stale_staging(self.parts):
+                tmp.unlink(missing_ok=True)
+            if self.path.exists():
+                shutil.rmtree(self.parts, ignore_errors=True)
 
     def _check_existing(self) -> None:
         hint = "pass --overwrite to start afresh, or use another --run directory"
-        if self.path.exists():
-            with ActivationFile(self.path) as f:
-                if f.attrs.get("fingerprint") != self.fingerprint:
-                    raise StoreError(
-                        f"{self.path} was written with a different configuration "
-                        f"({_diff(f.identity, self.identity)}); {hint}"
-                    )
-        stamp = self.parts / "fingerprint.json"
-        if stamp.exists():
-            old = json.loads(stamp.read_text())
-            if old.get("fingerprint") != self.fingerprint:
-                raise StoreError(
-                    f"{self.parts} holds a partial extraction with a different configuration "
-                    f"({_diff(old, self.identity)}); {hint}"
-                )
+        old = recorded_identity(self.path)
+        if old is not None and not same_identity(old, self.identity):
+            where = f"{self.path} was written" if self.path.exists() else f"{self.parts} holds a partial extraction"
+            raise StoreError(f"{where} with a different configuration "
+                             f"({identity_diff(portable(old), self.identity)}); {hint}")
 
     @property
     def complete(self) -> bool:
@@ -177,17 +211,38 @@ class ActivationWriter:
         self._n_parts += 1
 
     def finalize(self, attrs: dict, layer_attrs: dict[int, dict] | None = None) -> Path:
-        """Consolidate the parts into the final file (atomically) and remove them."""
-        if self.complete:
-            return self.path
-        parts = self._part_files()
-        with staged(self.path) as tmp:
-            self._consolidate(tmp, parts, attrs, layer_attrs)
-        shutil.rmtree(self.parts, ignore_errors=True)
+        """Consolidate the parts into the final file (atomically), remove them and give up the lock."""
+        try:
+            if not self.complete:
+                parts = self._part_files()
+                self._check_space(parts)
+                with staged(self.path) as tmp:  # per-process staging name: only a whole file is renamed
+                    self._consolidate(tmp, parts, attrs, layer_attrs)
+                mark_verified(self.path)  # just written and fsynced: nothing to read back
+                shutil.rmtree(self.parts, ignore_errors=True)
+        finally:
+            self.close()
         return self.path
 
+    def _check_space(self, parts: list[Path]) -> None:
+        """The consolidated file is about as large as its (uncompressed) parts. HDF5 meets a full disk in its
+        cache flushes and object destructors (chained errors, once a segfault), so it is not let near one."""
+        need = int(sum(p.stat().st_size for p in parts) * 1.05) + CONSOLIDATION_SLACK
+        free = shutil.disk_usage(self.path.parent).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"consolidating needs about {need:,} bytes and {free:,} are free",
+                          str(self.path))
+
     def _consolidate(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
-        with h5py.File(tmp, "w") as h5:
+        try:
+            self._write_file(tmp, parts, attrs, layer_attrs)
+        except (RuntimeError, OSError) as exc:  # HDF5 words a full disk in its message only
+            if "errno = 28" in str(exc) or "No space left on device" in str(exc):
+                raise OSError(errno.ENOSPC, "no space left on device", str(self.path)) from None
+            raise
+
+    def _write_file(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
+        with h5py.File(tmp, "w", locking=HDF5_LOCKING) as h5:
             _write_consolidated(h5, parts, self.layers, self.code_dtype)
             for key, value in {**attrs, **self.identity}.items():
                 h5.attrs[key] = _attr(value)
@@ -201,6 +256,63 @@ class ActivationWriter:
             h5.attrs["complete"] = True
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+
+
+def recorded_identity(path: Path) -> dict | None:
+    """The identity a finished file or its partial parts were written with; None when there is neither."""
+    path = Path(path)
+    if path.exists():
+        with ActivationFile(path) as f:
+            return {**f.identity, "fingerprint": f.attrs.get("fingerprint")}
+    stamp = path.with_name(path.name + ".parts") / "fingerprint.json"
+    if not stamp.exists():
+        return None
+    try:
+        return json.loads(stamp.read_text())
+    except ValueError:
+        raise StoreError(f"{stamp} is damaged; rerun extract with --overwrite to start that file afresh") from None
+
+
+def portable(identity: dict) -> dict:
+    """The identity without where the run folder lives: SAEs trained in the run are `local:KEY`, whatever
+    folder (older versions recorded `local:/abs/RUN/saes/KEY`)."""
+    source = str(identity.get("sae_source", ""))
+    if not source.startswith("local:") or "/" not in source:
+        return identity
+    return {**identity, "sae_source": "local:" + source.rstrip("/").rpartition("/")[2]}
+
+
+def same_identity(old: dict, new: dict) -> bool:
+    """Whether a recorded identity (by its fingerprint, or recomputed once made portable) is `new`'s."""
+    recorded = {k: v for k, v in old.items() if k != "fingerprint"}
+    return fingerprint(new) in (old.get("fingerprint"), fingerprint(portable(recorded)))
+
+
+def verified_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".verified")
+
+
+def _signature(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def mark_verified(path: Path) -> None:
+    atomic_write(verified_path(path), json.dumps(_signature(path)))
+
+
+def verify(path: Path) -> None:
+    """Read back every dataset of a finished file once (checksums and chunks); record that in
+    `{file}.verified` (size and mtime) so a resumed run does not read it again. Damage is a StoreError."""
+    path = Path(path)
+    try:
+        if json.loads(verified_path(path).read_text()) == _signature(path):
+            return
+    except (OSError, ValueError):
+        pass
+    with ActivationFile(path) as f:
+        f.read_all()
+    mark_verified(path)
 
 
 def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], code_dtype: np.dtype) -> None:
@@ -294,7 +406,7 @@ def _attr(value):
     return value
 
 
-def _diff(old: dict, new: dict) -> str:
+def identity_diff(old: dict, new: dict) -> str:
     keys = sorted(k for k in set(old) | set(new) if k != "fingerprint" and old.get(k) != new.get(k))
     if not keys:
         return "unknown difference"
@@ -307,17 +419,19 @@ class ActivationFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._h5 = h5py.File(self.path, "r")
+            self._h5 = h5py.File(self.path, "r", locking=HDF5_LOCKING)
         except FileNotFoundError:
             raise StoreError(f"{self.path}: no such activation file") from None
         except OSError as exc:
             raise StoreError(
-                f"{self.path} is truncated or corrupt ({exc}); delete it and run extract again"
+                f"{self.path} is truncated or corrupt ({exc}); delete it and rerun extract to rebuild it "
+                "(or rerun with --overwrite to rebuild every file)"
             ) from None
         attrs = self._h5.attrs
         if attrs.get("format") != FORMAT:
             self.close()
-            raise StoreError(f"{self.path} is not a lingogap activation file")
+            raise StoreError(f"{self.path} is not a lingogap activation file; move it away, or delete it and "
+                             "rerun extract to rebuild it")
         if int(attrs.get("layout_version", -1)) > LAYOUT_VERSION:
             self.close()
             raise StoreError(
@@ -326,7 +440,7 @@ class ActivationFile:
             )
         if not bool(attrs.get("complete", False)):
             self.close()
-            raise StoreError(f"{self.path} is incomplete; run extract again to finish it")
+            raise StoreError(f"{self.path} is incomplete; delete it and rerun extract to rebuild it")
 
     def __enter__(self) -> ActivationFile:
         return self
@@ -339,13 +453,23 @@ class ActivationFile:
             self._h5.close()
             self._h5 = None
 
+    def read_all(self, block: int = 1 << 20) -> None:
+        """Read every dataset, `block` rows at a time: a checksum or a chunk that fails is a StoreError."""
+        names: list[str] = []
+        self._h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        for name in names:
+            n = self._h5[name].shape[0] if self._h5[name].shape else 0
+            for start in range(0, max(n, 1), block):
+                self._read(name, slice(start, start + block) if n else ())
+
     def _read(self, name: str, sel=slice(None)) -> np.ndarray:
         try:
             return self._h5[name][sel]
         except KeyError:
             raise StoreError(f"{self.path} has no dataset {name!r}") from None
         except OSError as exc:  # fletcher32 checksum or truncated chunk
-            raise StoreError(f"{self.path} is corrupt: reading {name} failed ({exc})") from None
+            raise StoreError(f"{self.path} is corrupt: reading {name} failed ({exc}); delete it and rerun extract "
+                             "to rebuild it (or rerun with --overwrite to rebuild every file)") from None
 
     @property
     def attrs(self) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 from typing import Any
@@ -72,12 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     console = Console(stderr=True)
+    cfg = None
     try:
         cfg = config_from_args(args)
         if debug:
             cfg.run.executor = "debug" if cfg.run.executor == "local" else cfg.run.executor
         from toolkit import cluster
 
+        if args.stage not in cluster.COMMANDS:
+            preflight(cfg, args.stage)
         if getattr(args, "dry_run", False):
             from toolkit import plan
 
@@ -90,9 +94,70 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
+    except OSError as exc:
+        message = environment_error(exc, cfg, args.stage)
+        if debug or message is None:
+            raise
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt as exc:
+        from toolkit.cluster.local import Terminated
+
+        if isinstance(exc, Terminated):
+            console.print("[yellow]terminated[/]; rerun the same command to resume")
+            return 143
         console.print("[yellow]interrupted[/]; rerun the same command to resume")
         return 130
+
+
+def preflight(cfg: Config, stage: str) -> None:
+    """Checks before any job is run or submitted, so that a refused command leaves no trace: the run folder
+    (writable, its records readable; `report` needs one), no live writer on its files, and what the config
+    asks of the corpus."""
+    from toolkit.rundir import RunDir
+
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.check(must_exist=stage == "report", saes=stage == "pipeline" or stages.get(stage).uses_saes)
+    if stage in ("extract", "pipeline"):
+        from toolkit.locks import WriterLock
+        from toolkit.store import shard_name
+
+        n = cfg.extract.shards  # a second submission is refused here, before a job loads anything
+        for lang in cfg.lang_codes:
+            for k in range(n):
+                WriterLock(run_dir.activations / shard_name(lang, k, n)).check_free()
+    if stage in ("extract", "pipeline") and cfg.extract.shards > 1:
+        from toolkit import corpus as corpora
+        from toolkit import plan
+
+        plan.check_corpus(cfg, corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences))
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NO_WRITE = {errno.EACCES: "permission denied", errno.EROFS: "read-only filesystem", errno.EPERM: "not permitted"}
+
+
+def environment_error(exc: OSError, cfg: Config | None, stage: str = "") -> str | None:
+    """One message for a full disk or an unwritable place; None for any other OSError (a bug shows in full).
+    HDF5 reports a full disk inside its message, without an errno."""
+    where = exc.filename or (cfg.run_dir if cfg else "the run folder")
+    if exc.errno in NO_SPACE or "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+        return no_space_message(cfg if stage in ("extract", "pipeline") else None, where)
+    if exc.errno in NO_WRITE:
+        return (f"cannot use {where}: {NO_WRITE[exc.errno]}; fix its permissions or choose another --run folder, "
+                "then rerun the same command (it resumes)")
+    return None
+
+
+def no_space_message(cfg: Config | None, where: object) -> str:
+    """With an extraction's config, how much it needs (the --dry-run estimate) and how much is free."""
+    from toolkit import plan
+
+    need = plan.disk_estimate(cfg) if cfg else None
+    needs = (f": this run needs about {plan.human_bytes(need)} (the --dry-run estimate), "
+             f"{plan.human_bytes(plan.free_bytes(cfg.run_dir))} is free there") if cfg and need else ""
+    return (f"the disk is full (writing {where}){needs}. Free some space (or choose another --run folder) and rerun "
+            "the same command: it resumes from what was committed")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ CASES = [
      "hi.txt:2: not UTF-8"),
     ("run-is-a-file", {}, ["--run", "{tmp}/runfile"], "is a file, not a folder"),
     ("unknown-language", {}, ["--langs", "en,xx"], "unknown language code 'xx'"),
+    ("more-shards-than-sentences", {}, ["--shards", "3"], "extract.shards: 3 shards for 2 sentences"),
 ]
 
 
@@ -101,6 +102,15 @@ def test_bad_input_is_one_clear_error(tmp_path, files, args, message, dry_run):
     assert "Traceback" not in out.stderr
     assert out.stderr.count("error:") == 1 and message in " ".join(out.stderr.split()), out.stderr
     assert {p: snapshot(p) for p in before} == before
+
+
+@pytest.mark.parametrize("args", [["--shards", "3"], ["--model", "/nowhere/model"]],
+                         ids=["before-the-job", "in-the-job"])
+def test_a_refused_command_creates_no_run_folder(tmp_path, args):
+    out = cli("extract", "--preset", "tiny", "--langs", "en,hi", "--max-sentences", "2", *args,
+              "--run", str(tmp_path / "run"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_bom_is_stripped_with_a_warning(tmp_path):

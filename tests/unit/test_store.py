@@ -2,6 +2,8 @@
 through ActivationWriter and ActivationFile, resuming from committed parts, and its edges."""
 
 import json
+import os
+import subprocess
 
 import h5py
 import numpy as np
@@ -167,3 +169,74 @@ def test_truncated_file_is_reported(tmp_path):
     broken.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
     with pytest.raises(StoreError, match="truncated or corrupt"):
         ActivationFile(broken)
+
+
+def test_a_finished_file_is_verified_once_and_damage_names_the_fix(tmp_path):
+    path = tmp_path / "hi.h5"
+    write(path)
+    sidecar = tmp_path / "hi.h5.verified"
+    assert json.loads(sidecar.read_text())["size"] == path.stat().st_size  # recorded at finalize, nothing reread
+    with h5py.File(path, "r") as h5:
+        offset = h5["layers/0/codes/indices"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\xff" * 16)
+    with pytest.raises(StoreError, match=r"hi.h5 is corrupt: reading layers/0/codes/indices.*delete it and rerun"):
+        ActivationWriter(path, IDENTITY, LAYERS)
+    assert not (tmp_path / "hi.h5.lock").exists()  # a refused writer gives its lock back
+
+
+def test_a_rerun_on_a_finished_file_leaves_no_part_folder_and_clears_dead_writers_litter(tmp_path):
+    path = tmp_path / "hi.h5"
+    write(path)
+    (tmp_path / ".hi.h5.999999999.tmp").write_bytes(b"a dead writer's staging file")
+    (tmp_path / "hi.h5.parts").mkdir()  # killed between the final rename and the cleanup
+    with ActivationWriter(path, IDENTITY, LAYERS) as writer:
+        assert writer.complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hi.h5", "hi.h5.verified"]
+
+
+def test_an_identity_recorded_with_the_absolute_run_folder_matches_its_portable_form(tmp_path):
+    from toolkit.store import portable, same_identity
+
+    new = {**IDENTITY, "sae_source": "local:ab12cd"}
+    old = {**IDENTITY, "sae_source": "local:/old/place/run/saes/ab12cd"}
+    assert portable(old) == new and portable(new) == new
+    assert same_identity({**old, "fingerprint": fingerprint(old)}, new)
+    assert not same_identity({**old, "sae_source": "local:/x/saes/other"}, new)
+    write(tmp_path / "hi.h5", identity=old)
+    with ActivationWriter(tmp_path / "hi.h5", new, LAYERS) as writer:
+        assert writer.complete
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_during_consolidation_leaves_the_parts_to_resume(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        big = [make_batch([f"s{k}"], [2000], k) for k in range(2)]  # ~2 x 100 KB of parts, then the same again
+        writer = ActivationWriter(disk / "hi.h5", IDENTITY, LAYERS)
+        for b in big:
+            writer.write_batch(b)
+        (disk / "filler").write_bytes(b"\0" * (disk_free(disk) - 100_000))
+        with pytest.raises(OSError) as info:
+            writer.finalize({"seconds": 1.0})
+        from toolkit.submit import environment_error
+
+        assert "the disk is full" in environment_error(info.value, None)
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "hi.h5.parts"]  # no staging file, no final
+        (disk / "filler").unlink()
+        writer = ActivationWriter(disk / "hi.h5", IDENTITY, LAYERS)
+        assert writer.n_parts == 2
+        writer.finalize({"seconds": 1.0})
+        with ActivationFile(disk / "hi.h5") as f:
+            assert f.sentence_ids == ["s0", "s1"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def disk_free(path) -> int:
+    import shutil
+
+    return shutil.disk_usage(path).free

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from toolkit.files import write_json
-from toolkit.rundir import RunDir
+from toolkit.errors import UserError
+from toolkit.files import read_json, write_json
+from toolkit.rundir import JOBS_FIX, RunDir
 
 
 class JobLog:
@@ -21,7 +21,12 @@ class JobLog:
     def read(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return json.loads(self.path.read_text()).get("jobs", [])
+        fix = JOBS_FIX
+        data = read_json(self.path, fix)
+        jobs = data.get("jobs", []) if isinstance(data, dict) else None
+        if not isinstance(jobs, list) or not all(isinstance(j, dict) and "job_id" in j for j in jobs):
+            raise UserError(f"{self.path} is damaged (not a job list); {fix}")
+        return jobs
 
     def _write(self, jobs: list[dict]) -> None:
         write_json(self.path, {"version": 1, "jobs": jobs}, indent=1)

@@ -9,13 +9,18 @@ process; same host only).
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from toolkit import stages
 from toolkit.cluster.base import Executor, register_executor
 from toolkit.cluster.chain import Step
 from toolkit.cluster.joblog import JobLog, now
+from toolkit.rundir import discard_if_empty
 from toolkit.stages import Task
 
 
@@ -29,9 +34,16 @@ class LocalExecutor(Executor):
     def run(self, steps: list[Step]) -> int:
         """Every step in order; a failure stops the chain (and propagates, recorded as FAILED)."""
         log = JobLog(self.cfg.run_dir)
-        for step in steps:
-            for task in self.tasks(step):
-                self._recorded(log, step.stage, task)
+        fresh = not self.cfg.run_dir.exists()
+        try:
+            with terminate_as_interrupt():
+                for step in steps:
+                    for task in self.tasks(step):
+                        self._recorded(log, step.stage, task)
+        except BaseException:
+            if fresh:  # a failed command leaves no run folder it created (the error is on this terminal)
+                discard_if_empty(self.cfg.run_dir)
+            raise
         return 0
 
     def call(self, stage: str, task: Task) -> None:
@@ -47,14 +59,46 @@ class LocalExecutor(Executor):
                   "submitted": now(), "started": time.time(), "state": "RUNNING"}])
         try:
             self.call(stage, task)
-        except KeyboardInterrupt:
-            log.update(job_id, state="CANCELLED", ended=time.time(), error="interrupted (Ctrl-C or cancel)")
+        except KeyboardInterrupt as exc:
+            why = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted (Ctrl-C or cancel)"
+            _record_end(log, job_id, state="CANCELLED", error=why)
             raise
         except BaseException as exc:
-            log.update(job_id, state="FAILED", ended=time.time(), error=one_line(exc))
+            _record_end(log, job_id, state="FAILED", error=one_line(exc))
             self.failed(exc)
             raise
         log.update(job_id, state="COMPLETED", ended=time.time())
+
+
+def _record_end(log: JobLog, job_id: str, **values: str) -> None:
+    """Record how a task ended; on a full disk the record may not fit, and the task's own error matters more
+    (`status` then shows LOST: the recorded process is gone)."""
+    try:
+        log.update(job_id, ended=time.time(), **values)
+    except OSError:
+        pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `cancel`, a shutdown): unwinds like Ctrl-C, so the job is recorded CANCELLED, locks are
+    released and committed parts stay for a resume."""
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While a local stage runs, SIGTERM raises Terminated in the main thread (elsewhere: left alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(exc: BaseException) -> str:

@@ -55,6 +55,7 @@ def test_a_local_failure_is_recorded_and_reported(tmp_path, capsys):
     corpus.mkdir()
     (corpus / "en.txt").write_text("a\n")  # no hi.txt
     run = tmp_path / "run"
+    run.mkdir()  # a run folder this command did not create keeps the record (a new one is removed again)
     assert main(["extract", *TINY, "--corpus", f"text:{corpus}", "--run", str(run)]) == 2
     (rec,) = json.loads((run / "jobs.json").read_text())["jobs"]
     assert rec["state"] == "FAILED" and "corpus has no Hindi file" in rec["error"]

@@ -1,0 +1,185 @@
+"""One writer per output: an exclusive lock file beside what it guards, safe on a shared filesystem.
+
+HDF5's own locking is off or broken on many cluster filesystems (Lustre, GPFS, NFS), so a lock here is a
+plain file `{target}.lock`, created with O_CREAT|O_EXCL (atomic on local disks and on NFSv3 and later),
+holding JSON {host, pid, started, command, ...}. A second writer finds it and fails with a message that
+names the holder. A lock is stale, and taken over, when its holder is gone:
+- same host: that pid no longer runs (or runs a newer process: its start time differs);
+- any host: it names this Slurm job (and array task) at an earlier restart count: a requeue meets its own lock.
+A holder on another host cannot be asked; the message says which file to delete once that job is gone.
+Locks are re-entrant within one process: a job may lock its units up front and the writer again.
+torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from toolkit.errors import UserError
+from toolkit.files import pid_alive
+
+LOCK_SUFFIX = ".lock"
+UNWRITTEN_GRACE_S = 60.0  # an empty lock file younger than this is a writer between create and write
+
+_held: dict[Path, int] = {}  # this process's locks and their nesting depth
+
+
+class LockHeld(UserError):
+    """Another process writes this output."""
+
+
+def lock_path(target: str | Path) -> Path:
+    target = Path(target)
+    return target.with_name(target.name + LOCK_SUFFIX)
+
+
+class WriterLock:
+    """`with WriterLock(target, what):` holds `{target}.lock` or raises LockHeld naming the holder."""
+
+    def __init__(self, target: str | Path, what: str | None = None):
+        self.path = lock_path(target).absolute()
+        self.what = what or str(target)
+
+    def __enter__(self) -> WriterLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        if self.path in _held:
+            _held[self.path] += 1
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a stale lock is removed and creating is tried again
+            if self._create():
+                _held[self.path] = 1
+                return
+            holder = read_holder(self.path)
+            if holder is None or not stale(holder, self.path):
+                raise LockHeld(self._held_message(holder))
+            _break(self.path, holder)
+        raise LockHeld(self._held_message(read_holder(self.path)))
+
+    def release(self) -> None:
+        depth = _held.get(self.path, 0)
+        if depth > 1:
+            _held[self.path] = depth - 1
+            return
+        _held.pop(self.path, None)
+        holder = read_holder(self.path)
+        if holder and _is_me(holder):  # never remove a lock another process took over
+            self.path.unlink(missing_ok=True)
+
+    def check_free(self) -> None:
+        """Raise LockHeld now if a live writer holds the lock (a submit-time check; taking it is `acquire`)."""
+        if self.path in _held or not self.path.exists():
+            return
+        holder = read_holder(self.path)
+        if holder is None or (holder and not stale(holder, self.path) and not _is_me(holder)):
+            raise LockHeld(self._held_message(holder))
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
+
+    def _held_message(self, holder: dict | None) -> str:
+        if holder is None:
+            who = "a process that is still writing its lock"
+        else:
+            job = f", Slurm job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+            who = (f"pid {holder.get('pid')} on {holder.get('host')}{job}, since {holder.get('started_at', '?')}: "
+                   f"{holder.get('command', '?')}")
+        return (f"{self.what} is being written by another process ({who}). Wait for it to finish (rerunning then "
+                f"resumes or finds it done); if that process is gone for good, delete {self.path}")
+
+
+def me() -> dict:
+    """This process as a lock holder."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _start_time(os.getpid()),
+            "started": time.time(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv)[:500], "slurm_job": _slurm_job(),
+            "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+
+
+def read_holder(path: Path) -> dict | None:
+    """The holder recorded in a lock file; {} for an old empty or unreadable one, None while it is new."""
+    try:
+        text = path.read_text()
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return {}
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        holder = None
+    if isinstance(holder, dict):
+        return holder
+    return {} if age > UNWRITTEN_GRACE_S else None
+
+
+def stale(holder: dict, path: Path) -> bool:
+    """Whether the holder is known to be gone (see the module's docstring)."""
+    if not holder:  # no lock left, or one whose writer died before recording itself
+        return True
+    if holder.get("slurm_job") and holder["slurm_job"] == _slurm_job() and _restarts(holder) < _restarts(me()):
+        return True  # a requeued job meets its own earlier run's lock
+    if holder.get("host") != socket.gethostname():
+        return False
+    pid = int(holder.get("pid", 0))
+    if pid <= 0 or not pid_alive(pid):
+        return True
+    return holder.get("pid_start") is not None and holder["pid_start"] != _start_time(pid)
+
+
+def _break(path: Path, holder: dict) -> None:
+    """Remove a stale lock, unless another process replaced it meanwhile: a rename moves exactly one file,
+    so of two processes breaking the same lock only one gets it, and a fresh lock is put back."""
+    aside = path.with_name(f".{path.name}.{os.getpid()}.stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    moved = read_holder(aside)
+    if moved and moved != holder and not stale(moved, aside):
+        try:
+            os.link(aside, path)  # a live lock taken by mistake goes back (fails if a third one exists)
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)
+
+
+def _restarts(holder: dict) -> int:
+    return int(holder.get("slurm_restart") or 0)
+
+
+def _is_me(holder: dict) -> bool:
+    return holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
+
+
+def _slurm_job() -> str | None:
+    job = os.environ.get("SLURM_JOB_ID")
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{job}_{task}" if job and task else job
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
