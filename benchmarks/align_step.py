@@ -12,6 +12,7 @@ runs. The plain step is next-token cross-entropy on both halves of the batch, as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 
 import torch
@@ -62,7 +63,7 @@ def align_step_ratio(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus,
     base = lm.model
     model = align.attach_lora(base, a, lm.n_layers)
     try:
-        peft_lm = LoadedModel(model, lm.tokenizer, lm.model_id, lm.revision, lm.device, lm.dtype)
+        peft_lm = dataclasses.replace(lm, model=model)
         uses = align.reference_uses(a, len(split.train))
         if summarise is None:  # as training would decide
             summarise = uses >= align.SUMMARY_USES

@@ -124,7 +124,7 @@ class ResidualCapture:
         self._handles: list = []
 
     def __enter__(self) -> ResidualCapture:
-        blocks = decoder_layers(self.lm.model)
+        blocks = decoder_layers(self.lm.model, self.lm.hook_module)
         last = self.layers[-1]
         for layer in self.layers:
             def hook(module, args, output, layer=layer):

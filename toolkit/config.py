@@ -53,6 +53,8 @@ class ModelConfig:
     dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16",
                      choices=("auto", "float32", "bfloat16"))
     adapter: str = opt("", "peft LoRA adapter directory applied on top of the model", flag="--adapter")
+    hook_module: str = opt("", "dotted path of the decoder blocks (a ModuleList, e.g. transformer.h) for a model "
+                               "whose layout lingogap does not know")
 
 
 @dataclass

@@ -40,6 +40,7 @@ class LoadedModel:
     revision: str
     device: torch.device
     dtype: torch.dtype
+    hook_module: str = ""  # where the decoder blocks are, when the known layouts do not find them
 
     @property
     def n_layers(self) -> int:
@@ -84,7 +85,9 @@ def load(cfg: ModelConfig) -> LoadedModel:
     if device.type == "cpu":
         page_in(model)
     limit_context(tokenizer, model.config)
-    return LoadedModel(model, tokenizer, model_id, revision, device, dtype)
+    lm = LoadedModel(model, tokenizer, model_id, revision, device, dtype, cfg.hook_module)
+    decoder_layers(model, cfg.hook_module)  # an unknown layout fails here, before any work
+    return lm
 
 
 def limit_context(tokenizer, config) -> None:
@@ -237,14 +240,20 @@ DECODER_PATHS = (
 _MAX_WRAPPERS = 8  # peft adds two levels; a deeper chain is not a model we know
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+def decoder_layers(model: torch.nn.Module, hook_module: str = "") -> torch.nn.ModuleList:
     """The decoder blocks of a causal LM, plain or peft-wrapped, found without any unbounded loop.
 
-    Wrappers are unwrapped breadth-first through `get_base_model()`, `.model` and `.base_model`,
-    each module visited once: a transformers base model's `base_model` is itself, which made the
-    earlier `while` loop spin forever on GPT-2.
+    `hook_module` (--hook-module) names them for a layout not in DECODER_PATHS. Otherwise wrappers are
+    unwrapped breadth-first through `get_base_model()`, `.model` and `.base_model`, each module visited
+    once: a transformers base model's `base_model` is itself, which made a `while` loop spin on GPT-2.
     """
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if hook_module:
+        blocks = _module_at(model, hook_module)
+        if not isinstance(blocks, torch.nn.ModuleList) or not len(blocks):
+            raise UserError(f"--hook-module {hook_module}: {type(model).__name__} has no list of modules there; "
+                            + _no_layers_message(model, n_layers).split(". ", 1)[1])
+        return blocks
     queue, seen = [model], set()
     while queue and len(seen) < _MAX_WRAPPERS:
         node = queue.pop(0)
@@ -281,6 +290,6 @@ def _no_layers_message(model: torch.nn.Module, n_layers: int | None) -> str:
         f"cannot find the decoder blocks of {type(model).__name__}"
         f"{f' ({n_layers} layers)' if n_layers else ''}: none of {', '.join(DECODER_PATHS)} is a list of its "
         f"blocks. Module lists in this model: {', '.join(lists[:8]) or 'none'}. lingogap supports causal LMs "
-        "laid out like Llama, GPT-2, GPT-NeoX or OPT; add the dotted path of the blocks to "
-        "toolkit.models.DECODER_PATHS for another layout"
+        "laid out like Llama, GPT-2, GPT-NeoX or OPT; for another layout pass the dotted path of the blocks "
+        "with --hook-module (e.g. --hook-module transformer.h)"
     )

@@ -1,5 +1,6 @@
 """Activation-aware LoRA on the embedded Gemma 3 270M: a few steps on NTREX Hindi with small local SAEs."""
 
+import dataclasses
 import json
 import math
 
@@ -61,7 +62,7 @@ def test_the_summarised_kl_equals_the_recomputed_one_on_gemma3(ntrex, tmp_path):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
-    peft_lm = models.LoadedModel(model, lm.tokenizer, lm.model_id, lm.revision, lm.device, lm.dtype)
+    peft_lm = dataclasses.replace(lm, model=model)
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for summarise in (True, False):

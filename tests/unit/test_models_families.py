@@ -100,8 +100,12 @@ def test_unknown_layout_names_the_class_and_the_fix():
         def base_model(self):  # a self-reference like transformers' base models: must not spin
             return self
 
-    with pytest.raises(UserError, match=r"Odd.*stack \(1\).*DECODER_PATHS"):
+    with pytest.raises(UserError, match=r"Odd.*stack \(1\).*--hook-module"):
         decoder_layers(Odd())
+    odd = Odd()
+    assert decoder_layers(odd, "stack") is odd.stack
+    with pytest.raises(UserError, match="--hook-module blocks: Odd has no list of modules there"):
+        decoder_layers(Odd(), "blocks")
 
 
 def test_gpt2_extracts_end_to_end(tmp_path):

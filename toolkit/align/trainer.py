@@ -7,6 +7,7 @@ RNG states, written to a staging folder and renamed, so a killed run resumes exa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -133,7 +134,7 @@ class Trainer:
         a, lm = self.a, self.lm
         torch.manual_seed(self.cfg.run.seed)
         self.model = attach_lora(lm.model, a, lm.n_layers)
-        peft_lm = LoadedModel(self.model, lm.tokenizer, lm.model_id, lm.revision, lm.device, lm.dtype)
+        peft_lm = dataclasses.replace(lm, model=self.model)
         n_lora, n_all = (sum(p.numel() for p in self.model.parameters() if p.requires_grad or every)
                          for every in (False, True))
         self.progress.note(f"LoRA: {n_lora:,} trainable parameters ({100 * n_lora / n_all:.2f} % of the model), "

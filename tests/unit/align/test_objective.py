@@ -1,11 +1,12 @@
 """The objective equals the plain computation of the package docstring's formula, in value and gradient."""
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
 
-from toolkit import align, models
+from toolkit import align
 
 
 def _naive_losses(lm, saes, weights: dict[int, float], a, target, english) -> dict[str, torch.Tensor]:
@@ -63,7 +64,7 @@ def test_objective_equals_the_plain_computation_in_value_and_gradient(tiny, soft
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.05)  # a trained-looking adapter, so the KL is not zero
         model.eval()  # no LoRA dropout: both computations see the same network
-        peft_lm = models.LoadedModel(model, lm.tokenizer, lm.model_id, lm.revision, lm.device, lm.dtype)
+        peft_lm = dataclasses.replace(lm, model=model)
         params = [p for p in model.parameters() if p.requires_grad]
         objective = align.Objective(peft_lm, saes, {"hi": weights}, cfg.align)
         assert objective.reference.linear is not softcap
