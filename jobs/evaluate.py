@@ -99,7 +99,7 @@ def score_models(cfg: Config, base: models.LoadedModel, adapters: list[tuple[str
             t0 = time.time()
             path = dict(adapters).get(label)
             model = base.model if path is None else models.apply_adapter(copy.deepcopy(base.model), path).eval()
-            lm = scoring.lm_wrapper(model, base.tokenizer, cfg.eval.batch_size)
+            lm = scoring.lm_wrapper(model, base.tokenizer, cfg.eval.batch_size, cfg.eval.scorer)
             scores[label] = {}
             for bt in present:
                 progress.update(bar, description=f"{label} · {bt.bench} {bt.lang} ({bt.n_items} items)")
@@ -128,7 +128,7 @@ def results_json(cfg: Config, benches: list[str], model_id: str, adapters: list[
         "format": "lingogap-eval",
         "version": 1,
         "config": {"tasks": benches, "languages": cfg.lang_codes, "limit": cfg.eval.limit, "shots": cfg.eval.shots,
-                   "seed": cfg.run.seed, "batch_size": cfg.eval.batch_size,
+                   "seed": cfg.run.seed, "batch_size": cfg.eval.batch_size, "scorer": cfg.eval.scorer,
                    "source": "okapi-json" if cfg.eval.bench_data else "hub",
                    "bench_data": str(Path(cfg.eval.bench_data).resolve()) if cfg.eval.bench_data else None,
                    "selection": "lowest sha256(f'{seed}:{item_id}') per task and language" if cfg.eval.limit

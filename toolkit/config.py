@@ -126,6 +126,8 @@ class EvalConfig:
     bench_data: str = opt("", "Okapi-format JSON folder for offline tasks (default: the hub's tasks)")
     batch_size: int = opt(8, "lm-eval batch size", flag="--eval-batch-size")
     no_base: bool = opt(False, "skip the base model when an adapter is evaluated")
+    scorer: str = opt("lingogap", "log-likelihood scorer: lingogap (each context once) or hflm (lm-eval's HFLM)",
+                      flag="--eval-scorer", choices=("lingogap", "hflm"))
 
 
 

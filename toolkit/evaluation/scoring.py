@@ -13,6 +13,7 @@ import numpy as np
 
 from analysis.gaps import read_gaps_csv
 from analysis.stats import correlation, mcnemar_exact
+from toolkit.errors import UserError
 from toolkit.evaluation.tasks import PAIRED_METRICS, BenchTask, item_key
 from toolkit.languages import LANGUAGES, REFERENCE
 
@@ -31,61 +32,33 @@ class Scores:
         return np.array([v[metric] for v in self.items.values()], dtype=float)
 
 
-def lm_wrapper(model, tokenizer, batch_size: int, fast: bool = True):
-    """lm-eval's HFLM over an in-memory model, with its per-call progress bar off (we show our own).
+SCORERS = ("lingogap", "hflm")
 
-    With `fast`, each model call returns logits for the last K positions of the batch only, K being
-    the smallest window that holds every row's continuation (transformers' `logits_to_keep`). lm-eval
-    locates continuations relative to the end of the returned logits (its handling of prefix-tuning
-    "virtual tokens"), so it reads the same numbers while the vocabulary projection and lm-eval's
-    log-softmax skip most context positions: with Gemma 3 270M's 262k-token vocabulary they take about
-    a third of a full forward on CPU. A call it cannot match to its requests gets the full logits."""
-    import inspect
 
-    import torch
+def lm_wrapper(model, tokenizer, batch_size: int, scorer: str = "lingogap"):
+    """The lm-eval model that scores: ours (`toolkit.evaluation.lm`, each context computed once) or
+    lm-eval's own HFLM for comparison; both read the in-memory model and print no progress bars."""
+    if scorer == "lingogap":
+        from toolkit.evaluation.lm import SharedContextLM
+
+        return SharedContextLM(model, tokenizer, batch_size=batch_size)
+    if scorer != "hflm":
+        raise UserError(f"eval.scorer: unknown scorer {scorer!r}; choose from {', '.join(SCORERS)}")
+    return _quiet_hflm(model, tokenizer, batch_size)
+
+
+def _quiet_hflm(model, tokenizer, batch_size: int):
     from lm_eval.models.huggingface import HFLM
 
     class QuietHFLM(HFLM):
-        _needed: dict[tuple[int, ...], int] = {}
+        """HFLM with its per-call progress bars off (we show our own); public methods only."""
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=True)
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-            if fast:  # each row is (context + continuation)[-(max_length + 1):][:-1], right-padded with 0
-                self._needed = {}
-                for _, context, continuation in requests:
-                    key = tuple((context + continuation)[-(self.max_length + 1):][:-1])
-                    self._needed[key] = max(self._needed.get(key, 0), len(continuation))
-            try:
-                return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
-            finally:
-                self._needed = {}
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
-        def _model_call(self, inps, attn_mask=None, labels=None):
-            keep = self._window(inps) if self._needed and attn_mask is None and labels is None else None
-            if keep is None:
-                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-            with torch.no_grad():
-                return self.model(inps, logits_to_keep=keep).logits
-
-        def _window(self, inps) -> int | None:
-            """Positions from the end of the padded batch back to the earliest continuation token."""
-            width = inps.shape[1]
-            start = width
-            for row in inps.tolist():
-                n = len(row)
-                while n and row[n - 1] == 0:
-                    n -= 1
-                length = self._needed.get(tuple(row[:n]))
-                if length is None:
-                    return None
-                start = min(start, n - length)
-            return width - max(start, 0)
-
-    # Stripping padding is exact only when token 0 is a special token that prompts never contain.
-    fast = (fast and 0 in getattr(tokenizer, "all_special_ids", [])
-            and "logits_to_keep" in inspect.signature(model.forward).parameters)
     log = logging.getLogger("lm_eval")
     level = log.level
     log.setLevel(logging.ERROR)  # it warns that a model object ignores loading arguments: we know

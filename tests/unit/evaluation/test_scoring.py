@@ -1,5 +1,4 @@
-"""toolkit.evaluation.scoring: mean gaps from gaps.csv, gap correlations, base vs adapted pairing, and the
-logit window that reads the same numbers as lm-eval's full logits."""
+"""toolkit.evaluation.scoring: mean gaps from gaps.csv, gap correlations, base vs adapted pairing."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 
 from analysis import stats
-from tests.unit.evaluation.okapi_fixtures import load
 from toolkit.errors import UserError
 from toolkit.evaluation import scoring
 
@@ -49,32 +47,3 @@ def test_exact_mcnemar_and_pairing():
     assert p.delta == pytest.approx(3 / 5 - 2 / 5) and p.p == stats.mcnemar_exact(1, 2)
     mean, se = scoring.accuracy(np.array([1.0, 0.0, 1.0, 1.0]))
     assert mean == 0.75 and se == pytest.approx(np.std([1, 0, 1, 1], ddof=1) / 2)
-
-
-# ------------------------------------------------------------------------------- end to end (tiny)
-
-
-def test_logit_window_reads_the_same_numbers_as_full_logits(tmp_path, fixture_data):
-    from toolkit import models
-    from toolkit.config import ModelConfig
-
-    lm = models.load(ModelConfig(name="tiny"))
-    bench_tasks = load(tmp_path, fixture_data, ["arc", "mmlu"], ["en"], limit=6)
-    fast = scoring.lm_wrapper(lm.model, lm.tokenizer, 4)
-    plain = scoring.lm_wrapper(lm.model, lm.tokenizer, 4, fast=False)
-    windows = []
-    window = fast._window
-
-    def spy(inps):
-        windows.append((inps.shape[1], window(inps)))
-        return windows[-1][1]
-
-    fast._window = spy
-    for bt in bench_tasks:
-        a, b = scoring.evaluate(fast, bt), scoring.evaluate(plain, bt)
-        assert set(a.items) == set(b.items)
-        for key in a.items:
-            assert np.allclose(a.items[key]["lls"], b.items[key]["lls"], atol=1e-4), key
-            assert a.items[key]["acc"] == b.items[key]["acc"] and a.items[key]["pred"] == b.items[key]["pred"]
-    assert windows and all(k is not None for _, k in windows), "every call should match its requests"
-    assert any(k < width for width, k in windows), "the window should skip context positions"
