@@ -31,12 +31,17 @@ class Benchmark:
     fewshot_splits: tuple[str, ...]  # first file present supplies few-shot examples, else the test split
     hub_task: str  # lm-eval task for a non-English language, with {lang} = Okapi code
     hub_english: str  # lm-eval task (or group) for English
+    primary: str  # the metric to read first (see toolkit.evaluation.metrics)
 
 
+# ARC and HellaSwag choices are texts of different lengths, compared per character (as acc_norm is, the
+# metric they are usually reported with); MMLU's are the letters A-D, where normalising changes nothing.
 BENCHMARKS: dict[str, Benchmark] = {
-    "arc": Benchmark("arc", "ARC-Challenge", "arc_challenge", "test", ("validation",), "arc_{lang}", "arc_challenge"),
-    "mmlu": Benchmark("mmlu", "MMLU", "mmlu", "val", ("dev",), "m_mmlu_{lang}", "mmlu"),
-    "hellaswag": Benchmark("hellaswag", "HellaSwag", "hellaswag", "val", ("train",), "hellaswag_{lang}", "hellaswag"),
+    "arc": Benchmark("arc", "ARC-Challenge", "arc_challenge", "test", ("validation",), "arc_{lang}", "arc_challenge",
+                     "p_gold_norm"),
+    "mmlu": Benchmark("mmlu", "MMLU", "mmlu", "val", ("dev",), "m_mmlu_{lang}", "mmlu", "p_gold"),
+    "hellaswag": Benchmark("hellaswag", "HellaSwag", "hellaswag", "val", ("train",), "hellaswag_{lang}", "hellaswag",
+                           "p_gold_norm"),
 }
 
 

@@ -3,6 +3,7 @@ same items, and the report of a missing language."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -18,7 +19,8 @@ from toolkit.errors import UserError
 
 def _cfg(tmp_path, data, **extra) -> Config:
     return Config.build({"run": {"preset": "tiny", "run": str(tmp_path / "run"), "langs": "hi"},
-                         "eval": {"tasks": "arc", "limit": 10, "bench_data": str(data), "batch_size": 4, **extra}})
+                         "eval": {"tasks": "arc", "limit": 10, "bench_data": str(data), "batch_size": 4,
+                                  "bpb_sentences": 40, **extra}})
 
 
 def _items(run: Path) -> dict:
@@ -50,7 +52,16 @@ def test_tiny_model_ten_arc_items_in_two_languages(tmp_path, fixture_data):
     assert (run / "eval" / "figures" / "accuracy.png").stat().st_size > 1000
     assert "evaluate" in json.loads((run / "manifest.json").read_text())["stages"]
     with open(run / "eval" / "results.csv", newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == 2
+        assert sorted(r["task"] for r in csv.DictReader(fh)) == ["arc", "arc", "bpb", "bpb"]
+    for lang in ("en", "hi"):  # continuous metrics from the same log-likelihoods
+        r, rows_ = rows["base", lang], items["base", "arc", lang].values()
+        p_gold = np.array([float(i["p_gold"]) for i in rows_])
+        assert r["p_gold"] == pytest.approx(p_gold.mean(), abs=1e-5) and r["primary"] == "p_gold_norm"
+        assert r["p_gold_stderr"] == pytest.approx(np.std(p_gold, ddof=1) / math.sqrt(10), abs=1e-5)
+        assert all((float(i["margin"]) > 0) == (i["acc"] == "1") for i in rows_)
+    bpb = {b["language"]: b for b in result["bpb"]}
+    assert set(bpb) == {"en", "hi"} and all(b["n"] == 33 and 0 < b["bpb"] < 30 for b in bpb.values())
+    assert result["config"]["scorer"] == "lingogap" and result["config"]["primary"] == {"arc": "p_gold_norm"}
 
 
 def _make_adapter(path: Path) -> None:
@@ -90,7 +101,14 @@ def test_adapter_against_base_on_the_same_items(tmp_path, fixture_data, capsys, 
     assert "base vs adapted:hi" in text and "Δ acc" in text
     with open(tmp_path / "run" / "eval" / "results.csv", newline="") as fh:
         adapted_rows = [r for r in csv.DictReader(fh) if r["model"] == "adapted:hi"]
-    assert len(adapted_rows) == 4 and all(r["p_mcnemar"] for r in adapted_rows)
+    assert len(adapted_rows) == 4 + 2 and all(r["p_mcnemar"] for r in adapted_rows if r["task"] != "bpb")
+    for c in result["comparisons"]:  # the continuous metrics, paired on the same items
+        base, adapted = items["base", c["task"], c["language"]], items["adapted:hi", c["task"], c["language"]]
+        delta = np.mean([float(adapted[k]["p_gold_norm"]) - float(base[k]["p_gold_norm"]) for k in base])
+        assert c["delta_p_gold_norm"] == pytest.approx(delta, abs=1e-5)
+        assert c["delta_p_gold_norm_ci_low"] <= c["delta_p_gold_norm"] <= c["delta_p_gold_norm_ci_high"]
+    (pair,) = [c for c in result["bpb_comparisons"] if c["language"] == "hi"]
+    assert pair["n_paired"] == 33 and pair["delta_bpb"] != 0 and 0 < pair["p_bpb"] <= 1
 
 
 def test_explicit_adapter_and_missing_language_in_the_report(tmp_path, fixture_data, capsys, monkeypatch):
@@ -110,3 +128,24 @@ def test_explicit_adapter_and_missing_language_in_the_report(tmp_path, fixture_d
     assert "missing" in capsys.readouterr().err
     assert evaluate.adapter_label(tmp_path / "align" / "ml" / "adapter") == "adapted:ml"
     assert evaluate.adapter_label(tmp_path / "my-lora") == "adapted:my-lora"
+
+
+def test_an_adapter_for_another_model_is_refused_before_scoring(tmp_path, fixture_data):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from jobs import evaluate
+    from toolkit import models
+    from toolkit.config import ModelConfig
+
+    tiny = models.load(ModelConfig(name="tiny"))
+    config = copy.deepcopy(tiny.model.config)
+    config.hidden_size, config.num_hidden_layers = 32, 2  # another model's shapes
+    other = AutoModelForCausalLM.from_config(config)
+    get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "other"))
+    cfg = _cfg(tmp_path, fixture_data)
+    cfg.model.adapter = str(tmp_path / "other")
+    with pytest.raises(UserError, match="does not fit this model"):
+        evaluate.run(cfg)
+    with pytest.raises(UserError, match="does not fit this model"):
+        models.apply_adapter(tiny.model, tmp_path / "other")
