@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import yaml
 
 from toolkit.errors import HubUnreachable, UserError
+from toolkit.evaluation import benchdata
 from toolkit.languages import LANGUAGES, REFERENCE
 
 PAIRED_METRICS = ("acc", "acc_norm")
@@ -174,16 +175,27 @@ def plan(benches: list[str], langs: list[str], bench_data: str = "") -> list[Ben
             if bench_data:
                 files = okapi_files(bench_data, bench, lang)
                 if files:
+                    for path in dict.fromkeys(files.values()):
+                        benchdata.check_file(path, bench)
                     bench_tasks.append(BenchTask(bench, lang, task_name(bench, lang), files))
                 else:
-                    where = Path(bench_data) / BENCHMARKS[bench].folder
-                    bench_tasks.append(BenchTask(bench, lang, missing=f"no {LANGUAGES[lang].okapi}_"
-                                      f"{BENCHMARKS[bench].test_split}.json in {where}"))
+                    bench_tasks.append(BenchTask(bench, lang, missing=_missing(bench_data, bench, lang)))
             else:
                 b = BENCHMARKS[bench]
                 name = b.hub_english if lang == REFERENCE else b.hub_task.format(lang=LANGUAGES[lang].okapi)
                 bench_tasks.append(BenchTask(bench, lang, name))
     return bench_tasks
+
+
+def _missing(bench_data: str, bench: str, lang: str) -> str:
+    """Which file a language lacks, and the languages that the folder does have."""
+    b = BENCHMARKS[bench]
+    where = Path(bench_data) / b.folder
+    codes = {info.okapi: code for code, info in LANGUAGES.items()}
+    present = sorted(codes.get(f.name.removesuffix(f"_{b.test_split}.json"), f.name.split("_")[0])
+                     for f in where.glob(f"*_{b.test_split}.json"))
+    have = f"it has {', '.join(present)}" if present else "it has no language (or does not exist)"
+    return f"no {LANGUAGES[lang].okapi}_{b.test_split}.json in {where}; {have}"
 
 
 def check_hub(timeout: float = 5.0) -> None:

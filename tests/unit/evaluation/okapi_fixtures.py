@@ -9,7 +9,9 @@ from toolkit.evaluation import tasks
 
 
 def _mc(lang: str, ident: str, k: int, options: int = 4) -> dict:
-    row = {"id": ident, "instruction": f"[{lang}] question {k} [title] about things?", "answer": "ABCDE"[k % options]}
+    split = ident.split("/")[1]  # in the text, so that a test sees which split few-shot examples come from
+    row = {"id": ident, "instruction": f"[{lang}] {split} question {k} [title] about things?",
+           "answer": "ABCDE"[k % options]}
     for letter in "abcd"[:options]:
         row[f"option_{letter}"] = f"{lang} option {letter} of {k}"
     if options == 3:
@@ -38,8 +40,6 @@ def write_fixture(root: Path, langs=("en", "hi"), n: int = 14, hellaswag=("en", 
         rows = [_hellaswag(lang, k) for k in range(n)]
         (root / "hellaswag" / f"{lang}_val.json").write_text(json.dumps(rows, ensure_ascii=False))
     return root
-
-
 
 
 def load(tmp_path, data, benches, langs, limit=0, shots=0, seed=0):

@@ -149,3 +149,25 @@ def test_an_adapter_for_another_model_is_refused_before_scoring(tmp_path, fixtur
         evaluate.run(cfg)
     with pytest.raises(UserError, match="does not fit this model"):
         models.apply_adapter(tiny.model, tmp_path / "other")
+
+
+def test_adapters_merge_in_float32_only_and_stay_unmerged_in_bfloat16(tmp_path):
+    import torch
+
+    from toolkit import models
+    from toolkit.config import ModelConfig
+
+    _make_adapter(tmp_path / "adapter")
+    tiny = models.load(ModelConfig(name="tiny"))
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    merged = models.apply_adapter(copy.deepcopy(tiny.model), tmp_path / "adapter")
+    assert not any("lora_" in name for name, _ in merged.named_modules())
+    base16 = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    unmerged = models.apply_adapter(copy.deepcopy(base16), tmp_path / "adapter")
+    assert type(unmerged) is type(tiny.model)  # the transformers model: same attribute paths and hooks
+    assert any("lora_A" in name for name, _ in unmerged.named_modules())
+    assert all(p.dtype == torch.bfloat16 for n, p in unmerged.named_parameters() if "lora_" not in n)
+    with torch.no_grad():
+        want = merged(ids).logits - tiny.model(ids).logits  # the adapter's effect, float32
+        got = unmerged(ids).logits.float() - base16(ids).logits.float()
+    assert torch.corrcoef(torch.stack([want.flatten(), got.flatten()]))[0, 1] > 0.9
