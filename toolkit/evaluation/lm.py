@@ -21,8 +21,8 @@ Log-softmax is taken in float32 whatever the model dtype.
 
 from __future__ import annotations
 
-import copy
 import inspect
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -146,52 +146,80 @@ class SharedContextLM(LM):
             else:
                 groups.setdefault(tuple(ctx), []).append(i)
         with torch.no_grad():
-            for ctx, members in groups.items():
-                answers = self._score_group(list(ctx), [pairs[i][1] for i in members])
-                for i, answer in zip(members, answers, strict=True):
-                    out[i] = answer
+            for batch in self._batches(list(groups.items())):
+                answers = self._score_batch([(list(ctx), [pairs[i][1] for i in members]) for ctx, members in batch])
+                for (_, members), group in zip(batch, answers, strict=True):
+                    for i, answer in zip(members, group, strict=True):
+                        out[i] = answer
         return out  # type: ignore[return-value]
+
+    def _batches(self, groups: list) -> Iterator[list]:
+        """Groups longest context first, up to `batch_size` per batch, none padded by more than a quarter."""
+        batch: list = []
+        for group in sorted(groups, key=lambda g: -len(g[0])):
+            if batch and (len(batch) == self.batch_size or 4 * len(group[0]) < 3 * len(batch[0][0])):
+                yield batch
+                batch = []
+            batch.append(group)
+        if batch:
+            yield batch
 
     def _forward(self, ids: torch.Tensor, keep: torch.Tensor | None = None, **kwargs):
         """One model call; with `keep` (a bool mask over ids), logits only at those positions, flattened."""
+        kwargs = {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         with _only_rows(self.model, keep):
             return self.model(input_ids=ids.to(self._device), **kwargs)
 
-    def _score_group(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
-        """Every continuation of one context: the context once, then the continuations on its cache.
+    def _score_batch(self, groups: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
+        """Several contexts and all their continuations in two model calls.
 
-        The output embedding reads all of its weights (671 MB on Gemma 3) whatever the number of rows,
-        so each group calls it once: the context's last token travels with the continuations."""
-        if all(len(c) == 1 for c in conts):  # one-token choices: the context's last position scores them all
-            logits = self._forward(torch.tensor([ctx]), logits_to_keep=1).logits[0]
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            return [_total(logp, c) for c in conts]
+        1. prefixes: every context but its last token, left-padded (as batched generation pads), with
+           the KV cache on and no output embedding at all;
+        2. tails: per distinct continuation, the context's last token + the continuation but its last
+           token, on its context's cache rows, right-padded; the output embedding sees only real
+           positions. Row j of a tail predicts token j of the continuation.
+        Left padding keeps each row's distances between tokens, so sliding-window attention is exact."""
+        prefixes = [ctx[:-1] for ctx, _ in groups]
+        width = max(map(len, prefixes))
+        mask = torch.zeros((len(groups), width), dtype=torch.long)
+        for g, prefix in enumerate(prefixes):
+            mask[g, width - len(prefix):] = 1
         cache = None
-        if len(ctx) > 1:
-            none = torch.zeros((1, len(ctx) - 1), dtype=torch.bool)
-            out = self._forward(torch.tensor([ctx[:-1]]), none, use_cache=True)
+        if width:
+            ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
+            for g, prefix in enumerate(prefixes):
+                ids[g, width - len(prefix):] = torch.tensor(prefix, dtype=torch.long)
+            out = self._forward(ids, torch.zeros_like(mask, dtype=torch.bool), attention_mask=mask,
+                                position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
             cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        tails = [[ctx[-1], *c[:-1]] for c in conts]
-        logps: list[torch.Tensor] = []
-        for start in range(0, len(tails), self.batch_size):
-            logps += self._score_tails(cache, tails[start:start + self.batch_size])
-        return [_total(lp, c) for lp, c in zip(logps, conts, strict=True)]
+        tails: dict[tuple[int, tuple[int, ...]], int] = {}  # (group, tail tokens) -> row; equal tails share a row
+        for g, (ctx, conts) in enumerate(groups):
+            for cont in conts:
+                tails.setdefault((g, (ctx[-1], *cont[:-1])), len(tails))
+        logps = self._score_tails(cache, mask, [len(p) for p in prefixes], list(tails))
+        return [[_total(logps[tails[(g, (ctx[-1], *c[:-1]))]], c) for c in conts] for g, (ctx, conts) in
+                enumerate(groups)]
 
-    def _score_tails(self, cache, tails: list[list[int]]) -> list[torch.Tensor]:
-        """Log-probs at every position of each tail (the context's last token + cont[:-1]), on the cache."""
-        ids = torch.full((len(tails), max(map(len, tails))), self.pad_id, dtype=torch.long)
-        keep = torch.zeros(ids.shape, dtype=torch.bool)
-        for row, tail in enumerate(tails):
-            ids[row, :len(tail)] = torch.tensor(tail)
-            keep[row, :len(tail)] = True
-        kwargs = {}
+    def _score_tails(self, cache, prefix_mask: torch.Tensor, prefix_lengths: list[int],
+                     rows: list[tuple[int, tuple[int, ...]]]) -> list[torch.Tensor]:
+        """Log-probs at every position of each (group, tail) row, each row on its group's cache."""
+        width = max(len(tail) for _, tail in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        keep = torch.zeros((len(rows), width), dtype=torch.bool)
+        for r, (_, tail) in enumerate(rows):
+            ids[r, :len(tail)] = torch.tensor(tail, dtype=torch.long)
+            keep[r, :len(tail)] = True
+        group = torch.tensor([g for g, _ in rows])
+        start = torch.tensor(prefix_lengths)[group]
+        kwargs = {"position_ids": start[:, None] + torch.arange(width)[None]}
         if cache is not None:
-            shared = copy.deepcopy(cache)  # the cache grows with each call: every chunk starts from the context
-            shared.batch_repeat_interleave(len(tails))
-            kwargs = {"use_cache": True, self._cache_kwarg: shared}
+            cache.batch_select_indices(group.to(self._device))  # each row reads its own context
+            kwargs |= {"use_cache": True, self._cache_kwarg: cache,
+                       "attention_mask": torch.cat([prefix_mask[group], torch.ones((len(rows), width),
+                                                                                   dtype=torch.long)], dim=1)}
         logits = self._forward(ids, keep, **kwargs).logits
         logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
-        return list(torch.split(logp, [len(t) for t in tails]))
+        return list(torch.split(logp, [len(tail) for _, tail in rows]))
 
     def _score_truncated(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
         """A request longer than the model's window, cut from the left exactly as HFLM cuts it."""
