@@ -7,20 +7,22 @@ subclass), so nothing private of lm-eval is touched. It reads the same numbers a
   when the text already starts with it); trailing spaces of a context move to its continuation; the
   continuation is ``encode(context + continuation)`` minus the context's tokens; an empty context is
   the prefix token (BOS, else EOS);
-- requests are grouped by context tokens. The context runs once with the KV cache on; its last
-  position scores every continuation's first token, and the continuations' remaining tokens run
-  together on copies of that cache (right-padded, so no mask is needed). Single-token continuations
-  (MMLU's letters) need no second call at all. Only the positions that are scored go through the
-  output embedding, whose 262k-row projection costs more than a transformer block on Gemma 3;
+- requests are grouped by context tokens, and contexts of similar length are batched (left-padded, as
+  batched generation pads). The contexts run once with the KV cache on; their last position scores
+  every continuation's first token, so single-token continuations (MMLU's letters) need nothing
+  more. The other continuations run on their context's cache rows, right-padded, in chunks of similar
+  length. Only scored positions go through the output embedding, whose 262k-row projection costs
+  more than a transformer block on Gemma 3 and is what bounds ARC's speed-up;
 - a request longer than ``max_length + 1`` tokens is cut from the left as HFLM cuts it, and scored
   on its own (its context then differs from its siblings');
 - ``loglikelihood_rolling`` uses lm-eval's public rolling-window helpers with HFLM's arguments.
 
-Log-softmax is taken in float32 whatever the model dtype.
+Log-probabilities are computed in float32 whatever the model dtype.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -171,36 +173,37 @@ class SharedContextLM(LM):
             return self.model(input_ids=ids.to(self._device), **kwargs)
 
     def _score_batch(self, groups: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
-        """Several contexts and all their continuations in two model calls.
+        """Several contexts and all their continuations in one model call, plus one per chunk of tails.
 
-        1. prefixes: every context but its last token, left-padded (as batched generation pads), with
-           the KV cache on and no output embedding at all;
-        2. tails: per distinct continuation, the context's last token + the continuation but its last
-           token, on its context's cache rows, right-padded; the output embedding sees only real
-           positions. Row j of a tail predicts token j of the continuation.
+        1. contexts, left-padded (as batched generation pads), with the KV cache on; the output
+           embedding sees only their last position, which scores every continuation's first token;
+        2. tails: each distinct continuation but its last token, on its context's cache rows,
+           right-padded, the output embedding on real positions only; position j predicts token j + 1.
         Left padding keeps each row's distances between tokens, so sliding-window attention is exact."""
-        prefixes = [ctx[:-1] for ctx, _ in groups]
-        width = max(map(len, prefixes))
+        width = max(len(ctx) for ctx, _ in groups)
         mask = torch.zeros((len(groups), width), dtype=torch.long)
-        for g, prefix in enumerate(prefixes):
-            mask[g, width - len(prefix):] = 1
-        cache = None
-        if width:
-            ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
-            for g, prefix in enumerate(prefixes):
-                ids[g, width - len(prefix):] = torch.tensor(prefix, dtype=torch.long)
-            out = self._forward(ids, torch.zeros_like(mask, dtype=torch.bool), attention_mask=mask,
-                                position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        tails: dict[tuple[int, tuple[int, ...]], int] = {}  # (group, tail tokens) -> row; equal tails share a row
-        for g, (ctx, conts) in enumerate(groups):
-            for cont in conts:
-                tails.setdefault((g, (ctx[-1], *cont[:-1])), len(tails))
-        logps = self._score_tails(cache, mask, [len(p) for p in prefixes], list(tails))
-        return [[_total(logps[tails[(g, (ctx[-1], *c[:-1]))]], c) for c in conts] for g, (ctx, conts) in
-                enumerate(groups)]
+        ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
+        for g, (ctx, _) in enumerate(groups):
+            mask[g, width - len(ctx):] = 1
+            ids[g, width - len(ctx):] = torch.tensor(ctx, dtype=torch.long)
+        last = torch.zeros_like(mask, dtype=torch.bool)
+        last[:, -1] = True
+        out = self._forward(ids, last, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                            use_cache=True)
+        first = out.logits.reshape(len(groups), -1).float()
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        tails = {(g, tuple(c[:-1])): None for g, (_, conts) in enumerate(groups) for c in conts if len(c) > 1}
+        rows = sorted(tails, key=lambda row: -len(row[1]))
+        chunks = list(_similar_lengths(rows))
+        logps: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+        for k, chunk in enumerate(chunks):
+            # each chunk selects its rows from the cache in place: all but the last work on a copy
+            own = cache if k == len(chunks) - 1 else copy.deepcopy(cache)
+            logps.update(zip(chunk, self._score_tails(own, mask, [len(ctx) for ctx, _ in groups], chunk), strict=True))
+        return [[_total(torch.cat([first[g:g + 1], *([logps[(g, tuple(c[:-1]))]] if len(c) > 1 else [])]), c)
+                 for c in conts] for g, (_, conts) in enumerate(groups)]
 
-    def _score_tails(self, cache, prefix_mask: torch.Tensor, prefix_lengths: list[int],
+    def _score_tails(self, cache, context_mask: torch.Tensor, context_lengths: list[int],
                      rows: list[tuple[int, tuple[int, ...]]]) -> list[torch.Tensor]:
         """Log-probs at every position of each (group, tail) row, each row on its group's cache."""
         width = max(len(tail) for _, tail in rows)
@@ -210,30 +213,42 @@ class SharedContextLM(LM):
             ids[r, :len(tail)] = torch.tensor(tail, dtype=torch.long)
             keep[r, :len(tail)] = True
         group = torch.tensor([g for g, _ in rows])
-        start = torch.tensor(prefix_lengths)[group]
-        kwargs = {"position_ids": start[:, None] + torch.arange(width)[None]}
-        if cache is not None:
-            cache.batch_select_indices(group.to(self._device))  # each row reads its own context
-            kwargs |= {"use_cache": True, self._cache_kwarg: cache,
-                       "attention_mask": torch.cat([prefix_mask[group], torch.ones((len(rows), width),
-                                                                                   dtype=torch.long)], dim=1)}
-        logits = self._forward(ids, keep, **kwargs).logits
-        logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
-        return list(torch.split(logp, [len(tail) for _, tail in rows]))
+        cache.batch_select_indices(group.to(self._device))  # each row reads its own context
+        mask = torch.cat([context_mask[group], torch.ones((len(rows), width), dtype=torch.long)], dim=1)
+        positions = torch.tensor(context_lengths)[group][:, None] + torch.arange(width)[None]
+        logits = self._forward(ids, keep, attention_mask=mask, position_ids=positions, use_cache=True,
+                               **{self._cache_kwarg: cache}).logits
+        return list(torch.split(logits.reshape(-1, logits.shape[-1]).float(), [len(tail) for _, tail in rows]))
 
     def _score_truncated(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
         """A request longer than the model's window, cut from the left exactly as HFLM cuts it."""
         ids = (ctx + cont)[-(self.max_length + 1):][:-1]
         with torch.no_grad():
             logits = self._forward(torch.tensor([ids]), logits_to_keep=len(cont)).logits[0]
-        return _total(torch.log_softmax(logits.float(), dim=-1), cont)
+        return _total(logits.float(), cont)
 
 
-def _total(logp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
-    """Sum of the continuation's log-probs (row j predicts cont[j]) and whether each is the argmax."""
-    target = torch.tensor(cont, device=logp.device)
-    picked = logp.gather(1, target[:, None])[:, 0]
-    return float(picked.sum()), bool((logp.argmax(dim=-1) == target).all())
+def _similar_lengths(rows: list[tuple[int, tuple[int, ...]]]) -> Iterator[list]:
+    """Rows (longest first) in chunks whose rows are at least half as long as the chunk's first: answer
+    options of 1 to 30 tokens padded to one width would spend half the tail computation on padding."""
+    chunk: list = []
+    for row in rows:
+        if chunk and 2 * len(row[1]) < len(chunk[0][1]):
+            yield chunk
+            chunk = []
+        chunk.append(row)
+    if chunk:
+        yield chunk
+
+
+def _total(logits: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+    """Sum of the continuation's log-probs (logits row j predicts cont[j]) and whether each is the argmax.
+
+    log_softmax, not logit - logsumexp: Gemma's logits reach the hundreds, where the subtraction loses
+    ~1e-4 per continuation against HFLM."""
+    target = torch.tensor(cont, device=logits.device)
+    picked = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
+    return float(picked.sum()), bool((logits.argmax(dim=-1) == target).all())
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:
