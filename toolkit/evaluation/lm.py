@@ -34,6 +34,7 @@ from lm_eval.api.registry import register_model
 from toolkit.errors import UserError
 
 DEFAULT_MAX_LENGTH = 2048  # HFLM's fallback when neither the config nor the tokenizer says
+MAX_SCORED = 512  # positions whose logits one call holds
 
 
 @register_model("lingogap")
@@ -119,15 +120,18 @@ class SharedContextLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-        out = []
-        for req in requests:
-            (text,) = req.args
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1)]
-            total = sum(ll for ll, _ in self.score_tokens([(list(c), list(t)) for c, t in windows]))
-            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
-            out.append(total)
+        owner, windows = [], []  # every text's windows scored together, in batches, then summed per text
+        for k, req in enumerate(requests):
+            for context, target in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(req.args[0]), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                owner.append(k)
+                windows.append((list(context), list(target)))
+        out = [0.0] * len(requests)
+        for k, (ll, _) in zip(owner, self.score_tokens(windows), strict=True):
+            out[k] += ll
+        for req, total in zip(requests, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -229,14 +233,17 @@ class SharedContextLM(LM):
 
 
 def _similar_lengths(rows: list[tuple[int, tuple[int, ...]]]) -> Iterator[list]:
-    """Rows (longest first) in chunks whose rows are at least half as long as the chunk's first: answer
-    options of 1 to 30 tokens padded to one width would spend half the tail computation on padding."""
+    """Rows (longest first) in chunks whose rows are at least half as long as the chunk's first (answer
+    options of 1 to 30 tokens padded to one width would spend half the tail computation on padding) and
+    that score at most `MAX_SCORED` positions (each holds a vocabulary-wide row of logits: 1 MB on Gemma)."""
     chunk: list = []
+    scored = 0
     for row in rows:
-        if chunk and 2 * len(row[1]) < len(chunk[0][1]):
+        if chunk and (2 * len(row[1]) < len(chunk[0][1]) or scored + len(row[1]) > MAX_SCORED):
             yield chunk
-            chunk = []
+            chunk, scored = [], 0
         chunk.append(row)
+        scored += len(row[1])
     if chunk:
         yield chunk
 

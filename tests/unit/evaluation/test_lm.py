@@ -62,8 +62,13 @@ def test_odd_requests_score_as_hflm(scorers):
     assert [g for _, g in a] == [g for _, g in b]
 
 
-def test_rolling_loglikelihood_as_hflm_across_windows(scorers):
-    texts = ["A short sentence.", "यह एक वाक्य है।", " ".join(f"token{k}" for k in range(120))]
+def test_rolling_loglikelihood_as_hflm_across_windows(scorers, monkeypatch):
+    """Several windows per text, texts sharing the BOS context, and tails split into several calls (each on
+    its own copy of the cache) by a small budget of scored positions."""
+    from toolkit.evaluation import lm
+
+    monkeypatch.setattr(lm, "MAX_SCORED", 16)
+    texts = ["A short sentence.", "यह एक वाक्य है।", " ".join(f"token{k}" for k in range(120)), "Another one."]
     ours, theirs = scorers["lingogap"], scorers["hflm"]
     ours._max_length = theirs._max_length = 48  # the long text needs several windows
     try:
