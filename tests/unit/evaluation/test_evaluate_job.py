@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from analysis import stats
+from tests.unit.evaluation.okapi_fixtures import write_gaps_csv
 from toolkit.config import Config
 from toolkit.errors import UserError
 
@@ -34,8 +35,13 @@ def _items(run: Path) -> dict:
 def test_tiny_model_ten_arc_items_in_two_languages(tmp_path, fixture_data):
     from jobs import evaluate
 
+    write_gaps_csv(tmp_path / "run" / "reports" / "gaps.csv")
     result = evaluate.run(_cfg(tmp_path, fixture_data))
     run = tmp_path / "run"
+    assert set(result["gaps"]["bands"]) == {"early", "middle", "deep", "all"}
+    corr = {(c["band"], c["task"], c["y"]): c for c in result["correlations"]}
+    assert corr["early", "arc", "p_gold"]["languages"] == ["hi"] and ("deep", "heldout", "bpb") in corr
+    assert (run / "eval" / "figures" / "gap_vs_performance.png").stat().st_size > 1000
     rows = {(r["model"], r["language"]): r for r in result["results"]}
     assert set(rows) == {("base", "en"), ("base", "hi")} and [m["label"] for m in result["models"]] == ["base"]
     items = _items(run)

@@ -3,35 +3,19 @@ gaps.csv, gap correlations, base vs adapted pairing (McNemar and paired bootstra
 
 from __future__ import annotations
 
-import csv
 import math
 
 import numpy as np
 import pytest
 
 from analysis import stats
+from tests.unit.evaluation.okapi_fixtures import write_gaps_csv
 from toolkit.errors import UserError
 from toolkit.evaluation import correlate, metrics, scoring
 
 
-def _gaps_csv(path, layers=6):
-    cols = ["language", "layer", "statistic", "value", "ci_low", "ci_high", "gap_pct", "gap_parallel_pct",
-            "p_value", "n"]
-    early = {"en": 0, "hi": -30, "ml": -25, "es": -2, "ru": -8}
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(cols)
-        for stat, scale in (("mass", 1), ("l0", 10)):
-            for lang, g in early.items():
-                for layer in range(layers):  # early layers carry the gap, deeper ones a tenth of it
-                    v = g if layer < layers // 3 else g / 10
-                    w.writerow([lang, layer, stat, 1, 0, 2, "nan" if (lang, layer) == ("ru", 5) else v * scale,
-                                0, 0.5, 100])
-    return path
-
-
 def test_band_gaps_and_gap_correlations(tmp_path):
-    path = _gaps_csv(tmp_path / "gaps.csv")
+    path = write_gaps_csv(tmp_path / "gaps.csv")
     gaps = correlate.band_gaps(path, "mass")
     assert set(gaps) == {"early", "middle", "deep", "all"}
     assert gaps["early"] == {"hi": -30.0, "ml": -25.0, "es": -2.0, "ru": -8.0}
