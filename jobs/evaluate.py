@@ -97,10 +97,11 @@ Heldout = tuple[list[str], dict[str, list[str]]]  # held-out ids, language -> se
 
 
 def load_heldout(cfg: Config) -> Heldout:
-    """The held-out parallel sentences that bits per byte scores (none with eval.bpb_sentences 0)."""
+    """The sentences that bits per byte scores: those alignment holds out (none with eval.bpb_sentences 0)."""
     if not cfg.eval.bpb_sentences:
         return [], {}
-    return bpb.heldout_texts(cfg.run.corpus, cfg.lang_codes, cfg.align.heldout, cfg.eval.bpb_sentences)
+    return bpb.heldout_texts(cfg.run.corpus, cfg.lang_codes, cfg.eval.bpb_sentences, cfg.align.heldout,
+                             cfg.align.val_fraction, cfg.run.seed, cfg.run.max_sentences)
 
 
 def check_adapter(model, path: Path) -> None:

@@ -1,11 +1,14 @@
 """Bits per byte on held-out parallel sentences: language-modelling quality that no tokenizer flatters.
 
-The sentences are the run's corpus (``run.corpus``) at the ids that `toolkit.corpus.is_heldout` holds
-out at ``align.heldout`` (never trained on by an adapter), the first ``eval.bpb_sentences`` of them, the
-same ids in every language, so every language scores the same content. Each sentence goes through the
-lm-eval model's ``loglikelihood_rolling`` (HFLM's rolling windows); bits per byte is lm-eval's
-``bits_per_byte`` aggregation: -sum(log-likelihood) / (ln 2 * sum(UTF-8 bytes)). Per sentence, bits per
-byte gives a mean and standard error and the paired base-vs-adapter comparison.
+The sentences are the run's corpus (``run.corpus``, its first ``run.max_sentences`` ids when set) at the
+ids that alignment holds out (`toolkit.align.split_ids` with ``align.heldout``, ``align.val_fraction``
+and ``run.seed``: the very ids its before/after measurement uses, never trained on by an adapter;
+`toolkit.corpus.is_heldout` is the SAEs' split, and adapters do train on those sentences), the first
+``eval.bpb_sentences`` of them, the same ids in every language, so every language scores the same
+content. Each sentence goes through the lm-eval model's ``loglikelihood_rolling`` (HFLM's rolling
+windows); bits per byte is lm-eval's ``bits_per_byte`` aggregation: -sum(log-likelihood) / (ln 2 *
+sum(UTF-8 bytes)). Per sentence, bits per byte gives a mean and standard error and the paired
+base-vs-adapter comparison.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ from toolkit import corpus
 from toolkit.evaluation import metrics
 
 
-def heldout_texts(spec: str, langs: list[str], fraction: float, limit: int) -> tuple[list[str], dict[str, list[str]]]:
-    """The first `limit` held-out ids of the corpus and their sentence in each language."""
-    c = corpus.load(spec, langs)
-    rows = [i for i, sid in enumerate(c.ids) if corpus.is_heldout(sid, fraction)][:limit]
+def heldout_texts(spec: str, langs: list[str], limit: int, heldout: float, val_fraction: float, seed: int,
+                  max_sentences: int = 0) -> tuple[list[str], dict[str, list[str]]]:
+    """The first `limit` ids that alignment holds out of the run's corpus, and their sentence per language."""
+    from toolkit.align.data import split_ids
+
+    c = corpus.load(spec, langs, max_sentences)
+    held = set(split_ids(c.ids, heldout, val_fraction, seed).heldout)
+    rows = [i for i, sid in enumerate(c.ids) if sid in held][:limit]
     return [c.ids[i] for i in rows], {lang: [c.texts[lang][i] for i in rows] for lang in c.langs}
 
 

@@ -24,6 +24,13 @@ def _cfg(tmp_path, data, **extra) -> Config:
                                   "bpb_sentences": 40, **extra}})
 
 
+def _align_heldout() -> list[str]:
+    from toolkit import corpus
+    from toolkit.align.data import split_ids
+
+    return split_ids(corpus.load("embedded", ["en", "hi"]).ids, 0.2, 0.1, 0).heldout
+
+
 def _items(run: Path) -> dict:
     with open(run / "eval" / "items.csv", newline="") as fh:
         out: dict = {}
@@ -66,7 +73,10 @@ def test_tiny_model_ten_arc_items_in_two_languages(tmp_path, fixture_data):
         assert r["p_gold_stderr"] == pytest.approx(np.std(p_gold, ddof=1) / math.sqrt(10), abs=1e-5)
         assert all((float(i["margin"]) > 0) == (i["acc"] == "1") for i in rows_)
     bpb = {b["language"]: b for b in result["bpb"]}
-    assert set(bpb) == {"en", "hi"} and all(b["n"] == 33 and 0 < b["bpb"] < 30 for b in bpb.values())
+    held = _align_heldout()
+    assert set(bpb) == {"en", "hi"} and all(b["n"] == len(held) and 0 < b["bpb"] < 30 for b in bpb.values())
+    with open(run / "eval" / "bpb.csv", newline="") as fh:  # the sentences no adapter trains on
+        assert {r["sentence"] for r in csv.DictReader(fh)} == set(held)
     assert result["config"]["scorer"] == "lingogap" and result["config"]["primary"] == {"arc": "p_gold_norm"}
 
 
@@ -114,7 +124,7 @@ def test_adapter_against_base_on_the_same_items(tmp_path, fixture_data, capsys, 
         assert c["delta_p_gold_norm"] == pytest.approx(delta, abs=1e-5)
         assert c["delta_p_gold_norm_ci_low"] <= c["delta_p_gold_norm"] <= c["delta_p_gold_norm_ci_high"]
     (pair,) = [c for c in result["bpb_comparisons"] if c["language"] == "hi"]
-    assert pair["n_paired"] == 33 and pair["delta_bpb"] != 0 and 0 < pair["p_bpb"] <= 1
+    assert pair["n_paired"] == len(_align_heldout()) and pair["delta_bpb"] != 0 and 0 < pair["p_bpb"] <= 1
 
 
 def test_explicit_adapter_and_missing_language_in_the_report(tmp_path, fixture_data, capsys, monkeypatch):
