@@ -74,7 +74,7 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     if not present:
         raise UserError("no benchmark data for any selected language: check --tasks, --langs and --bench-data")
 
-    heldout = load_heldout(cfg)
+    heldout = load_heldout(cfg, console)
     with console.status(f"loading {cfg.model.name}"):
         base = models.load(replace(cfg.model, adapter=""))
     for _, path in adapters:
@@ -96,12 +96,23 @@ def run(cfg: Config, task: Task | None = None) -> dict:
 Heldout = tuple[list[str], dict[str, list[str]]]  # held-out ids, language -> sentences
 
 
-def load_heldout(cfg: Config) -> Heldout:
-    """The sentences that bits per byte scores: those alignment holds out (none with eval.bpb_sentences 0)."""
+def load_heldout(cfg: Config, console: Console) -> Heldout:
+    """The sentences that bits per byte scores: those alignment holds out (none with eval.bpb_sentences 0).
+
+    A corpus that cannot give them (too small to split, absent here) skips bits per byte, not the stage."""
     if not cfg.eval.bpb_sentences:
         return [], {}
-    return bpb.heldout_texts(cfg.run.corpus, cfg.lang_codes, cfg.eval.bpb_sentences, cfg.align.heldout,
-                             cfg.align.val_fraction, cfg.run.seed, cfg.run.max_sentences)
+    try:
+        ids, texts = bpb.heldout_texts(cfg.run.corpus, cfg.lang_codes, cfg.eval.bpb_sentences, cfg.align.heldout,
+                                       cfg.align.val_fraction, cfg.run.seed, cfg.run.max_sentences)
+    except UserError as exc:
+        console.print(f"[yellow]bits per byte skipped:[/] {exc}")
+        return [], {}
+    if not ids:
+        console.print(f"[yellow]bits per byte skipped:[/] alignment holds out no sentence of {cfg.run.corpus} "
+                      f"(align.heldout {cfg.align.heldout})")
+        return [], {}
+    return ids, texts
 
 
 def check_adapter(model, path: Path) -> None:
