@@ -29,11 +29,16 @@ def _requests(kind: str, args: list[tuple]) -> list[Instance]:
 
 
 def test_registered_with_lm_eval_by_name():
+    """Once imported, lm-eval finds it by name and builds it from a model directory and its arg string."""
     from lm_eval.api.registry import get_model
 
+    from toolkit import models
     from toolkit.evaluation.lm import SharedContextLM
 
     assert get_model("lingogap") is SharedContextLM
+    lm = SharedContextLM.create_from_arg_string(f"pretrained={models.tiny_dir()},max_length=64",
+                                                {"batch_size": 4, "device": "cpu"})
+    assert (lm.batch_size, str(lm.device), lm.max_length) == (4, "cpu", 64)
 
 
 def test_every_benchmark_scores_as_hflm_on_the_same_items(tmp_path, fixture_data, scorers):
