@@ -55,6 +55,8 @@ class SharedContextLM(LM):
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self._device = torch.device(device) if device else next(self.model.parameters()).device
+        if device:
+            self.model.to(self._device)
         self._max_length = max_length
         self._cache_kwarg = _cache_kwarg(self.model)
         self._bos_text = tokenizer.decode(self.prefix_token_id)
