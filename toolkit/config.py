@@ -129,6 +129,9 @@ class EvalConfig:
     bench_data: str = opt("", "Okapi-format JSON folder for offline tasks (default: the hub's tasks)")
     batch_size: int = opt(8, "lm-eval batch size", flag="--eval-batch-size")
     no_base: bool = opt(False, "skip the base model when an adapter is evaluated")
+    scorer: str = opt("lingogap", "log-likelihood scorer: lingogap (each context once) or hflm (lm-eval's HFLM)",
+                      flag="--eval-scorer", choices=("lingogap", "hflm"))
+    bpb_sentences: int = opt(100, "held-out corpus sentences per language for bits per byte (0: skip)")
 
 
 
@@ -220,6 +223,7 @@ class Config:
             "align.lora_alpha": (self.align.lora_alpha, 1), "run.seed": (self.run.seed, 0),
             "align.checkpoint_every": (self.align.checkpoint_every, 1), "eval.limit": (self.eval.limit, 0),
             "eval.shots": (self.eval.shots, 0), "eval.batch_size": (self.eval.batch_size, 1),
+            "eval.bpb_sentences": (self.eval.bpb_sentences, 0),
         }
         for name, (value, low) in positive.items():
             if value < low:

@@ -136,11 +136,32 @@ def _from_pretrained(path: str | Path, revision: str, dtype: torch.dtype):
 
 
 def apply_adapter(model: torch.nn.Module, adapter: str | Path) -> torch.nn.Module:
+    """The model with a peft adapter as it was trained: merged when every weight is float32, else unmerged.
+
+    Merging into bfloat16 rounds W + BA to W's grid, which can erase most of a small LoRA update, so a
+    bf16 model keeps the LoRA layers beside its weights (the transformers model with peft's layers
+    injected: the same attribute paths and hooks as the plain model). An adapter whose shapes or
+    target modules do not fit the model is refused here, before any work."""
+    import warnings
+
     from peft import PeftModel
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"--adapter {adapter}: no adapter_config.json there (expected a peft adapter directory)")
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            peft_model = PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise UserError(f"--adapter {adapter} does not fit this model: {first}") from None
+    misfit = [str(w.message) for w in caught if "missing adapter keys" in str(w.message).lower()
+              or "unexpected" in str(w.message).lower()]
+    if misfit:
+        raise UserError(f"--adapter {adapter} does not fit this model: {misfit[0][:300]}")
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return peft_model.merge_and_unload()
+    return peft_model.get_base_model()
 
 
 def embedded_dir() -> Path:

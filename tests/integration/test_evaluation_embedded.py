@@ -27,3 +27,22 @@ def test_embedded_model_arc_and_mmlu_in_english_and_hindi(tmp_path, okapi):
         correct = [int(i["acc"]) for i in items if (i["task"], i["language"]) == (task, lang)]
         assert len(correct) == 5 and r["acc"] == pytest.approx(sum(correct) / 5)
     assert all(r["acc"] == r["acc_norm"] for (task, _), r in rows.items() if task == "mmlu")  # letter choices
+
+
+def test_shared_context_scorer_equals_hflm_on_the_embedded_model(tmp_path, okapi):
+    """The lingogap scorer against lm-eval's HFLM, item by item, on 4 ARC and 4 MMLU items in en and hi."""
+    import numpy as np
+
+    from toolkit import models
+    from toolkit.config import ModelConfig
+    from toolkit.evaluation import scoring, tasks
+
+    lm = models.load(ModelConfig(name="embedded"))
+    bench_tasks = tasks.load(tasks.plan(["arc", "mmlu"], ["en", "hi"], str(okapi)), str(okapi), tmp_path, limit=4)
+    ours = scoring.lm_wrapper(lm.model, lm.tokenizer, 8, "lingogap")
+    theirs = scoring.lm_wrapper(lm.model, lm.tokenizer, 8, "hflm")
+    for bt in bench_tasks:
+        a, b = scoring.evaluate(ours, bt), scoring.evaluate(theirs, bt)
+        assert set(a.items) == set(b.items) and a.n == 4
+        diff = max(np.abs(np.subtract(a.items[k]["lls"], b.items[k]["lls"])).max() for k in a.items)
+        assert diff < 1e-4, (bt.task, diff)

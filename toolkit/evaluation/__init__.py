@@ -1,8 +1,12 @@
 """Multilingual ARC-Challenge, MMLU and HellaSwag through lm-eval, base vs adapted, tied to the gaps.
 
-`tasks` builds the lm-eval tasks and chooses the items, `scoring` scores a model on them and pairs
-models, `outputs` writes results.json/csv, items.csv, the figure and the Rich tables. The statistics
-(McNemar, correlations) live in `analysis.stats`.
+`tasks` builds the lm-eval tasks and chooses the items (`benchdata` checks Okapi files first), `lm` is
+the registered lm-eval model that scores them (each context computed once; ``--eval-scorer hflm`` uses
+lm-eval's HFLM instead), `scoring` runs lm-eval and pairs models, `metrics` holds the per-item
+continuous metrics, `bpb` bits per byte on held-out sentences, `correlate` the gap <-> performance
+correlations, `outputs` results.json/csv, items.csv, bpb.csv, the figures and the Rich tables. The
+statistics (McNemar, paired bootstrap, correlations) live in `analysis.stats`. docs/evaluation.md
+describes the metrics and every key of results.json.
 
 Two sources of tasks, one code path after loading:
 
@@ -36,10 +40,12 @@ adapted are paired item by item. Item ids are ``id``, else ``ind``, else the row
 Defaults (`toolkit.config.EvalConfig`): 0 shots, every item (``eval.limit`` 0), lm-eval batch size 8,
 seed ``run.seed`` (0) for the item sample, the few-shot sampler and torch.
 
-Statistics: accuracy and length-normalised accuracy (lm-eval's ``acc`` and ``acc_norm``; for MMLU,
-whose choices are single letters, they coincide), standard error = sample standard deviation / sqrt(n)
-(lm-eval's ``mean_stderr``); adapted - base with an exact two-sided McNemar test on per-item
-correctness (a sign test on the discordant items). Correlations across languages (English excluded)
-between the mean over layers of ``gap_pct`` from ``RUN/reports/gaps.csv`` and accuracy: Pearson and
-Spearman (average ranks for ties) with a seeded permutation p-value.
+Statistics: per language, the mean and standard error (sample sd / sqrt(n), lm-eval's ``mean_stderr``)
+of acc, acc_norm (for MMLU, whose choices are single letters, they coincide) and of the continuous
+metrics p_gold, p_gold_norm, margin and margin_norm (`metrics`); the primary metric is p_gold_norm for
+ARC and HellaSwag and p_gold for MMLU. Adapted - base on the same items: exact two-sided McNemar on
+per-item correctness, and a paired bootstrap CI and p-value for the continuous metrics. Correlations
+across languages (English excluded) between each band's mean ``gap_pct`` from ``RUN/reports/gaps.csv``
+and the per-language scores and bits per byte: Pearson and Spearman (average ranks for ties) with
+seeded permutation p-values (`correlate`).
 """

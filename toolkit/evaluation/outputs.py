@@ -1,4 +1,4 @@
-"""What an evaluation leaves: results.json, results.csv, items.csv, the accuracy figure, and Rich tables."""
+"""What an evaluation leaves: results.json, results.csv, items.csv, bpb.csv, the figures, and Rich tables."""
 
 from __future__ import annotations
 
@@ -7,32 +7,47 @@ import json
 import math
 from pathlib import Path
 
+from toolkit.evaluation import correlate, metrics
 from toolkit.evaluation.scoring import Scores
-from toolkit.evaluation.tasks import BENCHMARKS, PAIRED_METRICS
+from toolkit.evaluation.tasks import BENCHMARKS
 from toolkit.files import atomic_write
 from toolkit.languages import LANGUAGES
 
 CHANCE = 0.25  # four options (a few ARC items have three or five)
+ITEM_METRICS = metrics.ACCURACY + metrics.CONTINUOUS
 
 
-def write_outputs(result: dict, scores: dict[str, dict[tuple[str, str], Scores]], out_dir: Path) -> None:
-    """results.json (atomically: it is what later stages and readers trust), results.csv, items.csv, figure."""
+def write_outputs(result: dict, scores: dict[str, dict[tuple[str, str], Scores]], out_dir: Path,
+                  bits: dict[str, dict[str, dict]] | None = None) -> None:
+    """results.json (atomically: it is what later stages and readers trust), results.csv, items.csv, bpb.csv,
+    figures."""
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "results.json", json.dumps(result, indent=1, ensure_ascii=False))
-    write_csv(result["results"], result["comparisons"], out_dir / "results.csv")
+    write_csv(result, out_dir / "results.csv")
     with open(out_dir / "items.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["model", "task", "language", "item", *PAIRED_METRICS, "pred", "gold"])
+        writer.writerow(["model", "task", "language", "item", *ITEM_METRICS, "pred", "gold", "lls"])
         for label, per_task in scores.items():
             for (task, lang), s in per_task.items():
-                for key, values in s.items.items():
-                    writer.writerow([label, task, lang, key, *(int(values[m]) for m in PAIRED_METRICS),
-                                     values["pred"], values["gold"]])
+                for key, v in s.items.items():
+                    writer.writerow([label, task, lang, key, *(int(v[m]) for m in metrics.ACCURACY),
+                                     *(f"{v[m]:.6g}" for m in metrics.CONTINUOUS), v["pred"], v["gold"],
+                                     " ".join(f"{x:.6g}" for x in v["lls"])])
+    with open(out_dir / "bpb.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["model", "language", "sentence", "bpb"])
+        for label, per_lang in (bits or {}).items():
+            for lang, b in per_lang.items():
+                writer.writerows([label, lang, sid, f"{v:.6g}"] for sid, v in b["sentences"].items())
     figure(result["results"], out_dir / "figures" / "accuracy.png")
+    figure(result["results"], out_dir / "figures" / "p_gold.png", "p_gold")
+    if result.get("gaps"):
+        correlate.figure(result["correlations"], result["gaps"]["bands"], result["results"], result.get("bpb", []),
+                         out_dir / "figures" / "gap_vs_performance.png")
 
 
 def figure(results: list[dict], path: str | Path, metric: str = "acc") -> Path:
-    """Accuracy per language, one panel per benchmark, a bar per model with standard-error bars."""
+    """A metric (acc, p_gold, ...) per language, one panel per benchmark, a bar per model with standard-error bars."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -63,20 +78,31 @@ def figure(results: list[dict], path: str | Path, metric: str = "acc") -> Path:
     return Path(path)
 
 
-CSV_COLUMNS = ["model", "task", "language", "status", "lm_eval_task", "n", "acc", "acc_stderr", "acc_norm",
-               "acc_norm_stderr", "base_acc", "delta_acc", "delta_acc_norm", "base_only", "adapted_only",
-               "p_mcnemar", "retention_pct", "note"]
+CONTINUOUS_COLUMNS = [c for m in metrics.CONTINUOUS for c in (m, f"{m}_stderr")]
+PAIRED_COLUMNS = ["base_acc", "delta_acc", "delta_acc_norm", "base_only", "adapted_only", "p_mcnemar",
+                  "retention_pct", *(f"{p}{m}{q}" for m in metrics.CONTINUOUS
+                                     for p, q in (("base_", ""), ("delta_", ""), ("delta_", "_ci_low"),
+                                                  ("delta_", "_ci_high"), ("p_", "")))]
+CSV_COLUMNS = ["model", "task", "language", "status", "lm_eval_task", "primary", "n", "acc", "acc_stderr",
+               "acc_norm", "acc_norm_stderr", *CONTINUOUS_COLUMNS, *PAIRED_COLUMNS, "note"]
+BPB_COLUMNS = ["bpb", "bpb_sentence", "bpb_sentence_stderr", "base_bpb", "delta_bpb", "delta_bpb_ci_low",
+               "delta_bpb_ci_high", "p_bpb"]
 
 
-def write_csv(results: list[dict], comparisons: list[dict], path: str | Path) -> Path:
-    """One row per model x task x language; adapted rows carry their paired comparison with the base."""
-    pairs = {(c["model"], c["task"], c["language"]): c for c in comparisons}
+def write_csv(result: dict, path: str | Path) -> Path:
+    """One row per model x task x language (adapted rows carry their paired comparison with the base), and
+    one row per model x language with task "bpb" for bits per byte."""
+    pairs = {(c["model"], c["task"], c["language"]): c for c in result["comparisons"]}
+    bpb_pairs = {(c["model"], c["language"]): c for c in result.get("bpb_comparisons", [])}
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, CSV_COLUMNS + BPB_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        for r in results:
+        for r in result["results"]:
             c = pairs.get((r["model"], r["task"], r["language"]), {})
-            writer.writerow({**r, **{k: c.get(k) for k in CSV_COLUMNS[10:17]}})
+            writer.writerow({**r, **{k: c.get(k) for k in PAIRED_COLUMNS}})
+        for b in result.get("bpb", []):
+            c = bpb_pairs.get((b["model"], b["language"]), {})
+            writer.writerow({**b, "task": "bpb", "status": "ok", **{k: c.get(k) for k in BPB_COLUMNS[3:]}})
     return Path(path)
 
 
@@ -84,59 +110,97 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def tables(result: dict) -> list:
-    """Rich tables: task x language with base, adapted, delta and p; then the gap correlations."""
+def _cell(r: dict, m: str) -> str:
+    return f"{fmt(r.get(m))} ± {fmt(r.get(f'{m}_stderr'))}"
+
+
+def _delta(c: dict, m: str, p_key: str) -> list[str]:
+    d, p = c.get(f"delta_{m}"), c.get(p_key)
+    style = "green" if d and d > 0 and p is not None and p < 0.05 else (
+        "red" if d and d < 0 and p is not None and p < 0.05 else "")
+    text = "–" if d is None else f"{d:+.3f}"
+    if c.get(f"delta_{m}_ci_low") is not None:
+        text += f" [{c[f'delta_{m}_ci_low']:+.3f}, {c[f'delta_{m}_ci_high']:+.3f}]"
+    return [f"[{style}]{text}[/]" if style else text, fmt(p)]
+
+
+def benchmark_table(result: dict, model: str):
+    """Task x language for one model (and the base beside it): acc, the primary metric, deltas with p."""
     from rich.table import Table
 
-    rows = result["results"]
     labels = [m["label"] for m in result["models"]]
-    adapted = [m for m in labels if m != "base"]
-    by = {(r["model"], r["task"], r["language"]): r for r in rows}
+    by = {(r["model"], r["task"], r["language"]): r for r in result["results"]}
     pairs = {(c["model"], c["task"], c["language"]): c for c in result["comparisons"]}
-    keys = list(dict.fromkeys((r["task"], r["language"]) for r in rows))
+    shown = ["base", model] if model != "base" and "base" in labels else [model]
     cfg = result["config"]
     items = f"{cfg['limit']} items per task and language (seeded sample)" if cfg["limit"] else "all items"
-    caption = (f"{cfg['shots']}-shot · {items} · acc ± standard error · p: exact McNemar on paired items · "
-               f"chance {CHANCE:.2f}")
-    out = []
-    for model in adapted or labels:
-        t = Table(title=f"benchmark accuracy: {'base vs ' + model if adapted and 'base' in labels else model}",
-                  caption=caption, title_justify="left")
-        for col in ("task", "lang", "n"):
-            t.add_column(col, justify="right" if col == "n" else "left")
-        shown = ["base", model] if adapted and "base" in labels else [model]
+    t = Table(title=f"benchmarks: {' vs '.join(shown)}", title_justify="left",
+              caption=f"{cfg['shots']}-shot · {items} · mean ± standard error · primary: p_gold_norm (ARC, HellaSwag), "
+                      f"p_gold (MMLU) · Δ [95 % paired bootstrap CI], p: bootstrap; Δ acc p: exact McNemar · "
+                      f"chance {CHANCE:.2f}")
+    for col in ("task", "lang", "n"):
+        t.add_column(col, justify="right" if col == "n" else "left")
+    for label in shown:
+        t.add_column(f"{label} acc", justify="right")
+        t.add_column(f"{label} primary", justify="right")
+    if len(shown) == 2:
+        for col in ("Δ acc", "p", "Δ primary", "p"):
+            t.add_column(col, justify="right")
+    for task, lang in dict.fromkeys((r["task"], r["language"]) for r in result["results"]):
+        first = by.get((shown[0], task, lang))
+        if first is None or first["status"] != "ok":
+            t.add_row(task, lang, "", "[dim]missing[/]", *([""] * (2 * len(shown) - 1 + 4 * (len(shown) == 2))))
+            continue
+        primary = first["primary"]
+        cells = [task, lang, str(first["n"])]
         for label in shown:
-            t.add_column(f"{label} acc", justify="right")
-            t.add_column(f"{label} acc_norm", justify="right")
+            r = by.get((label, task, lang), {})
+            cells += [_cell(r, "acc"), f"{primary} {_cell(r, primary)}"]
         if len(shown) == 2:
-            for col in ("Δ acc", "p"):
-                t.add_column(col, justify="right")
-        for task, lang in keys:
-            first = by.get((shown[0], task, lang))
-            if first is None or first["status"] != "ok":
-                t.add_row(task, lang, "", "[dim]missing[/]", *([""] * (2 * len(shown) - 1 + 2 * (len(shown) == 2))))
-                continue
-            cells = [task, lang, str(first["n"])]
-            for label in shown:
-                r = by.get((label, task, lang), {})
-                cells += [f"{fmt(r.get('acc'))} ± {fmt(r.get('acc_stderr'))}",
-                          f"{fmt(r.get('acc_norm'))} ± {fmt(r.get('acc_norm_stderr'))}"]
-            if len(shown) == 2:
-                c = pairs.get((model, task, lang), {})
-                d = c.get("delta_acc")
-                style = "green" if d and d > 0 and c.get("p_mcnemar", 1) < 0.05 else (
-                    "red" if d and d < 0 and c.get("p_mcnemar", 1) < 0.05 else "")
-                cells += [f"[{style}]{d:+.3f}[/]" if style else (f"{d:+.3f}" if d is not None else "–"),
-                          fmt(c.get("p_mcnemar"))]
-            t.add_row(*cells)
-        out.append(t)
-    if result.get("correlations"):
-        t = Table(title="mean activation gap (gaps.csv) vs accuracy across languages, English excluded",
-                  title_justify="left")
-        for col in ("model", "task", "y", "n", "Pearson r", "p", "Spearman ρ", "p"):
-            t.add_column(col, justify="left" if col in ("model", "task", "y") else "right")
-        for c in result["correlations"]:
-            t.add_row(c["model"], c["task"], c["y"], str(c["n"]), fmt(c["pearson"]), fmt(c["pearson_p"]),
+            c = pairs.get((model, task, lang), {})
+            cells += _delta(c, "acc", "p_mcnemar") + _delta(c, primary, f"p_{primary}")
+        t.add_row(*cells)
+    return t
+
+
+def bpb_table(result: dict):
+    from rich.table import Table
+
+    pairs = {(c["model"], c["language"]): c for c in result.get("bpb_comparisons", [])}
+    cfg = result["config"]["bpb"]
+    t = Table(title="bits per byte on held-out parallel sentences (lower is better)", title_justify="left",
+              caption=f"corpus {cfg['corpus']} · held-out fraction {cfg['heldout_fraction']} · per-sentence "
+                      "mean ± SE · Δ: paired, 95 % bootstrap CI")
+    for col in ("model", "lang", "n", "bpb", "per sentence", "Δ vs base", "p"):
+        t.add_column(col, justify="left" if col in ("model", "lang") else "right")
+    for b in result.get("bpb", []):
+        c = pairs.get((b["model"], b["language"]), {})
+        t.add_row(b["model"], b["language"], str(b["n"]), fmt(b["bpb"]), _cell(b, "bpb_sentence"),
+                  *(_delta(c, "bpb", "p_bpb") if c else ["", ""]))
+    return t
+
+
+def correlation_table(result: dict):
+    from rich.table import Table
+
+    t = Table(title="activation gap (gaps.csv, by band) vs performance across languages, English excluded",
+              caption="permutation p-values; with about nine languages this is a weak test (|r| > 0.67 for p < 0.05)",
+              title_justify="left")
+    for col in ("band", "model", "task", "y", "n", "Pearson r", "p", "Spearman ρ", "p"):
+        t.add_column(col, justify="left" if col in ("band", "model", "task", "y") else "right")
+    for c in result["correlations"]:
+        if c["band"] != "all":
+            t.add_row(c["band"], c["model"], c["task"], c["y"], str(c["n"]), fmt(c["pearson"]), fmt(c["pearson_p"]),
                       fmt(c["spearman"]), fmt(c["spearman_p"]))
-        out.append(t)
+    return t
+
+
+def tables(result: dict) -> list:
+    """Rich tables: benchmarks per adapted model against base, bits per byte, the gap correlations."""
+    labels = [m["label"] for m in result["models"]]
+    out = [benchmark_table(result, model) for model in ([m for m in labels if m != "base"] or labels)]
+    if result.get("bpb"):
+        out.append(bpb_table(result))
+    if result.get("correlations"):
+        out.append(correlation_table(result))
     return out

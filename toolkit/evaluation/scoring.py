@@ -1,27 +1,26 @@
-"""Scoring: lm-eval's HFLM over an in-memory model, per-item correctness, base vs adapted, gaps vs accuracy."""
+"""Scoring: the lm-eval model over an in-memory model, per-item scores, per-language rows, base vs adapted."""
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from analysis.gaps import read_gaps_csv
-from analysis.stats import correlation, mcnemar_exact
-from toolkit.evaluation.tasks import PAIRED_METRICS, BenchTask, item_key
-from toolkit.languages import LANGUAGES, REFERENCE
+from toolkit.errors import UserError
+from toolkit.evaluation import metrics
+from toolkit.evaluation.tasks import BENCHMARKS, BenchTask, item_key
 
 
 @dataclass
 class Scores:
-    """Per-item correctness of one model on one benchmark task."""
+    """Per-item scores of one model on one benchmark task."""
 
-    items: dict[str, dict]  # key -> {"acc": 0/1, "acc_norm": 0/1, "pred": argmax, "gold": target, "lls": per choice}
+    # key -> {"acc", "acc_norm": 0/1, "p_gold", "p_gold_norm", "margin", "margin_norm", "pred": argmax,
+    #         "gold": target, "lls": per choice}
+    items: dict[str, dict]
 
     @property
     def n(self) -> int:
@@ -31,61 +30,33 @@ class Scores:
         return np.array([v[metric] for v in self.items.values()], dtype=float)
 
 
-def lm_wrapper(model, tokenizer, batch_size: int, fast: bool = True):
-    """lm-eval's HFLM over an in-memory model, with its per-call progress bar off (we show our own).
+SCORERS = ("lingogap", "hflm")
 
-    With `fast`, each model call returns logits for the last K positions of the batch only, K being
-    the smallest window that holds every row's continuation (transformers' `logits_to_keep`). lm-eval
-    locates continuations relative to the end of the returned logits (its handling of prefix-tuning
-    "virtual tokens"), so it reads the same numbers while the vocabulary projection and lm-eval's
-    log-softmax skip most context positions: with Gemma 3 270M's 262k-token vocabulary they take about
-    a third of a full forward on CPU. A call it cannot match to its requests gets the full logits."""
-    import inspect
 
-    import torch
+def lm_wrapper(model, tokenizer, batch_size: int, scorer: str = "lingogap"):
+    """The lm-eval model that scores: ours (`toolkit.evaluation.lm`, each context computed once) or
+    lm-eval's own HFLM for comparison; both read the in-memory model and print no progress bars."""
+    if scorer == "lingogap":
+        from toolkit.evaluation.lm import SharedContextLM
+
+        return SharedContextLM(model, tokenizer, batch_size=batch_size)
+    if scorer != "hflm":
+        raise UserError(f"eval.scorer: unknown scorer {scorer!r}; choose from {', '.join(SCORERS)}")
+    return _quiet_hflm(model, tokenizer, batch_size)
+
+
+def _quiet_hflm(model, tokenizer, batch_size: int):
     from lm_eval.models.huggingface import HFLM
 
     class QuietHFLM(HFLM):
-        _needed: dict[tuple[int, ...], int] = {}
+        """HFLM with its per-call progress bars off (we show our own); public methods only."""
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=True)
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-            if fast:  # each row is (context + continuation)[-(max_length + 1):][:-1], right-padded with 0
-                self._needed = {}
-                for _, context, continuation in requests:
-                    key = tuple((context + continuation)[-(self.max_length + 1):][:-1])
-                    self._needed[key] = max(self._needed.get(key, 0), len(continuation))
-            try:
-                return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
-            finally:
-                self._needed = {}
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
-        def _model_call(self, inps, attn_mask=None, labels=None):
-            keep = self._window(inps) if self._needed and attn_mask is None and labels is None else None
-            if keep is None:
-                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-            with torch.no_grad():
-                return self.model(inps, logits_to_keep=keep).logits
-
-        def _window(self, inps) -> int | None:
-            """Positions from the end of the padded batch back to the earliest continuation token."""
-            width = inps.shape[1]
-            start = width
-            for row in inps.tolist():
-                n = len(row)
-                while n and row[n - 1] == 0:
-                    n -= 1
-                length = self._needed.get(tuple(row[:n]))
-                if length is None:
-                    return None
-                start = min(start, n - length)
-            return width - max(start, 0)
-
-    # Stripping padding is exact only when token 0 is a special token that prompts never contain.
-    fast = (fast and 0 in getattr(tokenizer, "all_special_ids", [])
-            and "logits_to_keep" in inspect.signature(model.forward).parameters)
     log = logging.getLogger("lm_eval")
     level = log.level
     log.setLevel(logging.ERROR)  # it warns that a model object ignores loading arguments: we know
@@ -112,109 +83,69 @@ def evaluate(lm, bt: BenchTask, seed: int = 0) -> Scores:
     for name, rows in out["samples"].items():
         task = bt.loaded["tasks"][name]
         for row in rows:
-            gold = row["target"]
+            gold, choices = row["target"], list(task.doc_to_choice(row["doc"]))
             if not isinstance(gold, int):  # MMLU's target is a letter among its choices
-                gold = list(task.doc_to_choice(row["doc"])).index(gold)
+                gold = choices.index(gold)
             key = item_key(row["doc"], row["doc_id"])
             lls = [float(resp[0]) for resp in row["filtered_resps"]]
             items[f"{name}/{key}" if several else key] = {
-                **{m: float(row[m]) for m in PAIRED_METRICS}, "pred": int(np.argmax(lls)), "gold": gold, "lls": lls}
+                **{m: float(row[m]) for m in metrics.ACCURACY}, **metrics.item_metrics(lls, gold, choices),
+                "pred": int(np.argmax(lls)), "gold": gold, "lls": lls}
     return Scores(items)
 
 
-# ---------------------------------------------------------------------------------------- statistics
+# ---------------------------------------------------------------------------------------- summaries
+
+SUMMARISED = metrics.ACCURACY + metrics.CONTINUOUS
 
 
-def accuracy(values: np.ndarray) -> tuple[float | None, float | None]:
-    """Mean and standard error (sample standard deviation / sqrt(n), as lm-eval's mean_stderr)."""
-    if len(values) == 0:
-        return None, None
-    se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
-    return float(np.mean(values)), se
+def result_row(model: str, bt: BenchTask, s: Scores | None) -> dict[str, Any]:
+    """One model on one benchmark task: n, and mean and standard error of every metric."""
+    row: dict[str, Any] = {"model": model, "task": bt.bench, "language": bt.lang, "lm_eval_task": bt.task,
+                           "status": "ok" if bt.ok else "missing", "note": bt.missing,
+                           "primary": BENCHMARKS[bt.bench].primary}
+    if s is not None:
+        row["n"] = s.n
+        for m in SUMMARISED:
+            row[m], row[f"{m}_stderr"] = metrics.mean_se(s.values(m))
+    return row
 
 
-@dataclass
-class Paired:
-    n: int
-    base: float
-    adapted: float
-    delta: float
-    base_only: int  # right before, wrong after
-    adapted_only: int  # wrong before, right after
-    p: float
-
-
-def paired(base: Scores, adapted: Scores, metric: str = "acc") -> Paired:
-    """adapted - base on the items both scored, with the exact McNemar test."""
+def compare(model: str, key: tuple[str, str], base: Scores, adapted: Scores, seed: int = 0) -> dict | None:
+    """adapted - base on the items both scored: McNemar for accuracy, paired bootstrap for the rest."""
     keys = sorted(set(base.items) & set(adapted.items))
     if not keys:
-        return Paired(0, math.nan, math.nan, math.nan, 0, 0, math.nan)
-    a = np.array([base.items[k][metric] for k in keys]) > 0.5
-    b = np.array([adapted.items[k][metric] for k in keys]) > 0.5
-    base_only, adapted_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
-    return Paired(len(keys), float(a.mean()), float(b.mean()), float(b.mean() - a.mean()), base_only,
-                  adapted_only, mcnemar_exact(base_only, adapted_only))
+        return None
+
+    def pair(m: str) -> tuple[np.ndarray, np.ndarray]:
+        return (np.array([base.items[k][m] for k in keys], dtype=float),
+                np.array([adapted.items[k][m] for k in keys], dtype=float))
+
+    acc, norm = metrics.paired_accuracy(*pair("acc")), metrics.paired_accuracy(*pair("acc_norm"))
+    out = {"model": model, "task": key[0], "language": key[1], "n_paired": acc.n, "primary": BENCHMARKS[key[0]].primary,
+           "base_acc": acc.base, "acc": acc.adapted, "delta_acc": acc.delta,
+           "base_acc_norm": norm.base, "acc_norm": norm.adapted, "delta_acc_norm": norm.delta,
+           "base_only": acc.base_only, "adapted_only": acc.adapted_only, "p_mcnemar": acc.p,
+           "p_mcnemar_acc_norm": norm.p, "retention_pct": 100 * acc.adapted / acc.base if acc.base else None}
+    for m in metrics.CONTINUOUS:
+        c = metrics.paired_continuous(*pair(m), seed=seed)
+        out |= {f"base_{m}": c["base"], m: c["adapted"], f"delta_{m}": c["delta"], f"delta_{m}_ci_low": c["ci_low"],
+                f"delta_{m}_ci_high": c["ci_high"], f"p_{m}": c["p"]}
+    return out
 
 
-def mean_gaps(path: str | Path, statistic: str | None = None) -> dict[str, float]:
-    """Mean over layers of gap_pct per language from a tidy gaps.csv (`analysis.gaps.read_gaps_csv`),
-    the reference excluded."""
-    per_layer = read_gaps_csv(path, statistic, REFERENCE)
-    return {lang: float(np.mean(list(gaps.values()))) for lang, gaps in per_layer.items() if gaps}
-
-
-def correlations(gaps: dict[str, float], values: dict[str, float], seed: int = 0) -> dict:
-    """Correlation between mean gap and a per-language value over the languages that have both."""
-    langs = [lang for lang in LANGUAGES if lang in gaps and lang in values and lang != REFERENCE
-             and values[lang] is not None and math.isfinite(values[lang])]
-    return {"languages": langs, **correlation([gaps[c] for c in langs], [values[c] for c in langs], seed)}
-
-
-def summarise(scores: dict[str, dict[tuple[str, str], Scores]],
-              bench_tasks: list[BenchTask]) -> tuple[list[dict], list[dict]]:
+def summarise(scores: dict[str, dict[tuple[str, str], Scores]], bench_tasks: list[BenchTask],
+              seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Results rows (model x task x language) and paired comparisons of every adapted model with base."""
-    results, comparisons = [], []
-    for model, per_task in scores.items():
-        for bt in bench_tasks:
-            row: dict[str, Any] = {"model": model, "task": bt.bench, "language": bt.lang,
-                                   "lm_eval_task": bt.task, "status": "ok" if bt.ok else "missing",
-                                   "note": bt.missing}
-            s = per_task.get((bt.bench, bt.lang))
-            if s is not None:
-                row["n"] = s.n
-                for m in PAIRED_METRICS:
-                    row[m], row[f"{m}_stderr"] = accuracy(s.values(m))
-            results.append(row)
+    results = [result_row(model, bt, per_task.get((bt.bench, bt.lang)))
+               for model, per_task in scores.items() for bt in bench_tasks]
     base = scores.get("base")
+    comparisons = []
     for model, per_task in scores.items():
         if model == "base" or base is None:
             continue
         for key, s in per_task.items():
-            if key not in base:
-                continue
-            acc, norm = paired(base[key], s, "acc"), paired(base[key], s, "acc_norm")
-            if not acc.n:
-                continue
-            comparisons.append({
-                "model": model, "task": key[0], "language": key[1], "n_paired": acc.n,
-                "base_acc": acc.base, "acc": acc.adapted, "delta_acc": acc.delta,
-                "base_acc_norm": norm.base, "acc_norm": norm.adapted, "delta_acc_norm": norm.delta,
-                "base_only": acc.base_only, "adapted_only": acc.adapted_only, "p_mcnemar": acc.p,
-                "p_mcnemar_acc_norm": norm.p,
-                "retention_pct": 100 * acc.adapted / acc.base if acc.base else None,
-            })
+            c = compare(model, key, base[key], s, seed) if key in base else None
+            if c is not None:
+                comparisons.append(c)
     return results, comparisons
-
-
-def gap_correlations(results: list[dict], comparisons: list[dict], gaps: dict[str, float], seed: int = 0) -> list[dict]:
-    """Per model and task: mean gap vs accuracy; per adapted model and task: mean gap vs delta."""
-    out = []
-    series: dict[tuple[str, str, str], dict[str, float]] = {}
-    for r in results:
-        if r["status"] == "ok" and r.get("acc") is not None:
-            series.setdefault((r["model"], r["task"], "acc"), {})[r["language"]] = r["acc"]
-    for c in comparisons:
-        series.setdefault((c["model"], c["task"], "delta_acc"), {})[c["language"]] = c["delta_acc"]
-    for (model, task, y), values in series.items():
-        out.append({"model": model, "task": task, "x": "mean_gap_pct", "y": y, **correlations(gaps, values, seed)})
-    return out

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import yaml
 
 from toolkit.errors import HubUnreachable, UserError
+from toolkit.evaluation import benchdata
 from toolkit.languages import LANGUAGES, REFERENCE
 
 PAIRED_METRICS = ("acc", "acc_norm")
@@ -31,12 +32,17 @@ class Benchmark:
     fewshot_splits: tuple[str, ...]  # first file present supplies few-shot examples, else the test split
     hub_task: str  # lm-eval task for a non-English language, with {lang} = Okapi code
     hub_english: str  # lm-eval task (or group) for English
+    primary: str  # the metric to read first (see toolkit.evaluation.metrics)
 
 
+# ARC and HellaSwag choices are texts of different lengths, compared per character (as acc_norm is, the
+# metric they are usually reported with); MMLU's are the letters A-D, where normalising changes nothing.
 BENCHMARKS: dict[str, Benchmark] = {
-    "arc": Benchmark("arc", "ARC-Challenge", "arc_challenge", "test", ("validation",), "arc_{lang}", "arc_challenge"),
-    "mmlu": Benchmark("mmlu", "MMLU", "mmlu", "val", ("dev",), "m_mmlu_{lang}", "mmlu"),
-    "hellaswag": Benchmark("hellaswag", "HellaSwag", "hellaswag", "val", ("train",), "hellaswag_{lang}", "hellaswag"),
+    "arc": Benchmark("arc", "ARC-Challenge", "arc_challenge", "test", ("validation",), "arc_{lang}", "arc_challenge",
+                     "p_gold_norm"),
+    "mmlu": Benchmark("mmlu", "MMLU", "mmlu", "val", ("dev",), "m_mmlu_{lang}", "mmlu", "p_gold"),
+    "hellaswag": Benchmark("hellaswag", "HellaSwag", "hellaswag", "val", ("train",), "hellaswag_{lang}", "hellaswag",
+                           "p_gold_norm"),
 }
 
 
@@ -169,16 +175,27 @@ def plan(benches: list[str], langs: list[str], bench_data: str = "") -> list[Ben
             if bench_data:
                 files = okapi_files(bench_data, bench, lang)
                 if files:
+                    for path in dict.fromkeys(files.values()):
+                        benchdata.check_file(path, bench)
                     bench_tasks.append(BenchTask(bench, lang, task_name(bench, lang), files))
                 else:
-                    where = Path(bench_data) / BENCHMARKS[bench].folder
-                    bench_tasks.append(BenchTask(bench, lang, missing=f"no {LANGUAGES[lang].okapi}_"
-                                      f"{BENCHMARKS[bench].test_split}.json in {where}"))
+                    bench_tasks.append(BenchTask(bench, lang, missing=_missing(bench_data, bench, lang)))
             else:
                 b = BENCHMARKS[bench]
                 name = b.hub_english if lang == REFERENCE else b.hub_task.format(lang=LANGUAGES[lang].okapi)
                 bench_tasks.append(BenchTask(bench, lang, name))
     return bench_tasks
+
+
+def _missing(bench_data: str, bench: str, lang: str) -> str:
+    """Which file a language lacks, and the languages that the folder does have."""
+    b = BENCHMARKS[bench]
+    where = Path(bench_data) / b.folder
+    codes = {info.okapi: code for code, info in LANGUAGES.items()}
+    present = sorted(codes.get(f.name.removesuffix(f"_{b.test_split}.json"), f.name.split("_")[0])
+                     for f in where.glob(f"*_{b.test_split}.json"))
+    have = f"it has {', '.join(present)}" if present else "it has no language (or does not exist)"
+    return f"no {LANGUAGES[lang].okapi}_{b.test_split}.json in {where}; {have}"
 
 
 def check_hub(timeout: float = 5.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -9,7 +10,9 @@ from toolkit.evaluation import tasks
 
 
 def _mc(lang: str, ident: str, k: int, options: int = 4) -> dict:
-    row = {"id": ident, "instruction": f"[{lang}] question {k} [title] about things?", "answer": "ABCDE"[k % options]}
+    split = ident.split("/")[1]  # in the text, so that a test sees which split few-shot examples come from
+    row = {"id": ident, "instruction": f"[{lang}] {split} question {k} [title] about things?",
+           "answer": "ABCDE"[k % options]}
     for letter in "abcd"[:options]:
         row[f"option_{letter}"] = f"{lang} option {letter} of {k}"
     if options == 3:
@@ -40,6 +43,22 @@ def write_fixture(root: Path, langs=("en", "hi"), n: int = 14, hellaswag=("en", 
     return root
 
 
+def write_gaps_csv(path: Path, layers: int = 6) -> Path:
+    """A tidy gaps.csv as `report` writes it: mass and l0, en/hi/ml/es/ru, the gap in the early layers."""
+    cols = ["language", "layer", "statistic", "value", "ci_low", "ci_high", "gap_pct", "gap_parallel_pct",
+            "p_value", "n"]
+    early = {"en": 0, "hi": -30, "ml": -25, "es": -2, "ru": -8}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols)
+        for stat, scale in (("mass", 1), ("l0", 10)):
+            for lang, g in early.items():
+                for layer in range(layers):  # early layers carry the gap, deeper ones a tenth of it
+                    v = g if layer < layers // 3 else g / 10
+                    w.writerow([lang, layer, stat, 1, 0, 2, "nan" if (lang, layer) == ("ru", 5) else v * scale,
+                                0, 0.5, 100])
+    return path
 
 
 def load(tmp_path, data, benches, langs, limit=0, shots=0, seed=0):

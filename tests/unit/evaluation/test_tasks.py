@@ -106,9 +106,42 @@ def test_unknown_task_and_bad_file(tmp_path, fixture_data):
     with pytest.raises(UserError, match="unknown task"):
         tasks.parse_tasks("arc,winogrande")
     broken = write_fixture(tmp_path / "broken", langs=("en",), n=3, hellaswag=())
-    (broken / "arc_challenge" / "en_test.json").write_text("{not json")
-    with pytest.raises(UserError, match="arc en"):
+    (broken / "arc_challenge" / "en_test.json").write_text('[\n {"id": "a",\n  not json}]')
+    with pytest.raises(UserError, match=r"en_test.json: line 3: malformed JSON"):
         load(tmp_path, broken, ["arc"], ["en"])
+
+
+def _rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
+def test_bad_benchmark_items_are_refused_with_file_and_id(tmp_path):
+    data = write_fixture(tmp_path / "data", langs=("en", "hi"), n=4, hellaswag=("en",))
+    mmlu = data / "mmlu" / "hi_dev.json"
+    rows = _rows(mmlu)
+    del rows[2]["option_c"]
+    mmlu.write_text(json.dumps(rows))
+    with pytest.raises(UserError, match=r"hi_dev.json: item mmlu/dev/2: no option_c"):
+        tasks.plan(["mmlu"], ["hi"], str(data))
+    arc = data / "arc_challenge" / "en_test.json"
+    rows = _rows(arc)
+    arc.write_text(json.dumps(rows + [rows[1]]))
+    with pytest.raises(UserError, match=r"en_test.json: item arc_challenge/test/1: duplicate id"):
+        tasks.plan(["arc"], ["en"], str(data))
+    rows[3]["answer"] = "E"
+    arc.write_text(json.dumps(rows))
+    with pytest.raises(UserError, match=r"item arc_challenge/test/3: answer 'E' points at no option"):
+        tasks.plan(["arc"], ["en"], str(data))
+    hs = data / "hellaswag" / "en_val.json"
+    hs.write_text("\n".join(json.dumps(r) for r in _rows(hs)[:2]) + "\n{oops\n")  # JSON lines
+    with pytest.raises(UserError, match=r"en_val.json: line 3: malformed JSON"):
+        tasks.plan(["hellaswag"], ["en"], str(data))
+
+
+def test_a_missing_language_names_its_file_and_the_languages_present(tmp_path):
+    data = write_fixture(tmp_path / "data", langs=("en", "hi"), n=3, hellaswag=())
+    (bt,) = tasks.plan(["arc"], ["ml"], str(data))
+    assert not bt.ok and "no ml_test.json in" in bt.missing and bt.missing.endswith("it has en, hi")
 
 
 # ------------------------------------------------------------------------------------- hub / offline
@@ -145,3 +178,38 @@ def test_hub_task_names():
 
 
 # --------------------------------------------------------------------------------------- statistics
+
+
+def test_shots_offline_from_validation_for_arc_and_dev_for_mmlu(tmp_path, fixture_data):
+    """--shots N: ARC's examples come from its validation file, MMLU's are the first N of its dev file, the
+    same for every model, and the scorer takes the longer contexts."""
+    import json as json_
+
+    from lm_eval import evaluator
+
+    from toolkit import models
+    from toolkit.config import ModelConfig
+    from toolkit.evaluation import scoring
+
+    tiny = models.load(ModelConfig(name="tiny"))
+    lm = scoring.lm_wrapper(tiny.model, tiny.tokenizer, 4)
+    for bench, shot_split in (("arc", "validation"), ("mmlu", "dev")):
+        (bt,) = load(tmp_path, fixture_data, [bench], ["hi"], limit=3, shots=2)
+        contexts = {}
+        for _ in range(2):  # twice: the examples are seeded, so base and adapted models see the same ones
+            for task in bt.loaded["tasks"].values():
+                task.set_fewshot_seed(0)
+            out = evaluator.evaluate(lm=lm, task_dict=bt.loaded, samples=bt.samples, log_samples=True,
+                                     bootstrap_iters=0)
+            for row in next(iter(out["samples"].values())):
+                first = row["arguments"][0]  # one (context, choice) request per choice: they share the context
+                contexts.setdefault(row["doc"]["id"], set()).add(first[0] if isinstance(first, list | tuple) else
+                                                                 json_.dumps(first, ensure_ascii=False))
+        for seen in contexts.values():
+            (text,) = seen
+            assert text.count(f"{shot_split} question") == 2, (bench, text)
+            assert text.count("test question") + text.count("val question") == 1
+        if bench == "mmlu":  # lm-eval's first_n sampler: dev items 0 and 1
+            assert all(f"{shot_split} question 0" in t and f"{shot_split} question 1" in t
+                       for seen in contexts.values() for t in seen)
+        assert scoring.evaluate(lm, bt).n == 3
