@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from analysis import summary as run_summary
 from toolkit.config import Config
 from toolkit.rundir import RunDir
 from toolkit.stages import Task
@@ -16,7 +17,24 @@ def run(cfg: Config, task: Task | None = None):
     run_dir = RunDir(cfg.run_dir)
     run_dir.check(must_exist=True, saes=False)
     # the report itself goes to stdout (it is the product); progress and errors go to stderr
+    console = Console()
     report = run_report(cfg.run_dir, stat=cfg.report.stat, bands=cfg.report.bands or None, n_boot=cfg.report.n_boot,
-                        seed=cfg.run.seed, console=Console())
+                        seed=cfg.run.seed, console=console)
+    summary = run_summary.collect(cfg.run_dir, gaps=_gap_summary(report))
+    for part in run_summary.renderables(summary):
+        console.print(part)
+    run_summary.write(summary, run_dir.reports)
+    with open(run_dir.reports / "report.txt", "a", encoding="utf-8") as fh:  # the gap report, then the rest
+        fh.write(run_summary.render_text(summary))
     run_dir.write_manifest(cfg, "report")  # a record of what ran: written once the report stands
     return report
+
+
+def _gap_summary(report) -> dict:
+    """The gap headline and the instrument check's verdicts, for summary.json."""
+    import dataclasses
+
+    panel = report.instrument
+    return {"statistic": report.statistic, "headlines": [dataclasses.asdict(h) for h in report.headlines],
+            "verdicts": panel.verdicts if panel else [], "low_fidelity": panel.low_fidelity if panel else [],
+            "notes": report.notes}

@@ -1,0 +1,61 @@
+"""The run summary: sections for the stages that ran, the command for those that did not, summary.json."""
+
+import json
+
+from analysis import summary
+from tests.unit.analysis_fixtures import random_run
+
+
+def _before_after(folder, targets):
+    folder.mkdir(parents=True)
+    langs = {"en": {"role": "reference", "gain_pct_mean": 0.4, "gain_pct_pooled": 0.3, "retention_pct_mean": 100.4,
+                    "ppl_before": 30.0, "ppl_after": 30.5},
+             "hi": {"role": "target", "gain_pct_mean": 21.5, "gain_pct_pooled": 19.0, "retention_pct_mean": 121.5,
+                    "ppl_before": 12.0, "ppl_after": 11.0}}
+    (folder / "before_after.json").write_text(json.dumps(
+        {"targets": targets, "heldout_sentences": 29, "english_retention_pct": 100.4, "languages": langs}))
+
+
+def _results(folder):
+    folder.mkdir(parents=True)
+    row = {"task": "arc", "status": "ok", "n": 200, "acc": 0.25, "p_gold_norm": 0.26, "p_gold_norm_stderr": 0.004}
+    results = [{**row, "model": m, "language": lang} for m in ("base", "adapted:hi") for lang in ("en", "hi")]
+    comparisons = [{"model": "adapted:hi", "task": "arc", "language": "hi", "delta_p_gold_norm": 0.012,
+                    "delta_p_gold_norm_ci_low": 0.004, "delta_p_gold_norm_ci_high": 0.02}]
+    correlations = [{"band": "deep", "model": "base", "task": "arc", "y": "p_gold", "n": 9, "spearman": -0.7,
+                     "spearman_p": 0.04, "pearson": -0.6, "pearson_p": 0.08},
+                    {"band": "early", "model": "base", "task": "arc", "y": "acc", "n": 9, "spearman": None,
+                     "spearman_p": None, "pearson": None, "pearson_p": None}]
+    (folder / "results.json").write_text(json.dumps(
+        {"config": {"primary": {"arc": "p_gold_norm"}}, "results": results, "comparisons": comparisons,
+         "bpb": [{"model": "base", "language": "hi", "bpb": 0.83}], "bpb_comparisons": [],
+         "correlations": correlations}))
+
+
+def test_a_run_without_alignment_or_evaluation_says_how_to_get_them(tmp_path):
+    run = random_run(tmp_path / "run", ["en", "hi"])
+    text = summary.render_text(summary.collect(run))
+    assert "alignment: not run" in text and "toolkit.submit align --run" in text
+    assert "evaluation: not run" in text and "toolkit.submit evaluate --run" in text
+
+
+def test_every_stage_that_ran_has_its_section(tmp_path):
+    run = random_run(tmp_path / "run", ["en", "hi"])
+    _before_after(run / "align" / "hi", ["hi"])
+    _results(run / "eval")
+    data = summary.collect(run, gaps={"statistic": "mass"})
+    text = summary.render_text(data, width=120)
+    assert "alignment" in text and "+21.5" in text and "121.5" in text
+    assert "evaluation · arc · p_gold_norm" in text and "0.260±0.004" in text and "Δ +0.012 [+0.004, +0.020]" in text
+    assert "0.830" in text and "gap ↔ performance" in text and "-0.70" in text
+    assert len(data["evaluation"]["correlations"]) == 1  # rows without a p-value are left out
+    path = summary.write(data, tmp_path / "reports")
+    assert json.loads(path.read_text())["alignment"][0]["targets"] == ["hi"]
+
+
+def test_an_unreadable_section_names_its_file(tmp_path):
+    run = random_run(tmp_path / "run", ["en", "hi"])
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_text("{not json")
+    text = summary.render_text(summary.collect(run), width=400)
+    assert "results.json is unreadable" in text and "rerun evaluate" in text
