@@ -60,7 +60,6 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.time()
     run_dir = RunDir(cfg.run_dir)
-    run_dir.write_manifest(cfg, "evaluate")
     out_dir = run_dir.eval
     benches = tasks.parse_tasks(cfg.eval.tasks)
     adapters = discover_adapters(cfg)
@@ -79,6 +78,7 @@ def run(cfg: Config, task: Task | None = None) -> dict:
         base = models.load(replace(cfg.model, adapter=""))
     for _, path in adapters:
         check_adapter(base.model, path)
+    run_dir.write_manifest(cfg, "evaluate")  # what runs, once every input has been checked
     scores, bits, seconds = score_models(cfg, base, adapters, labels, present, heldout, console)
     result = results_json(cfg, benches, base.model_id, adapters, labels, scores, bench_tasks, seconds, bits)
     result["wall_seconds"] = round(time.time() - started, 1)
