@@ -65,6 +65,15 @@ class SAEConfig:
     train_corpus: str = opt("", "corpus to train SAEs on (default: the run's corpus)")
     lr: float = opt(3e-3, "learning rate of SAE training")
     batch: int = opt(128, "tokens per SAE training step")
+    arch: str = opt("relu", "architecture of locally trained SAEs: relu (L1 penalty), jumprelu (L0 penalty around "
+                    "--sae-target-l0, as Gemma Scope 2), batchtopk (saved as JumpReLU)",
+                    choices=("relu", "jumprelu", "batchtopk"))
+    target_l0: float = opt(32.0, "active features per token aimed at by jumprelu and batchtopk training")
+    train_mix: str = opt("corpus", "languages of the SAE training tokens: corpus (as the corpus comes), balanced "
+                         "(equal tokens per language), english (English only, like published SAEs)",
+                         choices=("corpus", "balanced", "english"))
+    budget: str = opt("quick", "quick: --sae-width and --sae-train-tokens as given; standard: every non-held-out "
+                      "sentence, 4 passes, at least 4,096 features", choices=("quick", "standard"))
 
 
 @dataclass
@@ -221,6 +230,8 @@ class Config:
         for name, value in fractions.items():
             if not 0 <= value < 1:
                 raise UserError(f"{name} must be in [0, 1) (got {value})")
+        if not self.sae.target_l0 > 0:
+            raise UserError(f"sae.target_l0 must be positive (got {self.sae.target_l0})")
         _check_ranges(self)
         _check_run_path(self.run.run)
         for name, spec in (("run.layers", self.run.layers), ("align.lora_layers", self.align.lora_layers),
