@@ -170,7 +170,7 @@ def load(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, consol
     source = cfg.sae.source
     recorded = recorded_source(cfg.run_dir) if source in ("auto", "train") and not cfg.extract.overwrite else None
     if recorded is not None:
-        saes = _recorded(cfg, lm, layers, recorded, console)
+        saes = _recorded(cfg, lm, layers, corpus, recorded, console)
     elif source == "auto":
         try:
             saes = _pretrained(cfg.sae.release, cfg.sae.id_template, layers, lm)
@@ -224,7 +224,8 @@ def local_root(run_dir: str | Path, recorded: str) -> Path:
     return path if path.is_dir() or not moved.is_dir() else moved
 
 
-def _recorded(cfg: Config, lm: LoadedModel, layers: list[int], recorded: Recorded, console: Console) -> SAESet:
+def _recorded(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, recorded: Recorded,
+              console: Console) -> SAESet:
     """The SAE set of the run's extraction, for every later stage; a stage that would need another one stops."""
     source = recorded.source
     console.print(f"[bold]SAEs:[/] the set this run's extraction used ({source})")
@@ -232,10 +233,14 @@ def _recorded(cfg: Config, lm: LoadedModel, layers: list[int], recorded: Recorde
         root = local_root(cfg.run_dir, source)
         _check_recipe(cfg, lm, root, source)
         missing = [i for i in layers if not (root / f"layer_{i}" / "cfg.json").is_file()]
-        if missing:
-            raise UserError(f"the run's SAE set {source} has no SAE for layer(s) {missing}; training them now would "
-                            f"mix two instruments: extract those layers first (--layers), or use a new --run")
-        return _local_set(root, layers, lm, source)
+        if not missing:
+            return _local_set(root, layers, lm, source)
+        train_on = training_corpus(cfg, corpus)
+        if training_key(cfg, lm, train_on) == root.name:  # same recipe, same corpus: the same instrument
+            return _with_source(train(cfg, lm, layers, train_on, console), source)
+        raise UserError(f"the run's SAE set {source} has no SAE for layer(s) {missing}, and this command would "
+                        "train them on another corpus (its languages differ from the extraction's): run it with the "
+                        "extraction's --langs and --corpus, or use a new --run")
     if source.startswith("pretrained:"):
         try:
             return _pretrained(source.split(":", 1)[1], cfg.sae.id_template, layers, lm)
@@ -263,6 +268,11 @@ def _check_recipe(cfg: Config, lm: LoadedModel, root: Path, source: str) -> None
         raise UserError(f"this run's activations were measured with SAE set {source} trained with "
                         f"{', '.join(differ)}; training another set would make a second instrument: drop those "
                         "options, use a new --run, or choose a set explicitly with --sae dir:PATH")
+
+
+def _with_source(saes: SAESet, source: str) -> SAESet:
+    saes.source = source  # an older run's absolute record stays as recorded, so its files' fingerprints match
+    return saes
 
 
 def _local_set(root: Path, layers: list[int], lm: LoadedModel, source: str) -> SAESet:
