@@ -368,7 +368,8 @@ def training_sample(corpus: Corpus, mix: str, tokenizer, budget: int, max_length
     """Non-held-out sentences for SAE training, up to `budget` tokens, languages interleaved by sentence.
 
     corpus: every language as the corpus comes (long-token scripts get more tokens); english: English only;
-    balanced: each language stops once it has its equal share of tokens (or all it has, if less).
+    balanced: each language stops once it has its equal share of the budget, capped by the language with
+    the fewest tokens, so that every language gives the same (within one sentence).
     """
     ids = [sid for sid in corpus.ids if not is_heldout(sid)]
     sub = corpus.subset(ids)
@@ -377,7 +378,8 @@ def training_sample(corpus: Corpus, mix: str, tokenizer, budget: int, max_length
         raise UserError("sae.train_mix english needs English in the SAE training corpus")
     per_lang = {lang: _lang_sample(sub, lang, ids, tokenizer, max_length) for lang in langs}
     if mix == "balanced":
-        share = math.ceil(budget / len(langs))
+        fewest = min(sum(s.n_tokens for s in samples) for samples in per_lang.values())
+        share = min(math.ceil(budget / len(langs)), fewest)
         per_lang = {lang: _first_tokens(samples, share) for lang, samples in per_lang.items()}
     interleaved = [s for group in itertools.zip_longest(*per_lang.values()) for s in group if s is not None]
     return _first_tokens(interleaved, budget)
@@ -474,7 +476,7 @@ def _train_layers(cfg: Config, lm: LoadedModel, todo: list[int], corpus: Corpus,
 
     everything = training_sample(corpus, cfg.sae.train_mix, lm.tokenizer, 2**62, cfg.extract.max_length)
     size = sizes(cfg, sum(s.n_tokens for s in everything))
-    sample = _first_tokens(everything, size.distinct)
+    sample = training_sample(corpus, cfg.sae.train_mix, lm.tokenizer, size.distinct, cfg.extract.max_length)
     counts = tokens_per_language(sample, size.distinct)
     group = max(1, BUFFER_BYTES // (size.distinct * lm.d_model * 4))
     done = len(_all_layers(root))

@@ -83,6 +83,10 @@ def test_the_mix_changes_the_tokens_per_language_as_stated(tiny_lm):
     # as the corpus comes, sentence by sentence: a script that takes more tokens per sentence takes more
     assert sum(as_comes.values()) == budget and as_comes["ml"] > as_comes["zh"]
     assert max(as_comes.values()) - min(as_comes.values()) > max(balanced.values()) - min(balanced.values())
+    # a budget larger than the corpus: balanced stops at what the language with the fewest tokens has
+    everything = saes.training_sample(corpus, "balanced", tiny_lm.tokenizer, 10**9, 128)
+    per_lang = saes.tokens_per_language(everything, 10**9)
+    assert max(per_lang.values()) - min(per_lang.values()) <= longest
 
 
 def test_the_mix_and_arch_key_different_sets(tmp_path, tiny_lm):
