@@ -22,8 +22,8 @@ from toolkit.config import Config, parse_layers
 
 
 def measure(arch: str, mix: str, budget: str, layers: str, langs: str, corpus: str, max_sentences: int,
-            extra: dict, console: Console) -> dict:
-    with tempfile.TemporaryDirectory() as run:
+            extra: dict, console: Console, workdir: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory(dir=workdir) as run:
         cfg = Config.build({"run": {"run": run, "langs": langs, "layers": layers, "corpus": corpus,
                                     "max_sentences": max_sentences},
                             "sae": {"source": "train", "arch": arch, "train_mix": mix, "budget": budget, **extra}})
@@ -53,10 +53,11 @@ def main() -> None:
     parser.add_argument("--max-sentences", type=int, default=0)
     parser.add_argument("--set", default="{}", help="more sae.* fields as JSON, e.g. '{\"target_l0\": 48}'")
     parser.add_argument("--out", default="sae_training.json")
+    parser.add_argument("--workdir", default=None, help="where the throw-away runs go (default: the system's temp)")
     args = parser.parse_args()
     console = Console(stderr=True)
     results = [measure(arch, mix, args.budget, args.layers, args.langs, args.corpus, args.max_sentences,
-                       json.loads(args.set), console)
+                       json.loads(args.set), console, args.workdir)
                for arch in args.arch.split(",") for mix in args.mix.split(",")]
     Path(args.out).write_text(json.dumps(results, indent=1))
     show(results)

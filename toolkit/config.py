@@ -65,8 +65,9 @@ class SAEConfig:
     train_corpus: str = opt("", "corpus to train SAEs on (default: the run's corpus)")
     lr: float = opt(3e-3, "learning rate of SAE training")
     batch: int = opt(128, "tokens per SAE training step")
-    arch: str = opt("relu", "architecture of locally trained SAEs: relu (L1 penalty), jumprelu (L0 penalty around "
-                    "--sae-target-l0, as Gemma Scope 2), batchtopk (saved as JumpReLU)",
+    arch: str = opt("batchtopk", "architecture of locally trained SAEs: batchtopk (--sae-target-l0 features "
+                    "per token on average, saved as JumpReLU; docs/saes.md), jumprelu (L0 penalty around "
+                    "--sae-target-l0, as Gemma Scope 2), relu (L1 penalty --sae-l1)",
                     choices=("relu", "jumprelu", "batchtopk"))
     target_l0: float = opt(32.0, "active features per token aimed at by jumprelu and batchtopk training")
     train_mix: str = opt("corpus", "languages of the SAE training tokens: corpus (as the corpus comes), balanced "

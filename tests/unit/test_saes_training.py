@@ -62,8 +62,8 @@ def test_saved_layer_carries_its_training_mean_and_metadata(tmp_path, tiny_lm):
     assert mean.dtype == np.float32 and mean.shape == (tiny_lm.d_model,)
     assert torch.equal(trained.layers[2].mean.cpu(), torch.from_numpy(mean))
     meta = json.loads((folder / "lingogap.json").read_text())
-    assert meta["train_mix"] == "balanced" and meta["arch"] == "relu" and set(meta["train_tokens_per_language"]) == {
-        "en", "hi", "zh"}
+    assert meta["train_mix"] == "balanced" and meta["arch"] == cfg.sae.arch == "batchtopk"
+    assert set(meta["train_tokens_per_language"]) == {"en", "hi", "zh"}
     assert np.isfinite(meta["fve"])
 
 
