@@ -74,7 +74,7 @@ class SAEConfig:
                          "(equal tokens per language), english (English only, like published SAEs)",
                          choices=("corpus", "balanced", "english"))
     budget: str = opt("quick", "quick: --sae-width and --sae-train-tokens as given; standard: every non-held-out "
-                      "sentence, 4 passes, at least 4,096 features", choices=("quick", "standard"))
+                      "sentence once, at least 2,048 features", choices=("quick", "standard"))
 
 
 @dataclass

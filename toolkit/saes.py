@@ -358,8 +358,11 @@ class Sample:
     n_tokens: int
 
 
-STANDARD_WIDTH = 4096
-STANDARD_PASSES = 4
+# Standard budget, sized to an hour on 2 cores for NTREX (~450k training tokens, 18 layers): BatchTopK steps
+# ran at ~2,800 samples/s at width 2,048 and ~1,350 at 4,096 (one thread, shared machine). Provisional:
+# not yet measured end to end (docs/saes.md).
+STANDARD_WIDTH = 2048
+STANDARD_PASSES = 1
 # Buffers of one layer group stay under this: every layer at once would be 23 GB at 500k tokens x 18 layers.
 BUFFER_BYTES = 4 * 2**30
 
