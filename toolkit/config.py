@@ -70,9 +70,9 @@ class SAEConfig:
                     "--sae-target-l0, as Gemma Scope 2), relu (L1 penalty --sae-l1)",
                     choices=("relu", "jumprelu", "batchtopk"))
     target_l0: float = opt(32.0, "active features per token aimed at by jumprelu and batchtopk training")
-    train_mix: str = opt("corpus", "languages of the SAE training tokens: corpus (as the corpus comes), balanced "
-                         "(equal tokens per language), english (English only, like published SAEs)",
-                         choices=("corpus", "balanced", "english"))
+    train_mix: str = opt("balanced", "languages of the SAE training tokens: balanced (equal tokens per language), "
+                         "corpus (as the corpus comes), english (English only, like published SAEs)",
+                         choices=("balanced", "corpus", "english"))
     budget: str = opt("quick", "quick: --sae-width and --sae-train-tokens as given; standard: every non-held-out "
                       "sentence once, at least 2,048 features", choices=("quick", "standard"))
 
