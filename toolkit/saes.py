@@ -493,8 +493,10 @@ def _train_layers(cfg: Config, lm: LoadedModel, todo: list[int], corpus: Corpus,
         task = progress.add_task("SAE training samples", total=len(todo) * size.samples)
         for start in range(0, len(todo), group):
             chunk = todo[start:start + group]
+            progress.update(task, description=f"collecting activations ({len(chunk)} layers)")
+            # quiet: a second live progress display cannot run inside this one
             buffers = collect_activations(lm, chunk, [(s.sid, s.text) for s in sample], size.distinct,
-                                          cfg.extract.batch_tokens, cfg.extract.max_length)
+                                          cfg.extract.batch_tokens, cfg.extract.max_length, Console(quiet=True))
             for layer in chunk:
                 progress.update(task, description=f"SAE layer {layer}")
                 acts = buffers.pop(layer)
