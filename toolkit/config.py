@@ -70,6 +70,16 @@ class SAEConfig:
     train_corpus: str = opt("", "corpus to train SAEs on (default: the run's corpus)")
     lr: float = opt(3e-3, "learning rate of SAE training")
     batch: int = opt(128, "tokens per SAE training step")
+    arch: str = opt("batchtopk", "architecture of locally trained SAEs: batchtopk (--sae-target-l0 features "
+                    "per token on average, saved as JumpReLU; docs/saes.md), jumprelu (L0 penalty around "
+                    "--sae-target-l0, as Gemma Scope 2), relu (L1 penalty --sae-l1)",
+                    choices=("relu", "jumprelu", "batchtopk"))
+    target_l0: float = opt(32.0, "active features per token aimed at by jumprelu and batchtopk training")
+    train_mix: str = opt("balanced", "languages of the SAE training tokens: balanced (equal tokens per language), "
+                         "corpus (as the corpus comes), english (English only, like published SAEs)",
+                         choices=("balanced", "corpus", "english"))
+    budget: str = opt("quick", "quick: --sae-width and --sae-train-tokens as given; standard: every non-held-out "
+                      "sentence once, at least 2,048 features", choices=("quick", "standard"))
 
 
 @dataclass
@@ -233,6 +243,8 @@ class Config:
         for name, value in fractions.items():
             if not 0 <= value < 1:
                 raise UserError(f"{name} must be in [0, 1) (got {value})")
+        if not self.sae.target_l0 > 0:
+            raise UserError(f"sae.target_l0 must be positive (got {self.sae.target_l0})")
         _check_ranges(self)
         _check_run_path(self.run.run)
         for name, spec in (("run.layers", self.run.layers), ("align.lora_layers", self.align.lora_layers),

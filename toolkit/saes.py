@@ -5,8 +5,12 @@ Sources (`--sae`):
 - `dir:PATH` — one sae-lens directory per layer: `PATH/layer_{i}` (or `PATH/{i}`).
 - `train` — sae-lens's `SAETrainer` on the model's own activations, all layers fed from the same
   forward passes; saved in sae-lens format under `RUN/saes/{key}/layer_{i}` and reused when present.
+  `key` hashes the recipe (`RUN/saes/{key}/training.json`); the run records the set as `local:{key}`.
 - `auto` — the preset's pretrained release when the hub answers, else `train`, saying so.
 - `random` — seeded random ReLU SAEs, for mechanics tests on the tiny model only.
+
+One instrument per run: with `auto` or `train`, every stage uses the SAE set the run's extraction
+recorded in its activation files (`recorded_source`), and stops rather than train a second one.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +168,10 @@ def load(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, consol
     """
     console = console or Console(stderr=True)
     source = cfg.sae.source
-    if source == "auto":
+    recorded = recorded_source(cfg.run_dir) if source in ("auto", "train") and not cfg.extract.overwrite else None
+    if recorded is not None:
+        saes = _recorded(cfg, lm, layers, corpus, recorded, console)
+    elif source == "auto":
         try:
             saes = _pretrained(cfg.sae.release, cfg.sae.id_template, layers, lm)
         except HubUnreachable as exc:
@@ -182,6 +189,98 @@ def load(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, consol
     missing = [i for i in layers if not math.isfinite(saes.layers[i].fve) or saes.layers[i].mean is None]
     if missing:
         measure_quality(saes, lm, _heldout(corpus), cfg.extract.batch_tokens, cfg.extract.max_length)
+    return saes
+
+
+@dataclass(frozen=True)
+class Recorded:
+    source: str  # as the activation files have it: "local:KEY", "local:/abs/RUN/saes/KEY", "pretrained:..."
+    ids: tuple[str, ...]
+
+
+def recorded_source(run_dir: str | Path) -> Recorded | None:
+    """The SAE set the run's extraction recorded (HDF5 attributes `sae_source`, `sae_ids`), or None before one."""
+    from toolkit.store import ActivationFile, activation_files
+
+    found = set()
+    for paths in activation_files(run_dir).values():
+        for path in paths:
+            with ActivationFile(path) as f:
+                attrs = f.attrs
+            found.add(Recorded(str(attrs["sae_source"]), tuple(attrs.get("sae_ids") or ())))
+    sources = sorted({r.source for r in found})
+    if len(sources) > 1:
+        raise UserError(f"{run_dir}/activations was measured with {len(sources)} SAE sets ({', '.join(sources)}); "
+                        "extract again with --overwrite so that the run has one instrument")
+    return max(found, key=lambda r: len(r.ids)) if found else None
+
+
+def local_root(run_dir: str | Path, recorded: str) -> Path:
+    """The folder of a `local:` SAE set: `local:KEY` lives in RUN/saes/KEY, so a moved run still finds it;
+    older runs recorded an absolute path, which is tried first, then its KEY under this run."""
+    path = Path(recorded.removeprefix("local:"))
+    if not path.is_absolute():
+        return Path(run_dir) / "saes" / path
+    moved = Path(run_dir) / "saes" / path.name
+    return path if path.is_dir() or not moved.is_dir() else moved
+
+
+def _recorded(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, recorded: Recorded,
+              console: Console) -> SAESet:
+    """The SAE set of the run's extraction, for every later stage; a stage that would need another one stops."""
+    source = recorded.source
+    console.print(f"[bold]SAEs:[/] the set this run's extraction used ({source})")
+    if source.startswith("local:"):
+        root = local_root(cfg.run_dir, source)
+        _check_recipe(cfg, lm, root, source)
+        missing = [i for i in layers if not (root / f"layer_{i}" / "cfg.json").is_file()]
+        if not missing:
+            return _local_set(root, layers, lm, source)
+        train_on = training_corpus(cfg, corpus)
+        if training_key(cfg, lm, train_on) == root.name:  # same recipe, same corpus: the same instrument
+            return _with_source(train(cfg, lm, layers, train_on, console), source)
+        raise UserError(f"the run's SAE set {source} has no SAE for layer(s) {missing}, and this command would "
+                        "train them on another corpus (its languages differ from the extraction's): run it with the "
+                        "extraction's --langs and --corpus, or use a new --run")
+    if source.startswith("pretrained:"):
+        try:
+            return _pretrained(source.split(":", 1)[1], cfg.sae.id_template, layers, lm)
+        except HubUnreachable as exc:
+            raise UserError(f"{exc}; this run's activations were measured with {source}, and SAEs trained locally "
+                            "instead would be a second instrument: retry with the hub reachable") from None
+    if source.startswith("dir:"):
+        return _from_dir(Path(source.split(":", 1)[1]), layers, lm)
+    if source.startswith("random:seed"):
+        return _random(cfg.sae.width, layers, lm, int(source.removeprefix("random:seed")))
+    raise UserError(f"this run's activations name an SAE set this lingogap cannot load ({source}); pass --sae")
+
+
+def _check_recipe(cfg: Config, lm: LoadedModel, root: Path, source: str) -> None:
+    """Stop when the command asks for SAEs trained another way than the run's; the training corpus may differ
+    (a command's languages do), since the run's set is what measured every language."""
+    file = root / "training.json"
+    if not file.is_file():
+        return  # sets trained before the recipe was written: the record is all there is
+    saved = json.loads(file.read_text())
+    wanted = recipe(cfg, lm, None)
+    differ = [f"{k}={saved.get(k)!r} (asked: {v!r})" for k, v in wanted.items()
+              if k not in CORPUS_FIELDS and saved.get(k) != v]
+    if differ:
+        raise UserError(f"this run's activations were measured with SAE set {source} trained with "
+                        f"{', '.join(differ)}; training another set would make a second instrument: drop those "
+                        "options, use a new --run, or choose a set explicitly with --sae dir:PATH")
+
+
+def _with_source(saes: SAESet, source: str) -> SAESet:
+    saes.source = source  # an older run's absolute record stays as recorded, so its files' fingerprints match
+    return saes
+
+
+def _local_set(root: Path, layers: list[int], lm: LoadedModel, source: str) -> SAESet:
+    saes = _from_dir(root, layers, lm)
+    saes.source = source
+    for layer in layers:
+        saes.layers[layer].sae_id = f"local:{root.name}/layer_{layer}"
     return saes
 
 
@@ -216,7 +315,9 @@ def _from_dir(root: Path, layers: list[int], lm: LoadedModel) -> SAESet:
         sae = SAE.load_from_disk(str(path), device=str(lm.device))
         check(sae, layer, lm.d_model, str(path))
         meta = _read_meta(path)
-        out[layer] = LayerSAE(layer, sae.eval(), str(path), meta.get("fve", math.nan), meta.get("l0", math.nan))
+        mean = _read_mean(path, lm)
+        out[layer] = LayerSAE(layer, sae.eval(), str(path), meta.get("fve", math.nan), meta.get("l0", math.nan),
+                              mean, "the SAE's training activations (mean.npy)" if mean is not None else "")
     return SAESet(f"dir:{root.resolve()}", out)
 
 
@@ -232,6 +333,13 @@ def _random(width: int, layers: list[int], lm: LoadedModel, seed: int) -> SAESet
     return SAESet(f"random:seed{seed}", out)
 
 
+def _read_mean(path: Path, lm: LoadedModel) -> torch.Tensor | None:
+    file = path / "mean.npy"
+    if not file.is_file():
+        return None
+    return torch.from_numpy(np.load(file, allow_pickle=False)).to(lm.device)
+
+
 def _read_meta(path: Path) -> dict:
     meta = path / "lingogap.json"
     return json.loads(meta.read_text()) if meta.is_file() else {}
@@ -243,22 +351,105 @@ def _heldout(corpus: Corpus) -> list[tuple[str, str]]:
     return [pair for lang in sub.langs for pair in sub.sentences(lang)]
 
 
-def _training(corpus: Corpus) -> list[tuple[str, str]]:
-    """Training sentences, languages interleaved so any token budget covers all of them."""
+@dataclass(frozen=True)
+class Sample:
+    """One training sentence: its language and its token count (BOS excluded, as in the buffers)."""
+    lang: str
+    sid: str
+    text: str
+    n_tokens: int
+
+
+# Standard budget, sized to an hour on 2 cores for NTREX (~450k training tokens, 18 layers): BatchTopK steps
+# ran at ~2,800 samples/s at width 2,048 and ~1,350 at 4,096 (one thread, shared machine). Provisional:
+# not yet measured end to end (docs/saes.md).
+STANDARD_WIDTH = 2048
+STANDARD_PASSES = 1
+# Buffers of one layer group stay under this: every layer at once would be 23 GB at 500k tokens x 18 layers.
+BUFFER_BYTES = 4 * 2**30
+
+
+def training_sample(corpus: Corpus, mix: str, tokenizer, budget: int, max_length: int) -> list[Sample]:
+    """Non-held-out sentences for SAE training, up to `budget` tokens, languages interleaved by sentence.
+
+    corpus: every language as the corpus comes (long-token scripts get more tokens); english: English only;
+    balanced: each language stops once it has its equal share of the budget, capped by the language with
+    the fewest tokens, so that every language gives the same (within one sentence).
+    """
     ids = [sid for sid in corpus.ids if not is_heldout(sid)]
     sub = corpus.subset(ids)
-    return [(sid, sub.texts[lang][i]) for i, sid in enumerate(ids) for lang in sub.langs]
+    langs = ["en"] if mix == "english" else list(sub.langs)
+    if "en" not in sub.langs and mix == "english":
+        raise UserError("sae.train_mix english needs English in the SAE training corpus")
+    per_lang = {lang: _lang_sample(sub, lang, ids, tokenizer, max_length) for lang in langs}
+    if mix == "balanced":
+        fewest = min(sum(s.n_tokens for s in samples) for samples in per_lang.values())
+        share = min(math.ceil(budget / len(langs)), fewest)
+        per_lang = {lang: _first_tokens(samples, share) for lang, samples in per_lang.items()}
+    interleaved = [s for group in itertools.zip_longest(*per_lang.values()) for s in group if s is not None]
+    return _first_tokens(interleaved, budget)
+
+
+def _lang_sample(sub: Corpus, lang: str, ids: list[str], tokenizer, max_length: int) -> list[Sample]:
+    texts = sub.texts[lang]
+    lengths = [len(t) - 1 for t in tokenize(tokenizer, texts, max_length)]
+    return [Sample(lang, sid, text, n) for sid, text, n in zip(ids, texts, lengths)]
+
+
+def _first_tokens(samples: list[Sample], budget: int) -> list[Sample]:
+    """The leading sentences whose tokens reach `budget` (the last one may pass it; its excess is cut later)."""
+    cut = int(np.searchsorted(np.cumsum([s.n_tokens for s in samples]), budget)) + 1
+    return samples[:cut]
+
+
+def tokens_per_language(samples: list[Sample], budget: int) -> dict[str, int]:
+    """Tokens each language contributes once the buffers are cut at `budget` (collect_activations' order)."""
+    counts: dict[str, int] = {}
+    left = budget
+    for s in samples:
+        take = min(left, s.n_tokens)
+        counts[s.lang] = counts.get(s.lang, 0) + take
+        left -= take
+    return counts
+
+
+def recipe(cfg: Config, lm: LoadedModel, corpus: Corpus | None) -> dict:
+    """Everything that makes a locally trained SAE set what it is; its hash is the set's cache key."""
+    s = cfg.sae
+    return {
+        "model": lm.model_id, "revision": lm.revision, "arch": s.arch, "width": s.width,
+        "l1": s.l1 if s.arch == "relu" else None, "l1_warmup": s.l1_warmup,
+        "target_l0": s.target_l0 if s.arch != "relu" else None, "train_tokens": s.train_tokens, "lr": s.lr,
+        "batch": s.batch, "train_mix": s.train_mix, "budget": s.budget, "max_length": cfg.extract.max_length,
+        "seed": cfg.run.seed, "corpus": corpus.hash if corpus is not None else None,
+    }
+
+
+# A later stage of the run may differ from the extraction in these without asking for another instrument.
+CORPUS_FIELDS = ("corpus", "seed")
 
 
 def training_key(cfg: Config, lm: LoadedModel, corpus: Corpus) -> str:
+    return hashlib.sha256(json.dumps(recipe(cfg, lm, corpus), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    width: int
+    distinct: int  # token vectors collected per layer
+    samples: int  # training samples per layer (the buffer is repeated when smaller)
+
+
+def sizes(cfg: Config, available: int) -> Sizes:
+    """quick: the configured width and tokens; standard: every available token, several passes, a wider SAE."""
     s = cfg.sae
-    spec = [lm.model_id, lm.revision, s.width, s.l1, s.l1_warmup, s.train_tokens, s.lr, s.batch, corpus.hash,
-            cfg.run.seed, cfg.extract.max_length]
-    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
+    if s.budget == "standard":
+        return Sizes(max(s.width, STANDARD_WIDTH), available, max(s.train_tokens, STANDARD_PASSES * available))
+    return Sizes(s.width, min(s.train_tokens, available), s.train_tokens)
 
 
 def train(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, console: Console) -> SAESet:
-    """Train (or reuse) one StandardSAE per layer on activations collected in one set of forward passes."""
+    """Train (or reuse) one SAE per layer; layers are saved one by one, so a killed training resumes."""
     from filelock import FileLock
 
     root = cfg.run_dir / "saes" / training_key(cfg, lm, corpus)
@@ -269,39 +460,86 @@ def train(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, conso
 
 def _train_locked(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, console: Console,
                   root: Path) -> SAESet:
+    (root / "training.json").write_text(json.dumps(recipe(cfg, lm, corpus), indent=1))
     todo = [i for i in layers if not (root / f"layer_{i}" / "cfg.json").is_file()]
     if todo:
-        console.print(
-            f"[bold]Training {len(todo)} SAE(s)[/] (width {cfg.sae.width}, L1 {cfg.sae.l1}, "
-            f"{cfg.sae.train_tokens:,} tokens each) on {lm.model_id} -> {root}"
-        )
-        buffers = collect_activations(lm, todo, _training(corpus), cfg.sae.train_tokens,
-                                      cfg.extract.batch_tokens, cfg.extract.max_length, console)
-        heldout = _heldout(corpus)
-        for k, layer in enumerate(todo, 1):
-            console.print(f"training SAE {k}/{len(todo)} (layer {layer}, {len(buffers[layer]):,} distinct tokens)")
-            sae = _train_one(cfg, lm, layer, buffers.pop(layer))
-            path = root / f"layer_{layer}"
-            tmp = root / f".layer_{layer}.tmp"
-            sae.save_inference_model(str(tmp))
-            (tmp / "lingogap.json").write_text(json.dumps({"layer": layer, "hook": hook_name(layer)}))
-            os.replace(tmp, path)
-        del buffers
-    else:
-        heldout = None
-    saes = _from_dir(root, layers, lm)
-    saes.source = f"local:{root}"
-    for layer in layers:
-        saes.layers[layer].sae_id = f"local:{root.name}/layer_{layer}"
+        _train_layers(cfg, lm, todo, corpus, console, root)
+    saes = _local_set(root, layers, lm, f"local:{root.name}")
     if todo:
-        measure_quality(saes, lm, heldout, cfg.extract.batch_tokens, cfg.extract.max_length)
+        measure_quality(saes, lm, _heldout(corpus), cfg.extract.batch_tokens, cfg.extract.max_length)
         for layer in layers:
-            s = saes.layers[layer]
-            (root / f"layer_{layer}" / "lingogap.json").write_text(
-                json.dumps({"layer": layer, "hook": hook_name(layer), "fve": s.fve, "l0": s.l0})
-            )
+            path = root / f"layer_{layer}" / "lingogap.json"
+            meta = _read_meta(path.parent) | {"fve": saes.layers[layer].fve, "l0": saes.layers[layer].l0}
+            path.write_text(json.dumps(meta, indent=1))
         print_quality(saes, console)
     return saes
+
+
+def _train_layers(cfg: Config, lm: LoadedModel, todo: list[int], corpus: Corpus, console: Console,
+                  root: Path) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    everything = training_sample(corpus, cfg.sae.train_mix, lm.tokenizer, 2**62, cfg.extract.max_length)
+    size = sizes(cfg, sum(s.n_tokens for s in everything))
+    sample = training_sample(corpus, cfg.sae.train_mix, lm.tokenizer, size.distinct, cfg.extract.max_length)
+    counts = tokens_per_language(sample, size.distinct)
+    group = max(1, BUFFER_BYTES // (size.distinct * lm.d_model * 4))
+    done = len(_all_layers(root))
+    console.print(
+        f"[bold]Training {len(todo)} {cfg.sae.arch} SAE(s)[/] ({cfg.sae.budget} budget: width {size.width}, "
+        f"{size.samples:,} samples from {sum(counts.values()):,} tokens each, mix {cfg.sae.train_mix}: "
+        f"{', '.join(f'{k} {v:,}' for k, v in counts.items())}; {done} layer(s) already saved) -> {root}"
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("SAE training samples", total=len(todo) * size.samples)
+        for start in range(0, len(todo), group):
+            chunk = todo[start:start + group]
+            progress.update(task, description=f"collecting activations ({len(chunk)} layers)")
+            # quiet: a second live progress display cannot run inside this one
+            buffers = collect_activations(lm, chunk, [(s.sid, s.text) for s in sample], size.distinct,
+                                          cfg.extract.batch_tokens, cfg.extract.max_length, Console(quiet=True))
+            for layer in chunk:
+                progress.update(task, description=f"SAE layer {layer}")
+                acts = buffers.pop(layer)
+                sae = _train_one(cfg, lm, layer, acts, size, _advance(progress, task, size.samples))
+                _save_layer(root, layer, sae, acts, {"train_tokens_per_language": counts, **_meta_of(cfg, size)})
+                del acts
+
+
+def _advance(progress, task, samples: int) -> Callable[[int], None]:
+    """Progress for one layer's samples; the trainer's norm estimate draws a few batches more, not counted past it."""
+    start = progress.tasks[task].completed
+    fed = [0]
+
+    def advance(n: int) -> None:
+        fed[0] += n
+        progress.update(task, completed=start + min(fed[0], samples))
+
+    return advance
+
+
+def _all_layers(root: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in root.glob("layer_*") if (p / "cfg.json").is_file())
+
+
+def _meta_of(cfg: Config, size: Sizes) -> dict:
+    s = cfg.sae
+    return {"arch": s.arch, "train_mix": s.train_mix, "budget": s.budget, "width": size.width,
+            "train_samples": size.samples, "distinct_tokens": size.distinct}
+
+
+def _save_layer(root: Path, layer: int, sae, acts: torch.Tensor, meta: dict) -> None:
+    """Write the layer in a temporary folder, then rename it: a folder with cfg.json is a finished layer."""
+    import shutil
+
+    path = root / f"layer_{layer}"
+    tmp = root / f".layer_{layer}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save_inference_model(str(tmp))
+    np.save(tmp / "mean.npy", acts.double().mean(0).float().numpy())
+    (tmp / "lingogap.json").write_text(json.dumps({"layer": layer, "hook": hook_name(layer), **meta}, indent=1))
+    os.replace(tmp, path)
 
 
 def collect_activations(
@@ -338,34 +576,49 @@ def collect_activations(
     return {i: b[:filled] for i, b in buffers.items()}
 
 
-def _train_one(cfg: Config, lm: LoadedModel, layer: int, acts: torch.Tensor):
-    from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+def _training_sae(cfg: Config, lm: LoadedModel, width: int, steps: int):
+    """The sae-lens training SAE of `cfg.sae.arch`, normalising activations in training (folded back after):
+    Gemma's residual norm grows ~1000x with depth."""
+    import sae_lens
+
+    s = cfg.sae
+    common = {"d_in": lm.d_model, "d_sae": width, "device": str(lm.device),
+              "normalize_activations": "expected_average_only_in"}
+    if s.arch == "jumprelu":  # Gemma Scope 2's quadratic penalty around a target L0: no coefficient to tune
+        sae_cfg = sae_lens.JumpReLUTrainingSAEConfig(
+            **common, jumprelu_sparsity_loss_mode="quadratic", target_l0=s.target_l0,
+            l0_warm_up_steps=int(s.l1_warmup * steps))
+        return sae_lens.JumpReLUTrainingSAE(sae_cfg)
+    if s.arch == "batchtopk":  # saved as a JumpReLU SAE with the learnt global threshold
+        return sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(**common, k=s.target_l0))
+    # ramping the L1 term up keeps features alive: without it, 65-90 % of them died on Gemma 3
+    sae_cfg = sae_lens.StandardTrainingSAEConfig(**common, l1_coefficient=s.l1,
+                                                 l1_warm_up_steps=int(s.l1_warmup * steps))
+    return sae_lens.StandardTrainingSAE(sae_cfg)
+
+
+def _train_one(cfg: Config, lm: LoadedModel, layer: int, acts: torch.Tensor, size: Sizes,
+               advance: Callable[[int], None] | None = None):
+    from sae_lens import SAETrainer
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
     torch.manual_seed(cfg.run.seed * 1000 + layer)
     batch = min(cfg.sae.batch, len(acts))
-    steps = max(cfg.sae.train_tokens, batch) // batch
-    sae_cfg = StandardTrainingSAEConfig(
-        d_in=lm.d_model, d_sae=cfg.sae.width, l1_coefficient=cfg.sae.l1, device=str(lm.device),
-        # ramping the L1 term up keeps features alive: without it, 65-90 % of them died on Gemma 3
-        l1_warm_up_steps=int(cfg.sae.l1_warmup * steps),
-        # Gemma's residual norm grows ~1000x with depth; normalise in training, folded back after.
-        normalize_activations="expected_average_only_in",
-    )
-    sae_cfg.metadata.hook_name = hook_name(layer)
-    sae_cfg.metadata.model_name = lm.model_id
+    total = max(size.samples, batch)
+    sae = _training_sae(cfg, lm, size.width, total // batch)
+    sae.cfg.metadata.hook_name = hook_name(layer)
+    sae.cfg.metadata.model_name = lm.model_id
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=max(cfg.sae.train_tokens, batch), train_batch_size_samples=batch, lr=cfg.sae.lr,
+        total_training_samples=total, train_batch_size_samples=batch, lr=cfg.sae.lr,
         lr_end=cfg.sae.lr / 10, lr_scheduler_name="cosineannealing", device=str(lm.device),
         n_batches_for_norm_estimate=max(1, min(50, len(acts) // batch)), logger=LoggingConfig(log_to_wandb=False),
     )
-    sae = StandardTrainingSAE(sae_cfg)
     # Gemma's residual stream has a large mean (a few huge dimensions); starting the decoder bias
     # there, in the trainer's normalised units, spares the short CPU budget from learning it.
     scale = lm.d_model**0.5 / acts.norm(dim=1).mean()
     with torch.no_grad():
         sae.b_dec.copy_((acts.mean(0) * scale).to(sae.b_dec))
-    trainer = SAETrainer(trainer_cfg, sae, _shuffled(acts.to(lm.device), batch, layer))
+    trainer = SAETrainer(trainer_cfg, sae, _shuffled(acts.to(lm.device), batch, layer, advance))
     with _few_threads():
         return trainer.fit()
 
@@ -382,12 +635,15 @@ def _few_threads():
         torch.set_num_threads(before)
 
 
-def _shuffled(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless epochs over the buffer, reshuffled each time (seeded)."""
+def _shuffled(acts: torch.Tensor, batch: int, seed: int,
+              advance: Callable[[int], None] | None = None) -> Iterator[torch.Tensor]:
+    """Endless epochs over the buffer, reshuffled each time (seeded); `advance` counts the samples handed out."""
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(acts), generator=gen)
         for start in range(0, len(order) - batch + 1, batch):
+            if advance is not None:
+                advance(batch)
             yield acts[order[start:start + batch]]
 
 

@@ -1,0 +1,117 @@
+"""Local SAE training on the tiny model: architectures, the saved form extraction reads, mixes, budgets, resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from toolkit import corpus as corpora
+from toolkit import saes
+from toolkit.capture import ResidualCapture, iter_batches
+from toolkit.config import Config
+
+QUIET = Console(quiet=True)
+
+
+def tiny_cfg(run, **sae) -> Config:
+    values = {"run": {"run": str(run), "langs": "en,hi,zh", "max_sentences": 30, "layers": "1,2"},
+              "sae": {"train_tokens": 3000, **sae}}
+    return Config.build(values, preset="tiny")
+
+
+def corpus_of(cfg: Config):
+    return corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
+
+
+def residuals(lm, corpus, layer: int) -> torch.Tensor:
+    got = []
+    with torch.inference_mode(), ResidualCapture(lm, [layer], lambda _, h: got.append(h[keep[0]])) as cap:
+        for batch in iter_batches(corpus.sentences("hi")[:8], lm.tokenizer, 1024, 64):
+            keep = [batch.keep]
+            cap.run(batch)
+    return torch.cat(got)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk"])
+def test_trained_sae_loads_as_jumprelu_and_sparse_encode_equals_saelens(arch, tmp_path, tiny_lm):
+    from sae_lens import JumpReLUSAE
+
+    cfg = tiny_cfg(tmp_path, arch=arch, target_l0=8)
+    corpus = corpus_of(cfg)
+    trained = saes.train(cfg, tiny_lm, [1], corpus, QUIET)
+    layer = trained.layers[1]
+    assert type(layer.sae) is JumpReLUSAE and saes._plain_threshold(layer.sae) is not None
+    x = residuals(tiny_lm, corpus, 1)
+    with torch.no_grad():
+        dense = layer.sae.encode(x)
+        rows, cols, values = layer.encode_sparse(x)
+    want_rows, want_cols = dense.nonzero(as_tuple=True)
+    assert len(rows) > 0 and torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
+    torch.testing.assert_close(values, dense[want_rows, want_cols])
+    again = saes._from_dir(tmp_path / "saes" / trained.source.removeprefix("local:"), [1], tiny_lm)
+    assert torch.equal(again.layers[1].sae.threshold, layer.sae.threshold)
+
+
+def test_saved_layer_carries_its_training_mean_and_metadata(tmp_path, tiny_lm):
+    cfg = tiny_cfg(tmp_path, train_mix="balanced")
+    trained = saes.train(cfg, tiny_lm, [1, 2], corpus_of(cfg), QUIET)
+    folder = tmp_path / "saes" / trained.source.removeprefix("local:") / "layer_2"
+    mean = np.load(folder / "mean.npy", allow_pickle=False)
+    assert mean.dtype == np.float32 and mean.shape == (tiny_lm.d_model,)
+    assert torch.equal(trained.layers[2].mean.cpu(), torch.from_numpy(mean))
+    meta = json.loads((folder / "lingogap.json").read_text())
+    assert meta["train_mix"] == "balanced" and meta["arch"] == cfg.sae.arch == "batchtopk"
+    assert set(meta["train_tokens_per_language"]) == {"en", "hi", "zh"}
+    assert np.isfinite(meta["fve"])
+
+
+def test_the_mix_changes_the_tokens_per_language_as_stated(tiny_lm):
+    corpus = corpora.load("embedded", ["en", "hi", "zh", "ml"], 60)
+    budget = 2000
+
+    def counts(mix: str) -> dict[str, int]:
+        sample = saes.training_sample(corpus, mix, tiny_lm.tokenizer, budget, 128)
+        return saes.tokens_per_language(sample, budget)
+
+    english, balanced, as_comes = counts("english"), counts("balanced"), counts("corpus")
+    assert english == {"en": budget}
+    assert sum(balanced.values()) == budget and set(balanced) == {"en", "hi", "zh", "ml"}
+    longest = 128
+    assert max(balanced.values()) - min(balanced.values()) <= 2 * longest
+    # as the corpus comes, sentence by sentence: a script that takes more tokens per sentence takes more
+    assert sum(as_comes.values()) == budget and as_comes["ml"] > as_comes["zh"]
+    assert max(as_comes.values()) - min(as_comes.values()) > max(balanced.values()) - min(balanced.values())
+    # a budget larger than the corpus: balanced stops at what the language with the fewest tokens has
+    everything = saes.training_sample(corpus, "balanced", tiny_lm.tokenizer, 10**9, 128)
+    per_lang = saes.tokens_per_language(everything, 10**9)
+    assert max(per_lang.values()) - min(per_lang.values()) <= longest
+
+
+def test_the_mix_and_arch_key_different_sets(tmp_path, tiny_lm):
+    corpus = corpus_of(tiny_cfg(tmp_path))
+    keys = {saes.training_key(tiny_cfg(tmp_path, **opts), tiny_lm, corpus)
+            for opts in ({}, {"train_mix": "english"}, {"arch": "jumprelu"}, {"budget": "standard"})}
+    assert len(keys) == 4
+
+
+def test_a_killed_training_resumes_at_the_first_unfinished_layer(tmp_path, tiny_lm):
+    cfg = tiny_cfg(tmp_path)
+    corpus = corpus_of(cfg)
+    first = saes.train(cfg, tiny_lm, [1], corpus, QUIET)
+    root = tmp_path / "saes" / first.source.removeprefix("local:")
+    weights = (root / "layer_1" / "sae_weights.safetensors").read_bytes()
+    (root / ".layer_2.tmp").mkdir()  # what a kill during the save of layer 2 leaves
+    both = saes.train(cfg, tiny_lm, [1, 2], corpus, QUIET)
+    assert (root / "layer_1" / "sae_weights.safetensors").read_bytes() == weights
+    assert (root / "layer_2" / "cfg.json").is_file() and not (root / ".layer_2.tmp").exists()
+    assert both.source == first.source
+
+
+def test_standard_budget_takes_every_token_and_a_wider_sae(tmp_path):
+    quick, standard = saes.sizes(tiny_cfg(tmp_path), 10_000), saes.sizes(tiny_cfg(tmp_path, budget="standard"),
+                                                                         10_000)
+    assert (quick.distinct, quick.samples) == (3000, 3000)
+    assert standard.distinct == 10_000 and standard.samples == saes.STANDARD_PASSES * 10_000
+    assert standard.width == saes.STANDARD_WIDTH
