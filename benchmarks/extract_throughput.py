@@ -32,6 +32,9 @@ from toolkit.config import Config, parse_layers
 from toolkit.store import ActivationFile
 
 SHARED = Path(os.environ.get("TOOLKIT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# sae-lens packs the texts into rows of this many tokens (the context of every published peer figure); the
+# extraction default max_length (512) would leave a --quick corpus without a single full row.
+PEER_CONTEXT = 128
 TARGETS = {"capture_over_forward": (">=", 0.9), "pipeline_over_floor": (">=", 0.8),
            "pipeline_over_saelens": (">=", 10.0), "rss_ratio_16x": ("<=", 1.1), "align_step_ratio": ("<=", 1.5)}
 
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
             texts = [t for lang in corpus.langs for _, t in corpus.sentences(lang)]
             dtype = str(lm.dtype).removeprefix("torch.")
             peer = saelens_cache_tps(models.embedded_dir(), texts, layer=lm.n_layers // 2, n_layers=lm.n_layers,
-                                     context_size=cfg.extract.max_length, work_dir=work / "saelens", dtype=dtype)
+                                     context_size=PEER_CONTEXT, work_dir=work / "saelens", dtype=dtype)
             per_run = peer["tokens"] / (peer["init_seconds"] + peer["seconds"]) / lm.n_layers
             result.update(saelens=peer, saelens_all_layers_tps=peer["all_layers_tps"],
                           pipeline_over_saelens=result["pipeline_tps"] / peer["all_layers_tps"],
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
             if args.peer_every_layer:
                 from benchmarks.saelens_peer import saelens_every_layer
 
-                every = saelens_every_layer(models.embedded_dir(), texts, lm.n_layers, cfg.extract.max_length,
+                every = saelens_every_layer(models.embedded_dir(), texts, lm.n_layers, PEER_CONTEXT,
                                             work / "saelens", dtype=dtype)
                 result.update(saelens_every_layer=every, saelens_measured_all_layers_tps=every["all_layers_tps"],
                               saelens_one_pass_ceiling=every["one_pass_ceiling"],

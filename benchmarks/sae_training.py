@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from toolkit import corpus as corpora
-from toolkit import models, saes
+from toolkit import models, sae_training, saes
 from toolkit.config import Config, parse_layers
 
 
@@ -31,7 +31,7 @@ def measure(arch: str, mix: str, budget: str, layers: str, langs: str, corpus: s
         data = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
         chosen = parse_layers(cfg.run.layers, lm.n_layers)
         start = time.perf_counter()
-        trained = saes.train(cfg, lm, chosen, data, console)
+        trained = sae_training.train(cfg, lm, chosen, data, console)
         seconds = time.perf_counter() - start
         heldout = data.subset([sid for sid in data.ids if saes.is_heldout(sid)])
         per_lang = {}

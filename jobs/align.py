@@ -65,14 +65,14 @@ def run(cfg: Config, task: Task | None = None) -> list[dict]:
     console = Console(stderr=True) if dist.main else Console(quiet=True)
     todo = align_targets(cfg, list(task.langs) if task and task.langs else None)
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
-    if dist.main:
-        RunDir(cfg.run_dir).write_manifest(cfg, "align", corpus.hash)
     lm = models.load(cfg.model)
     measured = parse_layers(cfg.run.layers, lm.n_layers)
     aligned = parse_layers(cfg.align.align_layers, lm.n_layers)
     saes = sae_sources.load(cfg, lm, sorted(set(measured) | set(aligned)), corpus, console)
     split = align.split_ids(corpus.ids, cfg.align.heldout, cfg.align.val_fraction, cfg.run.seed)
     show_plan(cfg, todo, split, engine, dist, aligned, console)
+    if dist.main:  # what runs, once the model, the SAEs and the targets have been checked
+        RunDir(cfg.run_dir).write_manifest(cfg, "align", corpus.hash)
     return [align_one(cfg, lm, saes, corpus, target, split, dist, engine, console) for target in todo]
 
 

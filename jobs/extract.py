@@ -13,7 +13,7 @@ from rich.table import Table
 
 from jobs.progress import extraction_bar
 from toolkit import corpus as corpora
-from toolkit import models
+from toolkit import models, sae_training
 from toolkit import saes as sae_sources
 from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
@@ -96,7 +96,7 @@ def planned_sae_source(cfg: Config, lm: models.LoadedModel, corpus: Corpus) -> d
     that differs from the files' is refused without training another set."""
     if cfg.sae.source != "train":
         return {}
-    key = sae_sources.training_key(cfg, lm, sae_sources.training_corpus(cfg, corpus))
+    key = sae_training.training_key(cfg, lm, sae_sources.training_corpus(cfg, corpus))
     return {"sae_source": f"local:{key}"}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from toolkit import models, saes
+from toolkit import models, sae_training, saes
 from toolkit.config import Config
 from toolkit.errors import UserError
 from toolkit.layers import parse_layers
@@ -24,6 +24,6 @@ def run(cfg: Config, task: Task | None = None) -> saes.SAESet:
     lm = models.load(cfg.model)
     layers = parse_layers(cfg.run.layers, lm.n_layers)
     run_dir.write_manifest(cfg, "train-saes", corpus.hash)
-    trained = saes.train(cfg, lm, layers, corpus, console)
+    trained = sae_training.train(cfg, lm, layers, corpus, console)
     saes.print_quality(trained, console)
     return trained

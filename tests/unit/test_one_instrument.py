@@ -9,6 +9,7 @@ from jobs import align, extract, report
 from toolkit import saes
 from toolkit.config import Config
 from toolkit.errors import UserError
+from toolkit.stages import Task
 from toolkit.store import ActivationFile, activation_files
 
 
@@ -40,7 +41,7 @@ def test_extraction_records_its_set_relative_to_the_run(extracted):
 
 def test_align_on_fewer_languages_reuses_the_extraction_set(extracted):
     before = sae_sets(extracted)
-    align.run(tiny_cfg(extracted, langs="en,hi"), langs=["hi"], console=Console(quiet=True))
+    align.run(tiny_cfg(extracted, langs="en,hi"), Task("hi", langs=("hi",)))
     assert sae_sets(extracted) == before  # without the record, en+hi would have keyed a second set
 
 

@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 
 from toolkit import corpus as corpora
-from toolkit import saes
+from toolkit import sae_training, saes
 from toolkit.capture import ResidualCapture, iter_batches
 from toolkit.config import Config
 
@@ -40,7 +40,7 @@ def test_trained_sae_loads_as_jumprelu_and_sparse_encode_equals_saelens(arch, tm
 
     cfg = tiny_cfg(tmp_path, arch=arch, target_l0=8)
     corpus = corpus_of(cfg)
-    trained = saes.train(cfg, tiny_lm, [1], corpus, QUIET)
+    trained = sae_training.train(cfg, tiny_lm, [1], corpus, QUIET)
     layer = trained.layers[1]
     assert type(layer.sae) is JumpReLUSAE and saes._plain_threshold(layer.sae) is not None
     x = residuals(tiny_lm, corpus, 1)
@@ -56,7 +56,7 @@ def test_trained_sae_loads_as_jumprelu_and_sparse_encode_equals_saelens(arch, tm
 
 def test_saved_layer_carries_its_training_mean_and_metadata(tmp_path, tiny_lm):
     cfg = tiny_cfg(tmp_path, train_mix="balanced")
-    trained = saes.train(cfg, tiny_lm, [1, 2], corpus_of(cfg), QUIET)
+    trained = sae_training.train(cfg, tiny_lm, [1, 2], corpus_of(cfg), QUIET)
     folder = tmp_path / "saes" / trained.source.removeprefix("local:") / "layer_2"
     mean = np.load(folder / "mean.npy", allow_pickle=False)
     assert mean.dtype == np.float32 and mean.shape == (tiny_lm.d_model,)
@@ -72,8 +72,8 @@ def test_the_mix_changes_the_tokens_per_language_as_stated(tiny_lm):
     budget = 2000
 
     def counts(mix: str) -> dict[str, int]:
-        sample = saes.training_sample(corpus, mix, tiny_lm.tokenizer, budget, 128)
-        return saes.tokens_per_language(sample, budget)
+        sample = sae_training.training_sample(corpus, mix, tiny_lm.tokenizer, budget, 128)
+        return sae_training.tokens_per_language(sample, budget)
 
     english, balanced, as_comes = counts("english"), counts("balanced"), counts("corpus")
     assert english == {"en": budget}
@@ -84,14 +84,14 @@ def test_the_mix_changes_the_tokens_per_language_as_stated(tiny_lm):
     assert sum(as_comes.values()) == budget and as_comes["ml"] > as_comes["zh"]
     assert max(as_comes.values()) - min(as_comes.values()) > max(balanced.values()) - min(balanced.values())
     # a budget larger than the corpus: balanced stops at what the language with the fewest tokens has
-    everything = saes.training_sample(corpus, "balanced", tiny_lm.tokenizer, 10**9, 128)
-    per_lang = saes.tokens_per_language(everything, 10**9)
+    everything = sae_training.training_sample(corpus, "balanced", tiny_lm.tokenizer, 10**9, 128)
+    per_lang = sae_training.tokens_per_language(everything, 10**9)
     assert max(per_lang.values()) - min(per_lang.values()) <= longest
 
 
 def test_the_mix_and_arch_key_different_sets(tmp_path, tiny_lm):
     corpus = corpus_of(tiny_cfg(tmp_path))
-    keys = {saes.training_key(tiny_cfg(tmp_path, **opts), tiny_lm, corpus)
+    keys = {sae_training.training_key(tiny_cfg(tmp_path, **opts), tiny_lm, corpus)
             for opts in ({}, {"train_mix": "english"}, {"arch": "jumprelu"}, {"budget": "standard"})}
     assert len(keys) == 4
 
@@ -99,19 +99,19 @@ def test_the_mix_and_arch_key_different_sets(tmp_path, tiny_lm):
 def test_a_killed_training_resumes_at_the_first_unfinished_layer(tmp_path, tiny_lm):
     cfg = tiny_cfg(tmp_path)
     corpus = corpus_of(cfg)
-    first = saes.train(cfg, tiny_lm, [1], corpus, QUIET)
+    first = sae_training.train(cfg, tiny_lm, [1], corpus, QUIET)
     root = tmp_path / "saes" / first.source.removeprefix("local:")
     weights = (root / "layer_1" / "sae_weights.safetensors").read_bytes()
     (root / ".layer_2.tmp").mkdir()  # what a kill during the save of layer 2 leaves
-    both = saes.train(cfg, tiny_lm, [1, 2], corpus, QUIET)
+    both = sae_training.train(cfg, tiny_lm, [1, 2], corpus, QUIET)
     assert (root / "layer_1" / "sae_weights.safetensors").read_bytes() == weights
     assert (root / "layer_2" / "cfg.json").is_file() and not (root / ".layer_2.tmp").exists()
     assert both.source == first.source
 
 
 def test_standard_budget_takes_every_token_and_a_wider_sae(tmp_path):
-    quick, standard = saes.sizes(tiny_cfg(tmp_path), 10_000), saes.sizes(tiny_cfg(tmp_path, budget="standard"),
-                                                                         10_000)
+    quick = sae_training.sizes(tiny_cfg(tmp_path), 10_000)
+    standard = sae_training.sizes(tiny_cfg(tmp_path, budget="standard"), 10_000)
     assert (quick.distinct, quick.samples) == (3000, 3000)
-    assert standard.distinct == 10_000 and standard.samples == saes.STANDARD_PASSES * 10_000
-    assert standard.width == saes.STANDARD_WIDTH
+    assert standard.distinct == 10_000 and standard.samples == sae_training.STANDARD_PASSES * 10_000
+    assert standard.width == sae_training.STANDARD_WIDTH
