@@ -34,14 +34,14 @@ def staged(final: str | Path, replace_dir: bool = False) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_path(final)
-    _remove(tmp)
+    remove(tmp)
     try:
         yield tmp
         if replace_dir and final.is_dir():
-            _remove(final)
+            remove(final)
         os.replace(tmp, final)
     except BaseException:
-        _remove(tmp)
+        remove(tmp)
         raise
 
 
@@ -145,7 +145,8 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Delete a file or a folder tree (a staging leftover); missing is fine."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:

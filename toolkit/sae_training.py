@@ -29,6 +29,7 @@ from toolkit.capture import ResidualCapture, hook_name, iter_batches, tokenize
 from toolkit.config import Config
 from toolkit.corpus import Corpus, is_heldout
 from toolkit.errors import UserError
+from toolkit.files import atomic_write, remove, staged, stale_staging
 from toolkit.models import LoadedModel
 from toolkit.saes import SAESet, _heldout, _local_set, _read_meta, measure_quality, print_quality
 
@@ -142,7 +143,9 @@ def train(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, conso
 
 def _train_locked(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, console: Console,
                   root: Path) -> SAESet:
-    (root / "training.json").write_text(json.dumps(recipe(cfg, lm, corpus), indent=1))
+    atomic_write(root / "training.json", json.dumps(recipe(cfg, lm, corpus), indent=1))
+    for leftover in stale_staging(root):  # a layer whose save was killed: trained again below
+        remove(leftover)
     todo = [i for i in layers if not (root / f"layer_{i}" / "cfg.json").is_file()]
     if todo:
         _train_layers(cfg, lm, todo, corpus, console, root)
@@ -152,7 +155,7 @@ def _train_locked(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpu
         for layer in layers:
             path = root / f"layer_{layer}" / "lingogap.json"
             meta = _read_meta(path.parent) | {"fve": saes.layers[layer].fve, "l0": saes.layers[layer].l0}
-            path.write_text(json.dumps(meta, indent=1))
+            atomic_write(path, json.dumps(meta, indent=1))  # NaN FVE stays NaN, as the reader expects
         print_quality(saes, console)
     return saes
 
@@ -212,16 +215,11 @@ def _meta_of(cfg: Config, size: Sizes) -> dict:
 
 
 def _save_layer(root: Path, layer: int, sae, acts: torch.Tensor, meta: dict) -> None:
-    """Write the layer in a temporary folder, then rename it: a folder with cfg.json is a finished layer."""
-    import shutil
-
-    path = root / f"layer_{layer}"
-    tmp = root / f".layer_{layer}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    sae.save_inference_model(str(tmp))
-    np.save(tmp / "mean.npy", acts.double().mean(0).float().numpy())
-    (tmp / "lingogap.json").write_text(json.dumps({"layer": layer, "hook": hook_name(layer), **meta}, indent=1))
-    os.replace(tmp, path)
+    """Write the layer in a staging folder, then rename it: a folder with cfg.json is a finished layer."""
+    with staged(root / f"layer_{layer}", replace_dir=True) as tmp:
+        sae.save_inference_model(str(tmp))
+        np.save(tmp / "mean.npy", acts.double().mean(0).float().numpy())
+        (tmp / "lingogap.json").write_text(json.dumps({"layer": layer, "hook": hook_name(layer), **meta}, indent=1))
 
 
 def collect_activations(

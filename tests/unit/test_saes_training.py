@@ -102,10 +102,10 @@ def test_a_killed_training_resumes_at_the_first_unfinished_layer(tmp_path, tiny_
     first = sae_training.train(cfg, tiny_lm, [1], corpus, QUIET)
     root = tmp_path / "saes" / first.source.removeprefix("local:")
     weights = (root / "layer_1" / "sae_weights.safetensors").read_bytes()
-    (root / ".layer_2.tmp").mkdir()  # what a kill during the save of layer 2 leaves
+    (root / ".layer_2.999999999.tmp").mkdir()  # what a kill during the save of layer 2 leaves (a dead pid)
     both = sae_training.train(cfg, tiny_lm, [1, 2], corpus, QUIET)
     assert (root / "layer_1" / "sae_weights.safetensors").read_bytes() == weights
-    assert (root / "layer_2" / "cfg.json").is_file() and not (root / ".layer_2.tmp").exists()
+    assert (root / "layer_2" / "cfg.json").is_file() and not (root / ".layer_2.999999999.tmp").exists()
     assert both.source == first.source
 
 
