@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from toolkit.errors import UserError
+from toolkit.layers import band_ranges
 
 BAND_NAMES = ("early", "middle", "deep")
 
@@ -28,11 +29,7 @@ def parse_bands(spec: str | Sequence[tuple[int, int]] | None, layers: Sequence[i
     """
     if spec is None:
         return default_bands(layers)
-    ranges = _parse_ranges(spec) if isinstance(spec, str) else [tuple(int(v) for v in r) for r in spec]
-    if len(ranges) != 3 or any(len(r) != 2 or r[0] > r[1] for r in ranges):
-        raise UserError(f"bands {spec!r}: give three inclusive layer ranges, early,middle,deep, e.g. 0-8,9-17,18-25")
-    if not (ranges[0][1] < ranges[1][0] and ranges[1][1] < ranges[2][0]):
-        raise UserError(f"bands {spec!r}: the ranges must be in order and must not overlap")
+    ranges = band_ranges(spec)
     bands = {
         name: [int(x) for x in sorted(layers) if lo <= x <= hi]
         for name, (lo, hi) in zip(BAND_NAMES, ranges, strict=True)
@@ -43,18 +40,6 @@ def parse_bands(spec: str | Sequence[tuple[int, int]] | None, layers: Sequence[i
                 f"bands {spec!r}: no analysed layer falls in the {name} band (layers: {compact(layers)})"
             )
     return bands
-
-
-def _parse_ranges(spec: str) -> list[tuple[int, ...]]:
-    out = []
-    for part in spec.split(","):
-        bounds = part.strip().split("-")
-        try:
-            values = tuple(int(b) for b in bounds)
-        except ValueError:
-            raise UserError(f"bands {spec!r}: {part.strip()!r} is not a layer range like 9-17") from None
-        out.append(values * 2 if len(values) == 1 else values)
-    return out
 
 
 def compact(layers: Sequence[int]) -> str:

@@ -7,6 +7,7 @@ bands are three inclusive ranges, early,middle,deep, such as `0-8,9-17,18-25`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from toolkit.errors import UserError
 
@@ -43,20 +44,25 @@ def _layer_part(part: str, n_layers: int) -> range:
     return range(start, end + 1, step)
 
 
-def band_ranges(spec: str) -> list[tuple[int, int]]:
-    """Three inclusive (first, last) ranges from "0-8,9-17,18-25", in order and not overlapping.
+def band_ranges(spec: str | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """Three inclusive (first, last) ranges from "0-8,9-17,18-25" (or three pairs), in order, not overlapping.
 
     A single number is a one-layer range. Which analysed layers fall in each band is for the caller."""
-    ranges = []
+    ranges = _ranges(spec) if isinstance(spec, str) else [tuple(int(v) for v in r) for r in spec]
+    if len(ranges) != 3 or any(len(r) != 2 or r[0] > r[1] for r in ranges):
+        raise UserError(f"bands {spec!r}: give three inclusive layer ranges, early,middle,deep, e.g. 0-8,9-17,18-25")
+    if not (ranges[0][1] < ranges[1][0] and ranges[1][1] < ranges[2][0]):
+        raise UserError(f"bands {spec!r}: the ranges must be in order and must not overlap")
+    return [(int(r[0]), int(r[1])) for r in ranges]
+
+
+def _ranges(spec: str) -> list[tuple[int, ...]]:
+    out = []
     for part in spec.split(","):
         bounds = part.strip().split("-")
         try:
             values = tuple(int(b) for b in bounds)
         except ValueError:
             raise UserError(f"bands {spec!r}: {part.strip()!r} is not a layer range like 9-17") from None
-        ranges.append(values * 2 if len(values) == 1 else values)
-    if len(ranges) != 3 or any(len(r) != 2 or r[0] > r[1] for r in ranges):
-        raise UserError(f"bands {spec!r}: give three inclusive layer ranges, early,middle,deep, e.g. 0-8,9-17,18-25")
-    if not (ranges[0][1] < ranges[1][0] and ranges[1][1] < ranges[2][0]):
-        raise UserError(f"bands {spec!r}: the ranges must be in order and must not overlap")
-    return [(int(r[0]), int(r[1])) for r in ranges]
+        out.append(values * 2 if len(values) == 1 else values)
+    return out
