@@ -6,6 +6,7 @@ from rich.console import Console
 
 from analysis import summary as run_summary
 from toolkit.config import Config
+from toolkit.files import write_json
 from toolkit.rundir import RunDir
 from toolkit.stages import Task
 
@@ -24,10 +25,25 @@ def run(cfg: Config, task: Task | None = None):
     for part in run_summary.renderables(summary):
         console.print(part)
     run_summary.write(summary, run_dir.reports)
+    if cfg.report.compare:
+        _compare(cfg, run_dir, console)
     with open(run_dir.reports / "report.txt", "a", encoding="utf-8") as fh:  # the gap report, then the rest
         fh.write(run_summary.render_text(summary))
     run_dir.write_manifest(cfg, "report")  # a record of what ran: written once the report stands
     return report
+
+
+def _compare(cfg: Config, run_dir: RunDir, console: Console) -> None:
+    """This run beside the --compare runs (their reports must exist): table, compare.json, compare.png."""
+    from analysis import compare
+
+    others = [p.strip() for p in cfg.report.compare.split(",") if p.strip()]
+    comparison = compare.compare([compare.load_run(p) for p in (str(cfg.run_dir), *others)], cfg.report.bands or None)
+    out = run_dir.reports / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "compare.json", comparison.to_json())
+    compare.figure(comparison, out / "compare.png")
+    compare.render(comparison, console)
 
 
 def _gap_summary(report) -> dict:

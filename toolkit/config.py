@@ -100,6 +100,8 @@ class ReportConfig:
                     choices=("mass", "l0", "max", "resid_norm", "recon_err"))
     bands: str = opt("", "early,middle,deep layer bands such as 0-8,9-17,18-25 (default: thirds)")
     n_boot: int = opt(1000, "bootstrap resamples for confidence intervals")
+    compare: str = opt("", "other reported runs (comma list of folders) to set beside this one, as "
+                           "python -m analysis.compare does: RUN/reports/compare/")
 
 
 @dataclass

@@ -139,7 +139,8 @@ def _extract_into(writer: ActivationWriter, cfg: Config, lm: models.LoadedModel,
     seconds = time.perf_counter() - started
     writer.finalize(
         {"lingogap_version": __version__, "seconds": seconds, "sae_quality": saes.quality(),
-         "tokens_per_second": n_tokens / max(seconds, 1e-9), "n_truncated": truncated},
+         "tokens_per_second": n_tokens / max(seconds, 1e-9), "n_truncated": truncated,
+         "sae_recipe": sae_recipe(cfg, saes)},
         {i: {"sae_id": saes.layers[i].sae_id, "d_sae": saes.layers[i].d_sae, "fve": saes.layers[i].fve,
              "l0": saes.layers[i].l0, "mean_source": saes.layers[i].mean_source} for i in layers},
     )
@@ -220,6 +221,14 @@ def controls(layer_sae: sae_sources.LayerSAE, x: torch.Tensor, rows: torch.Tenso
     err = (xf - layer_sae.decode_sparse(rows, cols, values, len(x))).square().sum(1)
     dev = (xf - layer_sae.mean.to(xf)).square().sum(1)
     return {"norm": xf.norm(dim=1), "err": err, "dev": dev, "ratio": err / dev.clamp_min(torch.finfo(dev.dtype).tiny)}
+
+
+def sae_recipe(cfg: Config, saes: sae_sources.SAESet) -> str:
+    """The training recipe (architecture, width, mix, budget, ...) of a locally trained set, as JSON; "" else."""
+    if not saes.source.startswith("local:"):
+        return ""
+    file = sae_sources.local_root(cfg.run_dir, saes.source) / "training.json"
+    return file.read_text() if file.is_file() else ""
 
 
 def summary_of(path: Path, seconds: float | None = None, skipped: bool = False) -> Summary:

@@ -78,3 +78,13 @@ def test_a_missing_report_names_the_fix(tmp_path):
 def test_compare_never_imports_torch():
     code = "import sys, analysis.compare; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_report_compare_sets_the_run_beside_others(runs):
+    cfg = Config.build({"run": {"run": str(runs / "a"), "langs": "en,hi,ml,zh", "layers": "0-8", "max_sentences": 20},
+                        "sae": {"source": "random"}, "report": {"compare": f"{runs / 'b'},{runs / 'c'}"}},
+                       preset="tiny")
+    report.run(cfg)
+    saved = json.loads((runs / "a" / "reports" / "compare" / "compare.json").read_text())
+    assert [r["name"] for r in saved["runs"]] == ["a", "b", "c"]
+    assert saved["languages"] == ["hi", "ml"] and (runs / "a" / "reports" / "compare" / "compare.png").is_file()

@@ -1,6 +1,7 @@
 """toolkit.extraction on the tiny model: the file layout of three languages, statistics that equal those
 recomputed from the codes, progress through a callback, skipping finished units, shards."""
 
+import json
 from contextlib import contextmanager
 
 import numpy as np
@@ -68,6 +69,7 @@ def test_layout_of_three_languages(tiny_run, tiny_lm):
             assert f.layers == [0, 1, 2, 3, 25] and a["hook_point"] == "blocks.{layer}.hook_resid_post"
             assert a["model_id"] == "tiny-gemma2-random" and a["sae_source"].startswith("local:")
             assert len(a["sae_ids"]) == 5 and a["corpus_hash"] == corpus.lang_hash(lang)
+            assert json.loads(a["sae_recipe"])["train_mix"] == cfg.sae.train_mix
             assert sorted(f.sentence_ids) == sorted(corpus.ids)
             offsets, tokens = f.token_offsets, f.token_ids
             assert offsets[0] == 0 and offsets[-1] == len(tokens) == a["n_tokens"]
