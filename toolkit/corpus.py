@@ -14,6 +14,7 @@ from pathlib import Path
 
 from toolkit.errors import HubUnreachable, UserError
 from toolkit.languages import LANGUAGES
+from toolkit.spec import KindSpec
 
 
 @dataclass
@@ -56,25 +57,12 @@ class Corpus:
 
 
 @dataclass(frozen=True)
-class CorpusSpec:
+class CorpusSpec(KindSpec):
     """A corpus option (`--corpus`, `--sae-train-corpus`) parsed once: `kind` and its argument.
 
     Kinds: `embedded`, `ntrex:DIR`, `flores[:dev|devtest]`, `text:DIR`, `jsonl:FILE`; `load` checks them.
     An empty spec (no training corpus of its own) has kind "".
     """
-
-    kind: str
-    arg: str = ""
-
-    @classmethod
-    def parse(cls, spec: str | CorpusSpec) -> CorpusSpec:
-        if isinstance(spec, CorpusSpec):
-            return spec
-        kind, _, arg = spec.partition(":")
-        return cls(kind, arg)
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.arg}" if self.arg else self.kind
 
     @property
     def paths(self) -> list[Path]:

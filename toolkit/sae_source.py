@@ -8,23 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.spec import KindSpec
+
 
 @dataclass(frozen=True)
-class SAESource:
+class SAESource(KindSpec):
     """`--sae` parsed once: kind `auto`, `train`, `random`, `pretrained` (arg: the release) or `dir` (arg: PATH)."""
-
-    kind: str
-    arg: str = ""
-
-    @classmethod
-    def parse(cls, spec: str | SAESource) -> SAESource:
-        if isinstance(spec, SAESource):
-            return spec
-        kind, _, arg = spec.partition(":")
-        return cls(kind, arg)
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.arg}" if self.kind in ("pretrained", "dir") else self.kind
 
     @property
     def paths(self) -> list[Path]:
