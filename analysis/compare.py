@@ -230,13 +230,8 @@ def render(comparison: Comparison, console: Console) -> None:
         parts = [f"{k} {', '.join(map(str, v)) if k == 'languages' else compact(v)}" for k, v in what.items() if v]
         if parts:
             console.print(f"  [yellow]skipped[/] (only in {name}): {'; '.join(parts)}")
-    table = Table(title="gap % per language and band: each run's gap [95 % CI]")
-    for column in ("language", "band", *(r.name for r in c.runs), "sign"):
-        table.add_column(column, justify="left" if column in ("language", "band") else "right")
-    for row in c.rows:
-        cells = [f"{g.gap:+.1f} [{g.ci_low:+.1f}, {g.ci_high:+.1f}]" for g in row.gaps]
-        table.add_row(row.language, row.band, *cells, mark(row))
-    console.print(table)
+    console.print(_gap_table("gap % per language and band: each run's gap [95 % CI]", ("language", "band"), c.runs,
+                             [((row.language, row.band), row) for row in c.rows]))
     _render_headlines(c, console)
     _render_profiles(c, console)
     if len(stats) > 1:
@@ -248,13 +243,20 @@ def _render_headlines(c: Comparison, console: Console) -> None:
         return
     same = all(r.bands == c.runs[0].bands for r in c.runs)
     title = "headlines as each report made them (bootstrap CIs)" + ("" if same else ", on DIFFERENT bands")
+    rows = [((row.name, row.measure), row) for row in c.headlines]
+    console.print(_gap_table(title, ("name", "measure"), c.runs, rows))
+
+
+def _gap_table(title: str, labels: tuple[str, str], runs: list[Run], rows: list[tuple[tuple[str, str], object]]
+               ) -> Table:
+    """Labelled rows, one gap [CI] column per run and the sign-agreement mark."""
     table = Table(title=title)
-    for column in ("name", "measure", *(r.name for r in c.runs), "sign"):
-        table.add_column(column, justify="left" if column in ("name", "measure") else "right")
-    for row in c.headlines:
+    for column in (*labels, *(r.name for r in runs), "sign"):
+        table.add_column(column, justify="left" if column in labels else "right")
+    for label, row in rows:
         cells = [f"{g.gap:+.1f} [{g.ci_low:+.1f}, {g.ci_high:+.1f}]" for g in row.gaps]
-        table.add_row(row.name, row.measure, *cells, mark(row))
-    console.print(table)
+        table.add_row(*label, *cells, mark(row))
+    return table
 
 
 def _render_profiles(c: Comparison, console: Console) -> None:
