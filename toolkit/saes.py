@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from toolkit.models import LoadedModel
 from toolkit.sae_source import SAESource as SAESource  # re-exported: `--sae` parsed, torch-free
 
 QUALITY_CHUNK_TOKENS = 256
+# decode_sparse's CSR product is stable for our use (tested against sae-lens's decode); its beta notice is noise
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 @dataclass
@@ -93,7 +96,10 @@ class LayerSAE:
             codes = torch.zeros(n_tokens, self.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
             codes[rows, cols] = values.to(codes.dtype)
             return sae.decode(codes).float()
-        sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), values.to(sae.W_dec.dtype), (n_tokens, self.d_sae),
+        # rows come sorted from encode_sparse, so a CSR matrix needs no coalescing (COO's sort): ~30 % faster
+        crow = torch.zeros(n_tokens + 1, dtype=torch.long, device=rows.device)
+        crow[1:] = torch.bincount(rows, minlength=n_tokens).cumsum(0)
+        sparse = torch.sparse_csr_tensor(crow, cols, values.to(sae.W_dec.dtype), (n_tokens, self.d_sae),
                                          check_invariants=False)
         out = torch.sparse.mm(sparse, sae.W_dec) + sae.b_dec
         return sae.run_time_activation_norm_fn_out(sae.hook_sae_recons(out)).float()
