@@ -74,7 +74,8 @@ class SAEConfig:
                     "per token on average, saved as JumpReLU; docs/saes.md), jumprelu (L0 penalty around "
                     "--sae-target-l0, as Gemma Scope 2), relu (L1 penalty --sae-l1)",
                     choices=("relu", "jumprelu", "batchtopk"))
-    target_l0: float = opt(32.0, "active features per token aimed at by jumprelu and batchtopk training")
+    target_l0: float = opt(0.0, "active features per token aimed at by jumprelu and batchtopk training "
+                           "(0: the budget's, 32 quick, 64 standard)")
     train_mix: str = opt("balanced", "languages of the SAE training tokens: balanced (equal tokens per language), "
                          "corpus (as the corpus comes), english (English only, like published SAEs)",
                          choices=("balanced", "corpus", "english"))
@@ -245,8 +246,8 @@ class Config:
         for name, value in fractions.items():
             if not 0 <= value < 1:
                 raise UserError(f"{name} must be in [0, 1) (got {value})")
-        if not self.sae.target_l0 > 0:
-            raise UserError(f"sae.target_l0 must be positive (got {self.sae.target_l0})")
+        if not self.sae.target_l0 >= 0:
+            raise UserError(f"sae.target_l0 must be positive, or 0 for the budget's default (got {self.sae.target_l0})")
         _check_ranges(self)
         _check_run_path(self.run.run)
         for name, spec in (("run.layers", self.run.layers), ("align.lora_layers", self.align.lora_layers),

@@ -115,3 +115,14 @@ def test_standard_budget_takes_every_token_and_a_wider_sae(tmp_path):
     assert (quick.distinct, quick.samples) == (3000, 3000)
     assert standard.distinct == 10_000 and standard.samples == sae_training.STANDARD_PASSES * 10_000
     assert standard.width == sae_training.STANDARD_WIDTH
+
+
+def test_target_l0_defaults_to_the_budgets_and_an_explicit_one_wins(tmp_path, tiny_lm):
+    corpus = corpus_of(tiny_cfg(tmp_path))
+
+    def l0(**sae) -> float:
+        return sae_training.recipe(tiny_cfg(tmp_path, **sae), tiny_lm, corpus)["target_l0"]
+
+    assert l0() == sae_training.QUICK_L0 and l0(budget="standard") == sae_training.STANDARD_L0
+    assert l0(budget="standard", target_l0=16) == 16
+    assert l0(target_l0=sae_training.QUICK_L0) == l0()  # the same recipe keys the same set
