@@ -24,6 +24,4 @@ def run(cfg: Config, task: Task | None = None) -> saes.SAESet:
     lm = models.load(cfg.model)
     layers = parse_layers(cfg.run.layers, lm.n_layers)
     run_dir.write_manifest(cfg, "train-saes", corpus.hash)
-    trained = sae_training.train(cfg, lm, layers, corpus, console)
-    saes.print_quality(trained, console)
-    return trained
+    return sae_training.train(cfg, lm, layers, corpus, console)  # prints the set's quality table

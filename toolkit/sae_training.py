@@ -165,7 +165,9 @@ def _train_locked(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpu
             path = root / f"layer_{layer}" / "lingogap.json"
             meta = _read_meta(path.parent) | {"fve": saes.layers[layer].fve, "l0": saes.layers[layer].l0}
             atomic_write(path, json.dumps(meta, indent=1))  # NaN FVE stays NaN, as the reader expects
-        print_quality(saes, console)
+    else:
+        console.print(f"Reusing {len(layers)} trained SAE layer(s) in {root}")
+    print_quality(saes, console)
     return saes
 
 
