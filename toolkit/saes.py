@@ -155,12 +155,15 @@ def check(sae: torch.nn.Module, layer: int, d_model: int, where: str) -> None:
 
 
 def training_corpus(cfg: Config, run_corpus: Corpus | None = None) -> Corpus:
-    """`sae.train_corpus` if set, else the run's corpus (with the same --max-sentences)."""
+    """The run's corpus (with its --max-sentences), or `sae.train_corpus` whole when one is named: naming a
+    training corpus is how SAEs learn from more than the run measures. Held-out ids stay out either way."""
     from toolkit import corpus as corpora
 
-    if run_corpus is not None and not cfg.sae.train_corpus:
+    if cfg.sae.train_corpus:
+        return corpora.load(cfg.sae.train_corpus, cfg.lang_codes, 0)
+    if run_corpus is not None:
         return run_corpus
-    return corpora.load(cfg.sae.train_corpus or cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
+    return corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
 
 
 def load(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, console: Console | None = None) -> SAESet:

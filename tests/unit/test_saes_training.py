@@ -126,3 +126,12 @@ def test_target_l0_defaults_to_the_budgets_and_an_explicit_one_wins(tmp_path, ti
     assert l0() == sae_training.QUICK_L0 and l0(budget="standard") == sae_training.STANDARD_L0
     assert l0(budget="standard", target_l0=16) == 16
     assert l0(target_l0=sae_training.QUICK_L0) == l0()  # the same recipe keys the same set
+
+
+def test_a_named_training_corpus_is_read_whole_and_the_runs_is_limited(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    run_corpus = corpus_of(cfg)
+    assert saes.training_corpus(cfg, run_corpus) is run_corpus
+    named = saes.training_corpus(tiny_cfg(tmp_path, train_corpus=cfg.run.corpus), run_corpus)
+    assert len(run_corpus.ids) == 30 and len(named.ids) > 30  # --max-sentences limits only the run's corpus
+    assert named.ids[:30] == run_corpus.ids  # held-out ids are the same sentences in both
