@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from analysis.arithmetic import gap_pct
 from analysis.bands import compact, parse_bands
 from analysis.figures import write_figures
 from analysis.instrument import build_panel, require_stat
@@ -137,17 +138,6 @@ def run_report(
 def _order(sources: dict[str, LanguageSource], reference: str, low_langs: Sequence[str]) -> list[str]:
     others = sorted(lang for lang in sources if lang != reference and lang not in low_langs)
     return [reference, *others, *(lang for lang in low_langs if lang in sources and lang != reference)]
-
-
-def gap_pct(value, reference):
-    """The gap: 100 (value - reference) / reference, NaN where the reference is 0 or NaN.
-
-    The one definition of the project's central quantity; scalars give a float, arrays an array."""
-    a, ref = np.asarray(value, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(ref != 0, 100 * (a - ref) / ref, np.nan)
-    return float(out) if out.ndim == 0 else out
-
 
 
 def read_gaps_csv(path: Pathish, statistic: str | None = None, reference: str = "en") -> dict[str, dict[int, float]]:

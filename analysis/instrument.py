@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from analysis.arithmetic import gap_pct
 from analysis.sources import LanguageSource
 from analysis.stats import cluster_bootstrap_means, nanmean, percentile_ci, quiet_nan
 from toolkit.corpus import is_heldout
 from toolkit.errors import UserError
+from toolkit.store import ActivationFile
 
 CONTROLS = ("l0", "resid_norm")
 POSITION_MATCHED = "position-matched"
@@ -139,16 +141,12 @@ def build_panel(
 
 
 def _has_controls(path, layers: Sequence[int]) -> bool:
-    from toolkit.store import ActivationFile
-
     with ActivationFile(path) as f:
         return all(f.has_stat(layers[0], c) for c in CONTROLS)
 
 
 def _stat_gaps(sources, languages, reference, layers, units, stat, n_boot, seed):
     """Per-layer gap and its bootstrap replicates for every language under `stat` (as analysis.gaps does)."""
-    from analysis.gaps import gap_pct
-
     values = {lang: sources[lang].stats(layers, stat) for lang in languages}
     groups = {lang: (np.searchsorted(units, sources[lang].ids), values[lang]) for lang in languages}
     reps = cluster_bootstrap_means(groups, len(units), n_boot, seed)
@@ -160,8 +158,6 @@ def _stat_gaps(sources, languages, reference, layers, units, stat, n_boot, seed)
 
 def _position_matched(sources, others, reference, layers, units, n_boot, seed):
     """Gap of the token mass on positions 1..K of each parallel pair, K the shorter sentence's length."""
-    from analysis.gaps import gap_pct
-
     ref = sources[reference]
     ref_mass = {layer: ref.token_mass(layer) for layer in layers}
     ref_offsets = ref.offsets()
@@ -251,8 +247,6 @@ def _verdict(panel: InstrumentPanel, name: str, band: str, stat: str) -> str:
 
 def require_stat(sources: Mapping[str, LanguageSource], layers: Sequence[int], stat: str) -> None:
     """A clear error when a control statistic is asked of files that do not hold it (layout v1)."""
-    from toolkit.store import ActivationFile
-
     for src in sources.values():
         for path in src.paths:
             with ActivationFile(path) as f:

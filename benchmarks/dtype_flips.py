@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from analysis.gaps import gap_pct
+from analysis.arithmetic import gap_pct
 from benchmarks.ladder import calibration_batches, jumprelu_saes, plan
 from toolkit import corpus as corpora
 from toolkit import models

@@ -17,7 +17,6 @@ from typing import Any
 
 import yaml
 
-from toolkit import stages
 from toolkit.errors import UserError
 from toolkit.layers import band_ranges
 from toolkit.layers import parse_layers as parse_layers  # re-exported: the jobs import it from here
@@ -263,11 +262,6 @@ class Config:
             raise UserError("sae.id_template must contain {i} (the layer) for a pretrained SAE release")
         if self.run.executor == "slurm" and not self.run.cluster:
             raise UserError("run.cluster: --executor slurm needs --cluster NAME (a profile in slurm/profiles/)")
-        jobs = stages.job_stages()
-        bad_stages = [s for s in self.run.stages.split(",") if s.strip() not in jobs]
-        if bad_stages or not self.run.stages.strip():
-            raise UserError(f"run.stages: unknown stage(s) {', '.join(bad_stages) or '(none)'}; "
-                            f"choose from {', '.join(jobs)}")
         if self.run.container and not self.run.container.endswith(".sif"):
             raise UserError(f"run.container must be an Apptainer image ending in .sif (got {self.run.container!r})")
         if self.report.bands:

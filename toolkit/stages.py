@@ -12,12 +12,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from toolkit.config import Config
 from toolkit.errors import UserError
-
-if TYPE_CHECKING:
-    from toolkit.config import Config
 
 
 @dataclass(frozen=True)
@@ -87,6 +85,16 @@ def all_stages() -> list[Stage]:
 def job_stages() -> tuple[str, ...]:
     """The stages that run as jobs, in pipeline order (what `--stages` may list)."""
     return tuple(s.name for s in _REGISTRY.values() if s.is_job)
+
+
+def pipeline_stages(spec: str) -> list[str]:
+    """The job stages a `--stages` list names, in its order; an unknown or empty list names the choices."""
+    jobs = job_stages()
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [s for s in names if s not in jobs]
+    if bad or not names:
+        raise UserError(f"run.stages: unknown stage(s) {', '.join(bad) or '(none)'}; choose from {', '.join(jobs)}")
+    return names
 
 
 def run(cfg: Config, stage: str, task: Task | None = None) -> Any:

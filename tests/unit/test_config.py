@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from toolkit.cluster.chain import stage_list
 from toolkit.config import Config
 from toolkit.errors import UserError
 from toolkit.layers import parse_layers
@@ -102,8 +103,10 @@ def test_lossless_values_are_converted():
 
 
 def test_pipeline_stages_come_from_the_registry():
+    cfg = Config.build({"run": {"stages": "extract,status"}})
     with pytest.raises(UserError, match="choose from train-saes, extract, report, align, evaluate"):
-        Config.build({"run": {"stages": "extract,status"}})
+        stage_list(cfg, "pipeline")
+    assert stage_list(Config.build({"run": {"stages": "extract, report"}}), "pipeline") == ["extract", "report"]
 
 
 def test_the_config_does_not_import_the_analysis_package():

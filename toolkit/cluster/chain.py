@@ -29,7 +29,7 @@ class Step:
 def stage_list(cfg: Config, stage: str) -> list[str]:
     """The stages a command runs, in order. With --sae train, jobs (slurm, debug) get a train-saes job first;
     `local` runs one process that trains them inside the extraction anyway."""
-    names = [s.strip() for s in cfg.run.stages.split(",") if s.strip()] if stage == "pipeline" else [stage]
+    names = stages.pipeline_stages(cfg.run.stages) if stage == "pipeline" else [stage]
     if SAESource.parse(cfg.sae.source).kind == "train" and cfg.run.executor != "local" and "train-saes" not in names:
         users = [i for i, s in enumerate(names) if stages.get(s).uses_saes]
         if users:  # train once up front instead of inside the first array task (under its file lock)
