@@ -116,6 +116,8 @@ def preflight(cfg: Config, stage: str) -> None:
     asks of the corpus."""
     from toolkit.rundir import RunDir
 
+    if stage == "pipeline":
+        stages.pipeline_stages(cfg.run.stages)
     run_dir = RunDir(cfg.run_dir)
     run_dir.check(must_exist=stage == "report", saes=stage == "pipeline" or stages.get(stage).uses_saes)
     if stage in ("extract", "pipeline"):
