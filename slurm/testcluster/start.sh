@@ -14,9 +14,8 @@ set -euo pipefail
 T0=$(date +%s.%N)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-RUN_DIR=/run/lingogap-testcluster          # PID files of daemons WE started
-LOG_DIR=/var/log/lingogap-testcluster
-STATE_DIR=/var/lib/lingogap-testcluster    # private MariaDB datadir, DB password
+# shellcheck source=slurm/testcluster/common.sh
+source "$HERE/common.sh"                   # RUN_DIR, LOG_DIR, STATE_DIR, ours_running
 DB_DATADIR=$STATE_DIR/mysql
 DB_RUNDIR=$RUN_DIR/mysqld                  # mysql-owned: socket + pid
 DB_SOCKET=$DB_RUNDIR/mysqld.sock
@@ -27,7 +26,6 @@ HOST=$(hostname -s)
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 
 export DEBIAN_FRONTEND=noninteractive
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 
 log() { printf '[testcluster %6ss] %s\n' "$(elapsed)" "$*"; }
 elapsed() { awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{printf "%.1f", a-b}'; }
@@ -67,31 +65,6 @@ trap 'on_err $LINENO "$BASH_COMMAND"' ERR
 [[ $(id -u) -eq 0 ]] || { echo "start.sh must run as root" >&2; exit 1; }
 
 # ---------------------------------------------------------------- helpers ---
-proc_starttime() {  # field 22 of /proc/PID/stat (comm may contain spaces)
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    awk '{print $20}' <<<"$s"
-}
-proc_state() {
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    echo "${s%% *}"
-}
-
-# A PID file written by this script holds "PID STARTTIME COMM".  It counts as
-# running only if that very process (same start time, same comm) is alive.
-ours_running() {  # ours_running NAME -> prints pid, rc 0 if alive
-    local f=$RUN_DIR/$1.pid pid st comm
-    [[ -f $f ]] || return 1
-    read -r pid st comm <"$f" || return 1
-    [[ -n ${pid:-} && -d /proc/$pid ]] || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]] || return 1
-    [[ $(proc_starttime "$pid") == "$st" ]] || return 1
-    [[ $(proc_state "$pid") != Z ]] || return 1  # exited, not yet reaped by PID 1
-    echo "$pid"
-}
 
 launch() {  # launch NAME COMM CMD... : start CMD in background, record its PID
     local name=$1 comm=$2 pid st

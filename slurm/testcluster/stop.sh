@@ -7,11 +7,10 @@
 #                    logs, so the next start.sh begins from a clean slate
 set -euo pipefail
 
-RUN_DIR=/run/lingogap-testcluster
-LOG_DIR=/var/log/lingogap-testcluster
-STATE_DIR=/var/lib/lingogap-testcluster
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=slurm/testcluster/common.sh
+source "$HERE/common.sh"  # RUN_DIR, LOG_DIR, STATE_DIR, ours_running
 STOP_TIMEOUT=${LINGOGAP_TC_STOP_TIMEOUT:-60}
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 
 purge=0
 for arg in "$@"; do
@@ -24,32 +23,6 @@ done
 [[ $(id -u) -eq 0 ]] || { echo "stop.sh must run as root" >&2; exit 1; }
 
 log() { echo "[testcluster] $*"; }
-
-proc_starttime() {
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    awk '{print $20}' <<<"$s"
-}
-proc_state() {
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    echo "${s%% *}"
-}
-
-# PID files hold "PID STARTTIME COMM"; the process is ours only if all match
-# (guards against PID reuse after a crash or reboot).
-ours_running() {
-    local f=$RUN_DIR/$1.pid pid st comm
-    [[ -f $f ]] || return 1
-    read -r pid st comm <"$f" || return 1
-    [[ -n ${pid:-} && -d /proc/$pid ]] || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]] || return 1
-    [[ $(proc_starttime "$pid") == "$st" ]] || return 1
-    [[ $(proc_state "$pid") != Z ]] || return 1  # exited, not yet reaped by PID 1
-    echo "$pid"
-}
 
 stop_one() {
     local name=$1 pid i
