@@ -24,6 +24,8 @@ from rich.table import Table
 
 from analysis.bands import compact, describe, parse_bands
 from toolkit.errors import UserError
+from toolkit.files import jsonable, save_figure, write_json
+from toolkit.rundir import RunDir
 
 GROUP = "medium/low-resource"
 MIN_PROFILE_LAYERS = 3  # a correlation over fewer layers says nothing
@@ -85,7 +87,7 @@ class ProfileRow:
 def load_run(path: str | Path, stat: str | None = None, name: str | None = None) -> Run:
     """One run's gaps from RUN/reports/gaps.json (or a gaps.json path), for one statistic."""
     path = Path(path)
-    file = path if path.suffix == ".json" else path / "reports" / "gaps.json"
+    file = path if path.suffix == ".json" else RunDir(path).gaps_json
     if not file.is_file():
         raise UserError(f"{file}: no gap report; run `python -m toolkit.submit report --run {path}` first")
     body = json.loads(file.read_text())
@@ -132,7 +134,7 @@ class Comparison:
     def to_json(self) -> dict:
         runs = [{"name": r.name, "path": r.path, "statistic": r.statistic, "sae_source": r.sae_source,
                  "languages": r.languages, "layers": r.layers} for r in self.runs]
-        return _finite({"format": "lingogap-compare", "version": 1, "runs": runs, "languages": self.languages,
+        return jsonable({"format": "lingogap-compare", "version": 1, "runs": runs, "languages": self.languages,
                         "layers": self.layers, "bands": self.bands, "skipped": self.skipped, "method": METHOD,
                         "rows": [asdict(r) for r in self.rows], "headlines": [asdict(h) for h in self.headlines],
                         "profiles": [asdict(p) for p in self.profiles]})
@@ -204,15 +206,6 @@ def _profile_row(lang: str, a: Run, b: Run, profiles: dict) -> ProfileRow:
         r = float(np.corrcoef(x[ok], y[ok])[0, 1])
     return ProfileRow(lang, a.name, b.name, r, n)
 
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def mark(row: BandRow | HeadlineRow) -> str:
@@ -295,7 +288,7 @@ def figure(comparison: Comparison, path: Path) -> None:
     axes[0].legend(fontsize=7)
     for ax in axes[len(langs):]:
         ax.set_visible(False)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def _group_of(c: Comparison) -> list[str]:
@@ -305,7 +298,8 @@ def _group_of(c: Comparison) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders (or gaps.json files)")
-    parser.add_argument("--out", default="compare", help="folder for compare.json and compare.png")
+    parser.add_argument("--out", default=None, help="folder for compare.json and compare.png (default: the first "
+                        "run's reports/compare/, as `report --compare` writes)")
     parser.add_argument("--stat", default=None, help="statistic to compare (default: each report's own)")
     parser.add_argument("--bands", default=None, help="early,middle,deep layer ranges (default: thirds)")
     args = parser.parse_args(argv)
@@ -314,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         Console(stderr=True).print(f"[red]error:[/] {exc}")
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(comparison.to_json(), indent=1, ensure_ascii=False) + "\n")
+    first = Path(args.runs[0])
+    out = Path(args.out) if args.out else first.parent / "compare" if first.suffix == ".json" else RunDir(first).compare
+    write_json(out / "compare.json", comparison.to_json())
     figure(comparison, out / "compare.png")
     console = Console()
     render(comparison, console)

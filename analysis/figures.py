@@ -15,6 +15,7 @@ from matplotlib.colors import Colormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from analysis.report import GROUP_NAME, GapReport
+from toolkit.files import save_figure
 
 DPI = 150
 _BAND_SHADE = {"early": "#f2f2f2", "middle": "#ffffff", "deep": "#f2f2f2"}
@@ -32,7 +33,7 @@ def write_figures(report: GapReport, folder: Path) -> list[Path]:
         figures["instrument.png"] = instrument_lines(report)
     for name, fig in figures.items():
         FigureCanvasAgg(fig)
-        fig.savefig(folder / name, dpi=DPI, bbox_inches="tight")
+        save_figure(fig, folder / name, dpi=DPI, bbox_inches="tight")
     return [folder / name for name in figures]
 
 

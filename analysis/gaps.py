@@ -29,6 +29,7 @@ from analysis.sources import LanguageSource, load_sources, resolve_paths
 from analysis.stats import cluster_bootstrap_means, nanmean, percentile_ci, quiet_nan, wilcoxon
 from analysis.terminal import render
 from toolkit.errors import UserError
+from toolkit.files import atomic_write
 from toolkit.store import SAE_STATS, STATS
 
 LOW_LANGS = ("id", "ca", "mr", "ml", "hi")
@@ -110,7 +111,7 @@ def write_report(report: GapReport, out_dir: Pathish) -> Path:
     write_figures(report, out / "figures")
     console = Console(record=True, width=REPORT_WIDTH, file=io.StringIO())
     render(report, console)
-    (out / "report.txt").write_text(console.export_text())
+    atomic_write(out / "report.txt", console.export_text())
     return out
 
 

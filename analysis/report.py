@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +11,7 @@ import numpy as np
 
 from analysis.instrument import InstrumentPanel
 from analysis.stats import CI_LEVEL, nanmean
+from toolkit import files
 
 GROUP_NAME = "medium/low-resource"
 
@@ -156,20 +155,17 @@ class GapReport:
         body = {"format": "lingogap-gaps", "version": 2, "metadata": meta, **rows,
                 "headlines": [dataclasses.asdict(h) for h in self.headlines], "notes": self.notes,
                 "instrument": dataclasses.asdict(self.instrument) if self.instrument else None}
-        return _finite(body)
+        return files.jsonable(body)
 
 
 def write_json(report: GapReport, path: Path) -> None:
-    path.write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n")
+    files.write_json(path, report.to_json())
 
 
 def write_csv(report: GapReport, path: Path) -> None:
     columns = [f.name for f in dataclasses.fields(GapRow)]
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(columns)
-        for row in report.rows:
-            writer.writerow(["" if _missing(v) else v for v in (getattr(row, c) for c in columns)])
+    rows = (["" if _missing(v) else v for v in (getattr(row, c) for c in columns)] for row in report.rows)
+    files.write_csv(path, columns, rows)
 
 
 def _matrix(rows: list, name: str, languages: list[str], layers: list[int]) -> np.ndarray:
@@ -183,14 +179,3 @@ def _matrix(rows: list, name: str, languages: list[str], layers: list[int]) -> n
 
 def _missing(value) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
-
-
-def _finite(obj):
-    """JSON has no NaN: non-finite floats become null, numpy scalars plain numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    return None if _missing(obj) else obj

@@ -33,7 +33,7 @@ def collect(run_dir: str | Path, gaps: dict | None = None) -> dict:
 
 
 def write(summary: dict, out_dir: str | Path) -> Path:
-    return write_json(Path(out_dir) / "summary.json", _finite(summary))
+    return write_json(Path(out_dir) / "summary.json", summary)
 
 
 def renderables(summary: dict) -> list:
@@ -185,11 +185,3 @@ def _num(value, fmt: str) -> str:
 
 def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _finite(obj):
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj

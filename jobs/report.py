@@ -39,10 +39,8 @@ def _compare(cfg: Config, run_dir: RunDir, console: Console) -> None:
 
     others = [p.strip() for p in cfg.report.compare.split(",") if p.strip()]
     comparison = compare.compare([compare.load_run(p) for p in (str(cfg.run_dir), *others)], cfg.report.bands or None)
-    out = run_dir.reports / "compare"
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "compare.json", comparison.to_json())
-    compare.figure(comparison, out / "compare.png")
+    write_json(run_dir.compare / "compare.json", comparison.to_json())
+    compare.figure(comparison, run_dir.compare / "compare.png")
     compare.render(comparison, console)
 
 

@@ -1,16 +1,20 @@
 """Files that appear whole or not at all: the one atomic-write helper and build-once-under-lock.
 
 Everything the toolkit commits to disk (HDF5 files, manifests, SAEs, adapters, checkpoints, job logs,
-results) goes through `staged` or `atomic_write`, so a reader, a second job or a resumed run never
-sees half a file, whatever killed the writer. torch-free: `analysis` may use it.
+results, reports, CSVs, figures) goes through `staged` or one of the writers built on it (`atomic_write`,
+`write_json`, `write_csv`, `save_figure`), so a reader, a second job or a resumed run never sees half a
+file, whatever killed the writer. torch-free: `analysis` may use it.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,9 +60,39 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return Path(path)
 
 
+def jsonable(obj: Any) -> Any:
+    """`obj` as plain JSON values: JSON has no NaN or infinity, so non-finite floats become null; numpy
+    scalars and 0-d arrays or tensors become numbers, tuples lists, keys strings."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if getattr(obj, "ndim", None) == 0 and hasattr(obj, "item"):
+        obj = obj.item()
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
 def write_json(path: str | Path, data: Any, indent: int | None = 1, sort_keys: bool = False) -> Path:
-    """Atomically write `data` as JSON (NaN and infinities are refused: JSON has no such values)."""
-    return atomic_write(path, json.dumps(data, indent=indent, sort_keys=sort_keys, allow_nan=False) + "\n")
+    """Atomically write `data` as UTF-8 JSON, non-finite numbers as null (see `jsonable`)."""
+    text = json.dumps(jsonable(data), indent=indent, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False)
+    return atomic_write(path, text + "\n")
+
+
+def write_csv(path: str | Path, header: list[str], rows: Iterable[Iterable[Any]]) -> Path:
+    """Atomically write a CSV file: a header row, then `rows`."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return atomic_write(path, buffer.getvalue())
+
+
+def save_figure(fig: Any, path: str | Path, **savefig: Any) -> Path:
+    """Atomically save a matplotlib figure (its format from `path`'s suffix)."""
+    path = Path(path)
+    with staged(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig)
+    return path
 
 
 def read_json(path: str | Path, fix: str) -> Any:

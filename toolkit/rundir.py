@@ -30,6 +30,8 @@ class RunDir:
     activations = property(lambda self: self.root / "activations")
     saes = property(lambda self: self.root / "saes")
     reports = property(lambda self: self.root / "reports")
+    gaps_json = property(lambda self: self.reports / "gaps.json")
+    compare = property(lambda self: self.reports / "compare")
     eval = property(lambda self: self.root / "eval")
     logs = property(lambda self: self.root / "logs")
     jobs_file = property(lambda self: self.root / "jobs.json")

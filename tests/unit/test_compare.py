@@ -70,6 +70,14 @@ def test_cli_writes_json_and_figure_and_names_what_it_skipped(runs, tmp_path):
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_writes_into_the_first_runs_reports_by_default(runs, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "analysis.compare", str(runs / "a"), str(runs / "b")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (runs / "a" / "reports" / "compare" / "compare.json").is_file()
+    assert not (tmp_path / "compare").exists()
+
+
 def test_a_missing_report_names_the_fix(tmp_path):
     code = compare.main([str(tmp_path), str(tmp_path)])
     assert code == 2

@@ -9,7 +9,6 @@ something researchers copy and share, so nothing in it is unpickled: JSON, safet
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import random
 import shutil
@@ -77,17 +76,8 @@ def _fix(path: Path) -> str:
 
 def save_json(path: Path, data: Any) -> None:
     """Atomic JSON (one helper: toolkit.files); non-finite floats become null, numpy/torch scalars numbers."""
-    files.write_json(path, _jsonable(data))
+    files.write_json(path, data)
 
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.generic, torch.Tensor)):
-        obj = obj.item()
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 @contextmanager

@@ -22,6 +22,7 @@ import numpy as np
 from analysis.bands import default_bands
 from analysis.gaps import read_gaps_csv
 from analysis.stats import correlation
+from toolkit.files import save_figure
 from toolkit.languages import LANGUAGES, REFERENCE
 
 Y_RESULTS = ("p_gold", "p_gold_norm", "acc", "acc_norm")
@@ -109,6 +110,4 @@ def figure(correlations_: list[dict], gaps: dict[str, dict[str, float]], results
             ax.set_xlabel("gap vs English, %", fontsize=8)
             ax.set_ylabel(y, fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    return Path(path)
+    return save_figure(fig, path, dpi=130)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from pathlib import Path
 
+from toolkit import files
 from toolkit.evaluation import correlate, metrics
 from toolkit.evaluation.scoring import Scores
 from toolkit.evaluation.tasks import BENCHMARKS
-from toolkit.files import atomic_write
+from toolkit.files import write_json
 from toolkit.languages import LANGUAGES
 
 CHANCE = 0.25  # four options (a few ARC items have three or five)
@@ -22,23 +21,17 @@ def write_outputs(result: dict, scores: dict[str, dict[tuple[str, str], Scores]]
     """results.json (atomically: it is what later stages and readers trust), results.csv, items.csv, bpb.csv,
     figures."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "results.json", json.dumps(result, indent=1, ensure_ascii=False))
+    write_json(out_dir / "results.json", result)
     write_csv(result, out_dir / "results.csv")
-    with open(out_dir / "items.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["model", "task", "language", "item", *ITEM_METRICS, "pred", "gold", "lls"])
-        for label, per_task in scores.items():
-            for (task, lang), s in per_task.items():
-                for key, v in s.items.items():
-                    writer.writerow([label, task, lang, key, *(int(v[m]) for m in metrics.ACCURACY),
-                                     *(f"{v[m]:.6g}" for m in metrics.CONTINUOUS), v["pred"], v["gold"],
-                                     " ".join(f"{x:.6g}" for x in v["lls"])])
-    with open(out_dir / "bpb.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["model", "language", "sentence", "bpb"])
-        for label, per_lang in (bits or {}).items():
-            for lang, b in per_lang.items():
-                writer.writerows([label, lang, sid, f"{v:.6g}"] for sid, v in b["sentences"].items())
+    files.write_csv(out_dir / "items.csv", ["model", "task", "language", "item", *ITEM_METRICS, "pred", "gold", "lls"],
+                    ([label, task, lang, key, *(int(v[m]) for m in metrics.ACCURACY),
+                      *(f"{v[m]:.6g}" for m in metrics.CONTINUOUS), v["pred"], v["gold"],
+                      " ".join(f"{x:.6g}" for x in v["lls"])]
+                     for label, per_task in scores.items() for (task, lang), s in per_task.items()
+                     for key, v in s.items.items()))
+    files.write_csv(out_dir / "bpb.csv", ["model", "language", "sentence", "bpb"],
+                    ([label, lang, sid, f"{v:.6g}"] for label, per_lang in (bits or {}).items()
+                     for lang, b in per_lang.items() for sid, v in b["sentences"].items()))
     figure(result["results"], out_dir / "figures" / "accuracy.png")
     figure(result["results"], out_dir / "figures" / "p_gold.png", "p_gold")
     if result.get("gaps"):
@@ -73,9 +66,7 @@ def figure(results: list[dict], path: str | Path, metric: str = "acc") -> Path:
         ax.set_title(BENCHMARKS[bench].title)
         ax.legend(fontsize="small", ncols=min(4, len(models) + 1), loc="upper right")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    return Path(path)
+    return files.save_figure(fig, path, dpi=150)
 
 
 CONTINUOUS_COLUMNS = [c for m in metrics.CONTINUOUS for c in (m, f"{m}_stderr")]
@@ -94,16 +85,13 @@ def write_csv(result: dict, path: str | Path) -> Path:
     one row per model x language with task "bpb" for bits per byte."""
     pairs = {(c["model"], c["task"], c["language"]): c for c in result["comparisons"]}
     bpb_pairs = {(c["model"], c["language"]): c for c in result.get("bpb_comparisons", [])}
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, CSV_COLUMNS + BPB_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in result["results"]:
-            c = pairs.get((r["model"], r["task"], r["language"]), {})
-            writer.writerow({**r, **{k: c.get(k) for k in PAIRED_COLUMNS}})
-        for b in result.get("bpb", []):
-            c = bpb_pairs.get((b["model"], b["language"]), {})
-            writer.writerow({**b, "task": "bpb", "status": "ok", **{k: c.get(k) for k in BPB_COLUMNS[3:]}})
-    return Path(path)
+    rows = [{**r, **{k: pairs.get((r["model"], r["task"], r["language"]), {}).get(k) for k in PAIRED_COLUMNS}}
+            for r in result["results"]]
+    rows += [{**b, "task": "bpb", "status": "ok",
+              **{k: bpb_pairs.get((b["model"], b["language"]), {}).get(k) for k in BPB_COLUMNS[3:]}}
+             for b in result.get("bpb", [])]
+    columns = CSV_COLUMNS + BPB_COLUMNS
+    return files.write_csv(path, columns, ([row.get(c) for c in columns] for row in rows))
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
