@@ -68,7 +68,3 @@ def resolve(spec: str | list[str] | tuple[str, ...], with_reference: bool = True
         codes.insert(0, REFERENCE)
     ordered = [c for c in LANGUAGES if c in codes]
     return ordered
-
-
-def low_resource() -> list[str]:
-    return [c for c, lang in LANGUAGES.items() if lang.tier == "low"]
