@@ -3,10 +3,11 @@
 Reads the `summary` block of each sweep point's `RUN/align/{lang}@{tag}/before_after.json` (nothing
 else: the gain report defines its numbers) and writes into RUN/reports/:
 - `sweep.csv`: one row per point and target, the summary's fields plus `default` (the point's settings
-  are the `align` defaults; any seed) and `pareto` (no other point that passes its guards has at least
-  as much closure at no more English KL, and more closure or less KL);
-- `pareto.png`: English KL per token against gap closure (or `--x`), one marker per objective, points
-  that fail a guard grey, the front of the points that pass joined by a line, the default ringed;
+  are the `align` defaults; any seed) and `pareto` (no other point of the same target that passes its
+  guards has at least as much closure at no more English KL, and more closure or less KL);
+- `pareto.png`: English KL per token against gap closure (or `--x`), one colour per target and one
+  marker per objective, points that fail a guard grey, each target's front joined by a dashed line,
+  the default ringed;
 and prints the table. torch-free.
 """
 
@@ -41,7 +42,12 @@ NUMBERS = (
     "minutes",
 )
 FIELDS = (*SETTINGS, *NUMBERS, "guards_ok")
-X_CHOICES = ("closure_pct", "norm_adjusted_gain_pct", "gain_pct")
+X_LABELS = {
+    "closure_pct": "gap closure (%; 100 = parity with English)",
+    "norm_adjusted_gain_pct": "norm-adjusted gain (%)",
+    "gain_pct": "activation gain (%)",
+}
+X_CHOICES = tuple(X_LABELS)
 Y = "english_kl"
 DPI = 150
 
@@ -115,7 +121,8 @@ def mark(rows: list[SweepRow], x: str) -> None:
         row.default = all(row.summary[k] == defaults[k] for k in compared)
     ok = [r for r in rows if r.summary["guards_ok"] and _finite(r.summary[x]) and _finite(r.summary[Y])]
     for row in rows:
-        row.pareto = row in ok and not any(_dominates(o, row, x) for o in ok if o is not row)
+        rivals = [o for o in ok if o.unit == row.unit and o is not row]  # targets differ in their gaps
+        row.pareto = row in ok and not any(_dominates(o, row, x) for o in rivals)
 
 
 def _dominates(a: SweepRow, b: SweepRow, x: str) -> bool:
@@ -153,99 +160,74 @@ def figure(rows: list[SweepRow], x: str) -> bytes:
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
     shown = [r for r in rows if _finite(r.summary[x]) and _finite(r.summary[Y])]
-    markers = dict(zip(sorted({str(r.summary["objective"]) for r in shown}), "osD^v<>pPX*h", strict=False))
-    colours = dict(
-        zip(
-            sorted({r.unit for r in shown}),
-            ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"),
-            strict=False,
-        )
-    )
+    markers = dict(zip(sorted({str(r.summary["objective"]) for r in shown}), "osD^v<>pPX*h" * 4, strict=False))
+    colours = {unit: f"C{i % 10}" for i, unit in enumerate(sorted({r.unit for r in shown}))}
     for r in shown:
-        colour = colours.get(r.unit, "tab:blue") if r.summary["guards_ok"] else "lightgrey"
+        ok = r.summary["guards_ok"]
         ax.scatter(
             r.summary[x],
             r.summary[Y],
-            marker=markers.get(str(r.summary["objective"]), "o"),
-            color=colour,
-            edgecolors="black" if r.summary["guards_ok"] else "grey",
-            linewidths=0.5,
+            marker=markers[str(r.summary["objective"])],
             zorder=3,
+            linewidths=0.5,
+            color=colours[r.unit] if ok else "lightgrey",
+            edgecolors="black" if ok else "grey",
         )
         if r.default:
-            ax.scatter(
-                r.summary[x], r.summary[Y], s=260, facecolors="none", edgecolors="black", linewidths=1.2, zorder=4
-            )
-    front = sorted((r for r in shown if r.pareto), key=lambda r: r.summary[x])
-    if front:
+            ax.scatter(r.summary[x], r.summary[Y], s=260, facecolors="none", edgecolors="black", zorder=4)
+    for unit, colour in colours.items():
+        front = sorted((r for r in shown if r.pareto and r.unit == unit), key=lambda r: r.summary[x])
         ax.plot(
             [r.summary[x] for r in front],
             [r.summary[Y] for r in front],
-            color="black",
+            color=colour,
             linewidth=0.8,
             linestyle="--",
             zorder=2,
-            label="Pareto front (guards pass)",
+            label=f"{unit} (dashed: its Pareto front)",
         )
     for name, m in markers.items():
         ax.scatter([], [], marker=m, color="white", edgecolors="black", label=f"objective {name}")
-    for unit, c in colours.items():
-        ax.scatter([], [], marker="s", color=c, label=unit)
-    ax.scatter([], [], marker="o", color="lightgrey", edgecolors="grey", label="a guard fails")
+    ax.scatter([], [], color="lightgrey", edgecolors="grey", label="a guard fails")
     ax.scatter([], [], s=200, facecolors="none", edgecolors="black", label="default settings")
     ax.axvline(100, color="grey", linewidth=0.6, linestyle=":")  # parity with English; beyond is overshoot
-    ax.set_xlabel(
-        {
-            "closure_pct": "gap closure (%; 100 = parity with English)",
-            "norm_adjusted_gain_pct": "norm-adjusted gain (%)",
-            "gain_pct": "activation gain (%)",
-        }[x]
-    )
+    ax.set_xlabel(X_LABELS[x])
     ax.set_ylabel("English KL (nats per token)")
-    ax.set_title(f"alignment sweep: {len(shown)} point(s), {sum(r.pareto for r in shown)} on the front", fontsize=10)
+    ax.set_title(f"alignment sweep: {len(shown)} point(s), {sum(r.pareto for r in shown)} on a front", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     buf = io.BytesIO()
     FigureCanvasAgg(fig)
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    return buf.getvalue()
+    return buf.getvalue()  # fmt: skip
+
+
+# the table's number columns: the summary field, its heading and its format (sweep.csv has every field)
+COLUMNS = (
+    ("closure_pct", "closure%", "+.1f"),
+    ("norm_adjusted_gain_pct", "adj.gain%", "+.1f"),
+    ("english_kl", "En KL", ".4f"),
+    ("fve_drop", "ΔFVE", ".3f"),
+    ("target_bpb", "bpb", ".3f"),
+    ("minutes", "min", ".1f"),
+)
 
 
 def table(rows: list[SweepRow]) -> Table:
     out = Table(
-        title=f"alignment sweep · {len(rows)} point(s) · ★ default settings, ◆ Pareto front (guards pass)",
+        title=f"alignment sweep · {len(rows)} point(s) · ★ default settings, ◆ Pareto front, ✗ a guard fails",
+        caption="closure: of the gap to English; adj.gain: norm-adjusted gain; En KL: nats per English token; "
+        "ΔFVE: drop of the SAEs' FVE on adapted activations; bpb: the target's bits per byte; min: wall minutes. "
+        "Every field is in sweep.csv",
         title_justify="left",
     )
-    columns = {
-        "point": "point",
-        "objective": "objective",
-        "closure_pct": "closure %",
-        "norm_adjusted_gain_pct": "norm-adj. gain %",
-        "gain_pct": "gain %",
-        "english_kl": "En KL",
-        "english_retention_pct": "En retention %",
-        "fve_drop": "FVE drop",
-        "target_bpb": "target bpb",
-        "minutes": "min",
-        "guards_ok": "guards",
-    }
-    for key, title in columns.items():
-        out.add_column(title, justify="left" if key in ("point", "objective") else "right", overflow="fold")
-    formats = {
-        "closure_pct": "+.1f",
-        "norm_adjusted_gain_pct": "+.1f",
-        "gain_pct": "+.1f",
-        "english_kl": ".4f",
-        "english_retention_pct": ".1f",
-        "fve_drop": ".3f",
-        "target_bpb": ".3f",
-        "minutes": ".1f",
-    }
+    out.add_column("unit", no_wrap=True)
+    out.add_column("point", min_width=12, overflow="fold")  # a long tag folds; the numbers stay whole
+    for _, heading, _ in COLUMNS:
+        out.add_column(heading, justify="right", no_wrap=True)
     for r in rows:
-        marks = ("★" if r.default else "") + ("◆" if r.pareto else "")
-        cells = [f"{r.name} {marks}".rstrip(), str(r.summary["objective"])]
-        cells += [format(r.summary[k], f) if _finite(r.summary[k]) else "—" for k, f in formats.items()]
-        cells.append("ok" if r.summary["guards_ok"] else "[red]fail[/]")
-        out.add_row(*cells, style=None if r.summary["guards_ok"] else "dim")
+        marks = ("★" if r.default else "") + ("◆" if r.pareto else "") + ("" if r.summary["guards_ok"] else "✗")
+        cells = [format(r.summary[k], f) if _finite(r.summary[k]) else "—" for k, _, f in COLUMNS]
+        out.add_row(r.unit, f"{r.tag} {marks}".rstrip(), *cells, style=None if r.summary["guards_ok"] else "dim")
     return out
 
 
