@@ -49,5 +49,6 @@ def test_the_runs_adapters_are_every_unit_with_a_trained_adapter(tmp_path):
     assert run.adapters()["joint"] == tmp_path / "align" / "joint" / "adapter"
     assert list(run.adapters(points=False)) == ["hi", "joint", "ml"]
     assert run.align_point("hi", "lr=0.001") == tmp_path / "align" / "hi@lr=0.001"
-    assert adapters_line(tmp_path) == (f"adapters: hi, joint, ml; sweep points: 2 (python -m analysis.align_sweep "
-                                       f"{tmp_path})")
+    assert adapters_line(tmp_path) == (
+        f"adapters: hi, joint, ml; sweep points: 2 (python -m analysis.align_sweep {tmp_path})"
+    )
