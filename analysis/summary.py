@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from toolkit.files import write_json
-from toolkit.rundir import RunDir
+from toolkit.rundir import RunDir, is_point
 
 TOP_CORRELATIONS = 6
 
@@ -99,7 +99,7 @@ def _alignment(run: Path) -> list[dict]:
 
 
 def _sweep_points(run: Path) -> int:
-    return len(RunDir(run).adapters()) - len(RunDir(run).adapters(points=False))
+    return sum(map(is_point, RunDir(run).adapters()))
 
 
 def _evaluation(run: Path) -> dict | None:

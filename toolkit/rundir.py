@@ -52,9 +52,9 @@ class RunDir:
         """The run's trained adapters by unit name: every RUN/align/{name}/adapter holding a peft adapter, so
         per-language, `joint` and (with `points`) sweep-point adapters alike; sorted by name. The one rule
         `evaluate`, `report` and `status` use."""
-        found = sorted((self.root / "align").glob(f"*/adapter/{ADAPTER_CONFIG}"))
-        named = {p.parent.parent.name: p.parent for p in found if not p.parent.parent.name.startswith(".")}
-        return {name: path for name, path in named.items() if points or not is_point(name)}
+        found = {p.parent.parent.name: p.parent for p in (self.root / "align").glob(f"*/adapter/{ADAPTER_CONFIG}")}
+        return {name: found[name] for name in sorted(found)  # a staging folder (.name.pid.tmp) is not one yet
+                if not name.startswith(".") and (points or not is_point(name))}
 
     def write_manifest(self, cfg: Config, stage: str, corpus_hash: str | None = None) -> dict:
         """Record the resolved config, versions and git revision; each stage adds its own entry."""

@@ -65,10 +65,11 @@ def grid_keys() -> list[str]:
 def read_grid(path: str | Path, cfg: Config) -> list[Point]:
     """The points of the grid file at `path` over the base config `cfg`; one clear error for a bad grid."""
     data = read_yaml(path, "align.sweep")
-    if not isinstance(data, dict) or not data:
-        raise UserError(
-            f"{path}: empty grid; map align option names to lists of values, e.g. `lambda_align: [0.5, 1.0]`"
-        )
+    example = "map align option names to lists of values, e.g. `lambda_align: [0.5, 1.0]`"
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a grid must be a mapping (got a {type(data).__name__}); {example}")
+    if not data:
+        raise UserError(f"{path}: empty grid; {example}")
     return expand(data, cfg, str(path))
 
 

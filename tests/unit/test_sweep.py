@@ -87,7 +87,7 @@ def test_an_objective_grid_follows_the_config():
         ("lr: 0.001\n", "lr must be a list of values (got 0.001); write lr: [0.001]"),
         ("", "empty grid; map align option names to lists of values"),
         ("{}\n", "empty grid"),
-        ("- lr\n", "empty grid"),
+        ("- lr\n", "a grid must be a mapping (got a list); map align option names to lists of values"),
         ("lr: []\n", "lr is an empty list"),
         ("targets: [hi, ml]\n", "'targets' cannot vary in a sweep; set align.targets outside the grid"),
         ("lora_r: [4, four]\n", "lora_r: align.lora_r must be an integer (got 'four', a str)"),
