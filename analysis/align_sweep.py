@@ -5,9 +5,9 @@ else: the gain report defines its numbers) and writes into RUN/reports/:
 - `sweep.csv`: one row per point and target, the summary's fields plus `default` (the point's settings
   are the `align` defaults; any seed) and `pareto` (no other point of the same target that passes its
   guards has at least as much closure at no more English KL, and more closure or less KL);
-- `pareto.png`: English KL per token against gap closure (or `--x`), one colour per target and one
-  marker per objective, points that fail a guard grey, each target's front joined by a dashed line,
-  the default ringed;
+- `pareto.png`: English KL per token against norm-adjusted gap closure where the summaries give it
+  (else gap closure; or `--x`), one colour per target and one marker per objective, points that fail
+  a guard grey, each target's front joined by a dashed line, the default ringed;
 and prints the table. torch-free.
 """
 
@@ -41,8 +41,10 @@ NUMBERS = (
     "target_bpb",
     "minutes",
 )
+OPTIONAL = ("norm_adjusted_closure_pct",)  # read when the summary has it
 FIELDS = (*SETTINGS, *NUMBERS, "guards_ok")
 X_LABELS = {
+    "norm_adjusted_closure_pct": "norm-adjusted gap closure (%; 100 = parity with English)",
     "closure_pct": "gap closure (%; 100 = parity with English)",
     "norm_adjusted_gain_pct": "norm-adjusted gain (%)",
     "gain_pct": "activation gain (%)",
@@ -89,7 +91,7 @@ def load(run: str | Path) -> list[SweepRow]:
             f"{run}: none of its {len(points)} sweep point(s) has a gain report (before_after.json "
             "with a summary block) yet; rerun the sweep to measure them"
         )
-    mark(rows, X_CHOICES[0])
+    mark(rows, default_x(rows))
     return rows
 
 
@@ -104,13 +106,13 @@ def read_summary(path: Path) -> dict[str, Any] | None:
     for key in FIELDS:
         if key not in summary:
             raise UserError(f"{path}: summary has no {key!r}; rerun the sweep to measure it again")
-    for key in NUMBERS:
-        value = summary[key]
+    for key in (*NUMBERS, *OPTIONAL):
+        value = summary.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise UserError(f"{path}: summary.{key} must be a number or null (got {value!r})")
     if not isinstance(summary["guards_ok"], bool):
         raise UserError(f"{path}: summary.guards_ok must be true or false (got {summary['guards_ok']!r})")
-    return {key: summary[key] for key in FIELDS}
+    return {key: summary.get(key) for key in (*FIELDS, *OPTIONAL)}
 
 
 def mark(rows: list[SweepRow], x: str) -> None:
@@ -137,14 +139,14 @@ def _finite(value: Any) -> bool:
 def csv_text(rows: list[SweepRow]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["point", "unit", "tag", *FIELDS, "default", "pareto"])
+    writer.writerow(["point", "unit", "tag", *FIELDS, *OPTIONAL, "default", "pareto"])
     for r in rows:
         writer.writerow(
             [
                 r.name,
                 r.unit,
                 r.tag,
-                *("" if r.summary[k] is None else r.summary[k] for k in FIELDS),
+                *("" if r.summary[k] is None else r.summary[k] for k in (*FIELDS, *OPTIONAL)),
                 r.default,
                 r.pareto,
             ]
@@ -231,8 +233,16 @@ def table(rows: list[SweepRow]) -> Table:
     return out
 
 
-def write(rows: list[SweepRow], run: str | Path, x: str = X_CHOICES[0]) -> tuple[Path, Path]:
-    """sweep.csv and pareto.png in RUN/reports/, each written atomically."""
+def default_x(rows: list[SweepRow]) -> str:
+    """Norm-adjusted closure when the summaries give it (the issue's axis: a gain that is not residual scale),
+    else closure."""
+    adjusted = "norm_adjusted_closure_pct"
+    return adjusted if any(_finite(r.summary[adjusted]) for r in rows) else "closure_pct"
+
+
+def write(rows: list[SweepRow], run: str | Path, x: str = "") -> tuple[Path, Path]:
+    """sweep.csv and pareto.png in RUN/reports/, each written atomically; `x` the gain axis (default: `default_x`)."""
+    x = x or default_x(rows)
     mark(rows, x)
     reports = RunDir(run).reports
     return (atomic_write(reports / "sweep.csv", csv_text(rows)), atomic_write(reports / "pareto.png", figure(rows, x)))
@@ -241,7 +251,9 @@ def write(rows: list[SweepRow], run: str | Path, x: str = X_CHOICES[0]) -> tuple
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.align_sweep", description=__doc__.splitlines()[0])
     parser.add_argument("run", help="run folder whose RUN/align/{lang}@{tag} points to compare")
-    parser.add_argument("--x", choices=X_CHOICES, default=X_CHOICES[0], help="the gain axis of pareto.png")
+    parser.add_argument("--x", choices=X_CHOICES, default="",
+                        help="the gain axis of pareto.png and its fronts (default: norm-adjusted closure where every "
+                        "point has it, else closure)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         rows = load(args.run)

@@ -48,6 +48,10 @@ class RunDir:
         """A sweep point's values, in its folder RUN/align/{name}, written before training starts (toolkit.sweep)."""
         return self.align(name) / "point.json"
 
+    def point_records(self, unit: str) -> list[Path]:
+        """The recorded sweep points of one unit (a language or `joint`), by name."""
+        return sorted(self.root.glob(f"align/{unit}{SWEEP_SEP}*/point.json"))
+
     def adapters(self, points: bool = True) -> dict[str, Path]:
         """The run's trained adapters by unit name: every RUN/align/{name}/adapter holding a peft adapter, so
         per-language, `joint` and (with `points`) sweep-point adapters alike; sorted by name. The one rule

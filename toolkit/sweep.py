@@ -12,7 +12,8 @@ booleans as true/false, and in strings every character outside `A-Za-z0-9._-` be
 (`q_proj,v_proj` -> `q_proj+v_proj`). A tag longer than TAG_MAX keeps its first characters and
 ends in `~` and 8 hex digits of its SHA-256. The adapter of target T (or `joint`) at a point
 lives in `RUN/align/{T}@{tag}/`, which records the point's values in `point.json`: a folder that
-holds another point's record, or checkpoints without a record, is refused before training.
+holds another point's record, or checkpoints without a record, is refused before training. The
+`none` objective comes first in the grid, and `none_arm` finds a point's none arm among the records.
 
 torch-free: the CLI plans the array from this module without loading a model.
 """
@@ -31,12 +32,14 @@ from typing import Any
 from toolkit.config import AlignConfig, Config, RunConfig, read_yaml
 from toolkit.errors import UserError
 from toolkit.files import read_json, write_json
-from toolkit.rundir import RunDir, point_name
+from toolkit.rundir import SWEEP_SEP, RunDir, point_name
 
 RUN_KEYS = ("seed",)  # grid keys of the `run` section; everything else is an `align` option
 FIXED = ("targets", "joint", "sweep")  # what the sweep is over, not a setting of one point
 TAG_MAX = 120  # characters; a folder name is at most 255 bytes, and `{lang}@` comes before the tag
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+NONE_KEY, NONE = "objective", "none"  # the CE + KL baseline arm
+IGNORED_BY_NONE = ("objective", "lambda_align")  # what a none arm's training does not depend on
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ def expand(grid: dict[str, Any], cfg: Config, where: str = "grid") -> list[Point
         if not values:
             raise UserError(f"{where}: {key} is an empty list; give at least one value")
     typed = {key: [_typed(cfg, key, v, where) for v in values] for key, values in grid.items()}
+    if NONE_KEY in typed:  # the `none` arm first: a local sweep measures it before the arms compared with it
+        typed[NONE_KEY].sort(key=lambda v: v != NONE)
     points = [_point(dict(zip(typed, combo, strict=True))) for combo in itertools.product(*typed.values())]
     seen: dict[str, Point] = {}
     for p in points:
@@ -178,6 +183,25 @@ def claim(run_dir: str | Path, name: str, point: Point) -> None:
 
 def _jsonable(point: Point) -> dict[str, Any]:
     return {"tag": point.tag, "values": json.loads(json.dumps(point.as_dict()))}
+
+
+def none_arm(run_dir: str | Path, name: str) -> Path | None:
+    """The before_after.json of sweep point `name`'s `none` arm: the recorded point of the same unit whose values
+    equal this one's except the objective (`none`) and lambda_align (unused by it), so with the same seed and
+    batches. None when `name` is not a sweep point, is a none arm itself, or has no none arm in the run."""
+    run = RunDir(run_dir)
+    unit, _, tag = name.partition(SWEEP_SEP)
+    if not tag or not run.point_record(name).is_file():
+        return None
+    mine = read_json(run.point_record(name), f"move {run.align(name)} aside and rerun the sweep").get("values", {})
+    if mine.get(NONE_KEY) == NONE:
+        return None
+    for record in run.point_records(unit):
+        theirs = read_json(record, f"move {record.parent} aside and rerun the sweep").get("values", {})
+        same = all(theirs.get(k) == mine.get(k) for k in {*mine, *theirs} - set(IGNORED_BY_NONE))
+        if theirs.get(NONE_KEY) == NONE and same:
+            return record.parent / "before_after.json"
+    return None
 
 
 def unit_name(unit: str, point: Point) -> str:

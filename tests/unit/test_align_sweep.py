@@ -92,6 +92,26 @@ def test_the_front_keeps_only_points_no_guarded_point_dominates(tmp_path):
     assert {n for n, r in _rows(run).items() if r["pareto"] == "True"} == {"hi@lambda_align=0.5"}
 
 
+def test_the_front_is_on_norm_adjusted_closure_when_the_summaries_give_it(tmp_path):
+    run = _run(tmp_path)  # closure: 0.5 has 40 at KL 0.01; the one below has 35 at KL 0.008 (both on the front)
+    synthetic_before_after(run, "hi@lambda_align=0.25", lambda_align=0.25, closure_pct=35.0, english_kl=0.008,
+                           norm_adjusted_closure_pct=5.0)  # fmt: skip
+    folder = run / "align" / "hi@lambda_align=0.5" / "before_after.json"
+    report = json.loads(folder.read_text())
+    report["summary"]["norm_adjusted_closure_pct"] = 4.0  # less than 0.25's once scale is taken out: dominated
+    folder.write_text(json.dumps(report))
+    rows = align_sweep.load(run)
+    assert align_sweep.default_x(rows) == "norm_adjusted_closure_pct"
+    assert {r.name: r.pareto for r in rows} == {"hi@lambda_align=0.25": True, "hi@lambda_align=0.5": False,
+                                                "hi@lambda_align=1": False}  # fmt: skip
+    align_sweep.write(rows, run, x="closure_pct")
+    assert {n for n, r in _rows(run).items() if r["pareto"] == "True"} == {
+        "hi@lambda_align=0.25",
+        "hi@lambda_align=0.5",
+    }
+    assert _rows(run)["hi@lambda_align=0.25"]["norm_adjusted_closure_pct"] == "5.0"
+
+
 def test_unfinished_points_and_plain_adapters_are_not_sweep_rows(tmp_path):
     run = _run(tmp_path)
     (run / "align" / "hi@lambda_align=4" / "adapter").mkdir(parents=True)  # trained, not measured yet

@@ -69,10 +69,10 @@ def test_tags_spell_every_kind_of_value_safely():
 
 def test_an_objective_grid_follows_the_config():
     """`objective` is an align option once the gain report's objectives exist; until then it is an unknown key."""
-    grid = {"objective": ["none", "mass"], "lambda_align": [0.5]}
+    grid = {"objective": ["mass", "none"], "lambda_align": [0.5]}
     if "objective" in {f.name for f in dataclasses.fields(AlignConfig)}:
         assert [p.tag for p in sweep.expand(grid, _cfg())] == [
-            "lambda_align=0.5,objective=none",
+            "lambda_align=0.5,objective=none",  # the none arm first, so a local sweep measures it first
             "lambda_align=0.5,objective=mass",
         ]
     else:
@@ -179,3 +179,21 @@ def test_a_two_point_sweep_trains_each_point_in_its_folder_and_resumes(tmp_path,
     err = capsys.readouterr().err
     assert all(f"{n}: adapter already trained" in err for n in names), err
     assert {n: (run / "align" / n / "adapter" / "adapter_model.safetensors").read_bytes() for n in names} == first
+
+
+def test_a_points_none_arm_is_the_none_point_with_its_other_values(tmp_path):
+    run = RunDir(tmp_path)
+    records = {
+        "hi@lambda_align=1,objective=mass,seed=0": {"lambda_align": 1.0, "objective": "mass", "seed": 0},
+        "hi@lambda_align=1,objective=mass,seed=1": {"lambda_align": 1.0, "objective": "mass", "seed": 1},
+        "hi@lambda_align=0.5,objective=none,seed=0": {"lambda_align": 0.5, "objective": "none", "seed": 0},
+        "ml@lambda_align=1,objective=none,seed=1": {"lambda_align": 1.0, "objective": "none", "seed": 1},
+    }
+    for name, values in records.items():
+        run.point_record(name).parent.mkdir(parents=True)
+        run.point_record(name).write_text(json.dumps({"tag": name[3:], "values": values}))
+    none = run.align("hi@lambda_align=0.5,objective=none,seed=0") / "before_after.json"
+    assert sweep.none_arm(tmp_path, "hi@lambda_align=1,objective=mass,seed=0") == none  # lambda_align aside
+    assert sweep.none_arm(tmp_path, "hi@lambda_align=1,objective=mass,seed=1") is None  # seed 1 has none for hi
+    assert sweep.none_arm(tmp_path, "hi@lambda_align=0.5,objective=none,seed=0") is None  # the arm itself
+    assert sweep.none_arm(tmp_path, "hi") is None  # not a sweep point
