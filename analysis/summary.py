@@ -2,8 +2,9 @@
 
 `report` prints the gap report (analysis.gaps) and then these sections, appends them to report.txt
 and writes `reports/summary.json`:
-- alignment: per adapter, the held-out activation gain of its targets, English retention and the
-  perplexities before/after (RUN/align/*/before_after.json);
+- alignment: per adapter (`RunDir.adapters`: each language's and the joint one), the held-out activation gain
+  of its targets, English retention and the perplexities before/after (its before_after.json); sweep points
+  are counted and left to `python -m analysis.align_sweep RUN`;
 - evaluation: per model, task and language the primary metric (mean ± SE) and accuracy; per adapter the
   paired difference with its CI; bits per byte; the strongest gap ↔ performance correlations
   (RUN/eval/results.json).
@@ -21,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from toolkit.files import write_json
+from toolkit.rundir import RunDir, is_point
 
 TOP_CORRELATIONS = 6
 
@@ -29,7 +31,8 @@ def collect(run_dir: str | Path, gaps: dict | None = None) -> dict:
     """The summary of a run as plain data: gaps headline, alignment and evaluation sections."""
     run = Path(run_dir)
     return {"format": "lingogap-summary", "version": 1, "run": str(run.resolve()),
-            "gaps": gaps, "alignment": _alignment(run), "evaluation": _evaluation(run)}
+            "gaps": gaps, "alignment": _alignment(run), "sweep_points": _sweep_points(run),
+            "evaluation": _evaluation(run)}
 
 
 def write(summary: dict, out_dir: str | Path) -> Path:
@@ -43,9 +46,12 @@ def renderables(summary: dict) -> list:
     align = summary["alignment"]
     if align:
         out.append(_alignment_table(align))
-    else:
+    elif not summary.get("sweep_points"):
         out.append(Text(f"alignment: not run — python -m toolkit.submit align --run {run} --targets ml,hi",
                         style="dim"))
+    if summary.get("sweep_points"):
+        out.append(Text(f"alignment sweep: {summary['sweep_points']} point adapter(s) in {run}/align/*@* — "
+                        f"python -m analysis.align_sweep {run}", style="dim"))
     ev = summary["evaluation"]
     if ev is None:
         out.append(Text(f"evaluation: not run — python -m toolkit.submit evaluate --run {run} --tasks arc,mmlu "
@@ -69,15 +75,20 @@ def render_text(summary: dict, width: int = 80) -> str:
 
 def _alignment(run: Path) -> list[dict]:
     out = []
-    for path in sorted(run.glob("align/*/before_after.json")):
+    for name, adapter in RunDir(run).adapters(points=False).items():
+        path = adapter.parent / "before_after.json"
+        if not path.is_file():
+            out.append({"adapter": name, "error": f"not measured: no {path} (align.heldout 0, or align stopped "
+                                                  "before its before/after measurement; rerun align)"})
+            continue
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            out.append({"adapter": path.parent.name, "error": f"{path} is unreadable ({exc}); rerun align"})
+            out.append({"adapter": name, "error": f"{path} is unreadable ({exc}); rerun align"})
             continue
         langs = data.get("languages", {})
         out.append({
-            "adapter": path.parent.name, "targets": data.get("targets", []),
+            "adapter": name, "targets": data.get("targets", []),
             "heldout_sentences": data.get("heldout_sentences"),
             "english_retention_pct": data.get("english_retention_pct"),
             "languages": {lang: {k: v.get(k) for k in ("role", "gain_pct_mean", "gain_pct_pooled",
@@ -85,6 +96,10 @@ def _alignment(run: Path) -> list[dict]:
                           for lang, v in langs.items()},
         })
     return out
+
+
+def _sweep_points(run: Path) -> int:
+    return sum(map(is_point, RunDir(run).adapters()))
 
 
 def _evaluation(run: Path) -> dict | None:

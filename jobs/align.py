@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jobs.progress import extraction_bar
-from toolkit import align, models, stages
+from toolkit import align, models, stages, sweep
 from toolkit import corpus as corpora
 from toolkit import saes as sae_sources
 from toolkit.align import metrics as am
@@ -64,16 +64,17 @@ def run(cfg: Config, task: Task | None = None) -> list[dict]:
     dist = align.setup_distributed(engine, cfg.model.device)
     console = Console(stderr=True) if dist.main else Console(quiet=True)
     todo = align_targets(cfg, list(task.langs) if task and task.langs else None)
+    units = sweep_units(cfg, todo, task, dist)  # (config, target) per adapter; --sweep: per target and grid point
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     lm = models.load(cfg.model)
     measured = parse_layers(cfg.run.layers, lm.n_layers)
-    aligned = parse_layers(cfg.align.align_layers, lm.n_layers)
+    aligned = sorted({i for c, _ in units for i in parse_layers(c.align.align_layers, lm.n_layers)})
     saes = sae_sources.load(cfg, lm, sorted(set(measured) | set(aligned)), corpus, console)
-    split = align.split_ids(corpus.ids, cfg.align.heldout, cfg.align.val_fraction, cfg.run.seed)
-    show_plan(cfg, todo, split, engine, dist, aligned, console)
+    split = split_of(cfg, corpus)
+    show_plan(cfg, [t for _, t in units], split, engine, dist, aligned, console)
     if dist.main:  # what runs, once the model, the SAEs and the targets have been checked
         RunDir(cfg.run_dir).write_manifest(cfg, "align", corpus.hash)
-    return [align_one(cfg, lm, saes, corpus, target, split, dist, engine, console) for target in todo]
+    return [align_one(c, lm, saes, corpus, t, split_of(c, corpus), dist, engine, console) for c, t in units]
 
 
 def show_plan(cfg: Config, todo: list[AlignTarget], split: align.Split, engine: str, dist: align.Dist,
@@ -293,3 +294,28 @@ def _pct(value, sign: str = "") -> str:
 
 def _num(value) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.1f}"
+
+
+# ---------------------------------------------------------------------------------------- sweep points
+
+
+def sweep_units(cfg: Config, todo: list[AlignTarget], task: Task | None, dist: align.Dist
+                ) -> list[tuple[Config, AlignTarget]]:
+    """Each target with `cfg`; with `--sweep`, each target at each grid point (the task's, else the grid's),
+    named `{target}@{tag}` and with the point's config, its folder checked and claimed (toolkit.sweep)."""
+    if not cfg.align.sweep:
+        return [(cfg, target) for target in todo]
+    points = list(task.points) if task and task.points else sweep.read_grid(cfg.align.sweep, cfg)
+    units = []
+    for target in todo:
+        for point in points:
+            name = sweep.unit_name(target.name, point)
+            if dist.main:
+                sweep.claim(cfg.run_dir, name, point)
+            units.append((sweep.apply(cfg, point), AlignTarget(name, target.targets)))
+    return units
+
+
+def split_of(cfg: Config, corpus: Corpus) -> align.Split:
+    """The held-out, validation and training ids of a config (a sweep point's seed draws its own)."""
+    return align.split_ids(corpus.ids, cfg.align.heldout, cfg.align.val_fraction, cfg.run.seed)

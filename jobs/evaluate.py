@@ -1,11 +1,12 @@
 """Evaluation job: ARC-Challenge, MMLU and HellaSwag per language, base and every adapter on the same items.
 
-Models: the base model, and base + each peft adapter: `--adapter DIR`, or every `RUN/align/{lang}/adapter`
-(a folder with adapter_config.json). Every adapter is checked against the base model's modules and shapes
-before anything is scored. The base is loaded once; each adapter goes onto a deep copy of it (merged in
-float32, unmerged otherwise: `toolkit.models.apply_adapter`) and is dropped after its evaluation, so
-memory holds at most two copies of the weights. Beside the benchmarks, each model scores bits per byte
-on the corpus's held-out sentences (`toolkit.evaluation.bpb`).
+Models: the base model, and base + each peft adapter: `--adapter DIR`, or the run's adapters by the one rule
+of `RunDir.adapters` (every `RUN/align/{lang}/adapter` and `RUN/align/joint/adapter`; with `--sweep-points`
+also every sweep point's `RUN/align/{lang}@{tag}/adapter`). Every adapter is checked against the base
+model's modules and shapes before anything is scored. The base is loaded once; each adapter goes onto a
+deep copy of it (merged in float32, unmerged otherwise: `toolkit.models.apply_adapter`) and is dropped
+after its evaluation, so memory holds at most two copies of the weights. Beside the benchmarks, each
+model scores bits per byte on the corpus's held-out sentences (`toolkit.evaluation.bpb`).
 
 Writes RUN/eval/: results.json (everything; keys in docs/evaluation.md), results.csv (model x task x
 language, with the paired comparison on adapted rows), items.csv (per-item scores, the input of the
@@ -30,26 +31,24 @@ from toolkit import models
 from toolkit.config import Config
 from toolkit.errors import UserError
 from toolkit.evaluation import bpb, correlate, metrics, outputs, scoring, tasks
-from toolkit.languages import LANGUAGES
-from toolkit.rundir import RunDir
+from toolkit.rundir import ADAPTER_CONFIG, RunDir
 from toolkit.stages import Task
 
 
 def adapter_label(path: str | Path) -> str:
+    """`adapted:` and the unit an adapter was trained for (its folder's name: a language, joint, a sweep point)."""
     path = Path(path)
-    name = path.parent.name if path.name == "adapter" and path.parent.name in LANGUAGES else path.name
-    return f"adapted:{name}"
+    return f"adapted:{path.parent.name if path.name == 'adapter' and path.parent.name else path.name}"
 
 
 def discover_adapters(cfg: Config) -> list[tuple[str, Path]]:
-    """`model.adapter` when set, else every RUN/align/{lang}/adapter that holds a peft adapter."""
+    """`model.adapter` when set, else the run's adapters (`RunDir.adapters`; sweep points with eval.sweep_points)."""
     if cfg.model.adapter:
         path = Path(cfg.model.adapter)
-        if not (path / "adapter_config.json").is_file():
-            raise UserError(f"--adapter {path}: no adapter_config.json there (expected a peft adapter directory)")
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise UserError(f"--adapter {path}: no {ADAPTER_CONFIG} there (expected a peft adapter directory)")
         return [(adapter_label(path), path)]
-    found = [RunDir(cfg.run_dir).align(lang) / "adapter" for lang in LANGUAGES]
-    return [(adapter_label(p), p) for p in found if (p / "adapter_config.json").is_file()]
+    return [(f"adapted:{name}", p) for name, p in RunDir(cfg.run_dir).adapters(points=cfg.eval.sweep_points).items()]
 
 
 def run(cfg: Config, task: Task | None = None) -> dict:

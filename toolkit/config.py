@@ -126,6 +126,8 @@ class AlignConfig:
     val_fraction: float = opt(0.1, "fraction of training ids used for validation loss")
     checkpoint_every: int = opt(50, "save a resumable checkpoint every N steps")
     joint: bool = opt(False, "one adapter over all target languages instead of one each")
+    sweep: str = opt("", "grid YAML mapping align options (and seed) to lists of values: one adapter per target "
+                     "and point of their cross product, in RUN/align/{lang}@{tag} (docs/sweep.md)")
     targets: str = opt("", "languages to align (default: every non-English language in --langs; the rest are "
                        "measured for collateral effects)")
     layer_weights: str = opt("gap", "per-layer weights of the alignment term: gap (w_l ~ max(0, -gap_l), mean 1) "
@@ -144,6 +146,8 @@ class EvalConfig:
     scorer: str = opt("lingogap", "log-likelihood scorer: lingogap (each context once) or hflm (lm-eval's HFLM)",
                       flag="--eval-scorer", choices=("lingogap", "hflm"))
     bpb_sentences: int = opt(100, "held-out corpus sentences per language for bits per byte (0: skip)")
+    sweep_points: bool = opt(False, "also evaluate the adapter of every sweep point (RUN/align/{lang}@{tag}); "
+                             "without it, the per-language and joint adapters")
 
 
 

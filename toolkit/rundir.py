@@ -21,6 +21,8 @@ MANIFEST_FIX = ("move it aside (it records how earlier stages ran) and rerun the
                 "{path}")
 JOBS_FIX = "delete it (it only lists submitted jobs; no output depends on it) and rerun the command"
 SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key)$")  # not `batch_tokens`
+SWEEP_SEP = "@"  # RUN/align/{unit}@{tag}: a sweep point's adapter (toolkit.sweep)
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a (finished) peft adapter
 
 
 class RunDir:
@@ -38,7 +40,27 @@ class RunDir:
     manifest = property(lambda self: self.root / "manifest.json")
 
     def align(self, lang: str) -> Path:
+        """An alignment unit's folder: a language, `joint`, or a sweep point `{unit}@{tag}`."""
         return self.root / "align" / lang
+
+    def align_point(self, unit: str, tag: str) -> Path:
+        return self.align(point_name(unit, tag))
+
+    def point_record(self, name: str) -> Path:
+        """A sweep point's values, in its folder RUN/align/{name}, written before training starts (toolkit.sweep)."""
+        return self.align(name) / "point.json"
+
+    def point_records(self, unit: str) -> list[Path]:
+        """The recorded sweep points of one unit (a language or `joint`), by name."""
+        return sorted(self.root.glob(f"align/{unit}{SWEEP_SEP}*/point.json"))
+
+    def adapters(self, points: bool = True) -> dict[str, Path]:
+        """The run's trained adapters by unit name: every RUN/align/{name}/adapter holding a peft adapter, so
+        per-language, `joint` and (with `points`) sweep-point adapters alike; sorted by name. The one rule
+        `evaluate`, `report` and `status` use."""
+        found = {p.parent.parent.name: p.parent for p in (self.root / "align").glob(f"*/adapter/{ADAPTER_CONFIG}")}
+        return {name: found[name] for name in sorted(found)  # a staging folder (.name.pid.tmp) is not one yet
+                if not name.startswith(".") and (points or not is_point(name))}
 
     def write_manifest(self, cfg: Config, stage: str, corpus_hash: str | None = None) -> dict:
         """Record the resolved config, versions and git revision; each stage adds its own entry."""
@@ -95,6 +117,15 @@ class RunDir:
                     read_json(layer / name, fix)
             for weights in layer.glob("*.safetensors"):
                 _check_safetensors(weights, fix)
+
+
+def point_name(unit: str, tag: str) -> str:
+    """The name of a target's (or `joint`'s) adapter at a sweep point: its folder and its job label."""
+    return f"{unit}{SWEEP_SEP}{tag}"
+
+
+def is_point(name: str) -> bool:
+    return SWEEP_SEP in name
 
 
 def discard_if_empty(root: str | Path) -> bool:

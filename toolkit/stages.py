@@ -14,21 +14,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from toolkit import sweep
 from toolkit.config import Config
 from toolkit.errors import UserError
+from toolkit.sweep import Point
 
 
 @dataclass(frozen=True)
 class Task:
     """One unit a job runs: all of a stage (`label` "all") or one array task of it.
 
-    `units` are extraction's (lang, shard, n_shards); `langs` are alignment's targets. None means
-    "everything the config asks for" so a local run needs no plan to call a job body.
+    `units` are extraction's (lang, shard, n_shards); `langs` are alignment's targets, `points` a sweep's
+    grid points (`align --sweep`). None means "everything the config asks for" so a local run needs no
+    plan to call a job body.
     """
 
     label: str = "all"
     units: tuple[tuple[str, int, int], ...] | None = None
     langs: tuple[str, ...] | None = None
+    points: tuple[Point, ...] | None = None
 
 
 def whole(cfg: Config) -> list[Task]:
@@ -131,12 +135,23 @@ def align_targets(cfg: Config) -> list[str]:
 
 def _align_tasks(cfg: Config) -> list[Task]:
     targets = align_targets(cfg)
-    return [Task("joint", langs=tuple(targets))] if cfg.align.joint else [Task(t, langs=(t,)) for t in targets]
+    units = [Task("joint", langs=tuple(targets))] if cfg.align.joint else [Task(t, langs=(t,)) for t in targets]
+    if not cfg.align.sweep:
+        return units
+    # a sweep: one array task per unit and grid point, each in RUN/align/{unit}@{tag}
+    points = sweep.read_grid(cfg.align.sweep, cfg)
+    return [Task(sweep.unit_name(u.label, p), langs=u.langs, points=(p,)) for u in units for p in points]
 
 
 def _align_merge(tasks: list[Task]) -> Task:
-    # one call trains each target in turn (or jointly) with the model loaded once
-    return Task(",".join(t.label for t in tasks), langs=None)
+    # one call trains each target in turn (or jointly), at each sweep point, with the model loaded once
+    points = tuple(dict.fromkeys(p for t in tasks for p in t.points or ())) or None
+    if points is None:
+        return Task(",".join(t.label for t in tasks), langs=None)
+    from toolkit.rundir import SWEEP_SEP
+
+    units = dict.fromkeys(t.label.partition(SWEEP_SEP)[0] for t in tasks)
+    return Task(f"{','.join(units)} x {len(points)} sweep points", langs=None, points=points)
 
 
 register(Stage("train-saes", "train (or reuse) one SAE per layer on the model's activations",

@@ -114,6 +114,7 @@ def preflight(cfg: Config, stage: str) -> None:
     """Checks before any job is run or submitted, so that a refused command leaves no trace: the run folder
     (writable, its records readable; `report` needs one), no live writer on its files, and what the config
     asks of the corpus."""
+    from toolkit.cluster.chain import stage_list
     from toolkit.rundir import RunDir
 
     if stage == "pipeline":
@@ -128,6 +129,11 @@ def preflight(cfg: Config, stage: str) -> None:
         for lang in cfg.lang_codes:
             for k in range(n):
                 WriterLock(run_dir.activations / shard_name(lang, k, n)).check_free()
+    if cfg.align.sweep and "align" in stage_list(cfg, stage):
+        from toolkit import sweep
+
+        for task in stages.get("align").split(cfg):  # the grid is read and every point's folder checked
+            sweep.check_folder(cfg.run_dir, task.label, task.points[0])
     if stage in ("extract", "pipeline") and cfg.extract.shards > 1:
         from toolkit import corpus as corpora
         from toolkit import plan

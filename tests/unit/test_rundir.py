@@ -24,3 +24,31 @@ def test_concurrent_stages_all_land_in_the_manifest(tmp_path):
 def test_manifest_keeps_token_counts_and_drops_secrets():
     cleaned = _without_secrets({"extract": {"batch_tokens": 1024, "hf_token": "hf_x"}, "password": "p", "sae": {}})
     assert cleaned == {"extract": {"batch_tokens": 1024}, "sae": {}}
+
+
+def _adapter(folder):
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "adapter_config.json").write_text("{}")
+
+
+def test_the_runs_adapters_are_every_unit_with_a_trained_adapter(tmp_path):
+    """One rule for evaluate, report and status: languages, joint and sweep points; nothing half-made."""
+    from toolkit.cluster.status import adapters_line
+
+    run = RunDir(tmp_path)
+    assert run.adapters() == {} and adapters_line(tmp_path) == "adapters: none"
+    for name in ("ml", "joint", "hi", "hi@lr=0.001", "ml@lr=0.001,seed=1"):
+        _adapter(run.align(name))
+    (run.align("es") / "checkpoints" / "step-000002" / "adapter").mkdir(parents=True)  # a checkpoint's, not trained
+    (run.align("es") / "checkpoints" / "step-000002" / "adapter" / "adapter_config.json").write_text("{}")
+    (run.align("base-0123abcd") / "activations").mkdir(parents=True)  # the shared base measurement
+    (run.root / "align" / ".hi.123.tmp" / "adapter").mkdir(parents=True)  # a writer's staging folder
+    (run.root / "align" / ".hi.123.tmp" / "adapter" / "adapter_config.json").write_text("{}")
+    (run.align("mr") / "adapter").mkdir(parents=True)  # saving was interrupted: no adapter_config.json
+    assert list(run.adapters()) == ["hi", "hi@lr=0.001", "joint", "ml", "ml@lr=0.001,seed=1"]
+    assert run.adapters()["joint"] == tmp_path / "align" / "joint" / "adapter"
+    assert list(run.adapters(points=False)) == ["hi", "joint", "ml"]
+    assert run.align_point("hi", "lr=0.001") == tmp_path / "align" / "hi@lr=0.001"
+    assert adapters_line(tmp_path) == (
+        f"adapters: hi, joint, ml; sweep points: 2 (python -m analysis.align_sweep {tmp_path})"
+    )

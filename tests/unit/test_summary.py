@@ -7,7 +7,8 @@ from tests.unit.analysis_fixtures import random_run
 
 
 def _before_after(folder, targets):
-    folder.mkdir(parents=True)
+    (folder / "adapter").mkdir(parents=True)  # a trained adapter: what makes a folder an alignment unit
+    (folder / "adapter" / "adapter_config.json").write_text("{}")
     langs = {"en": {"role": "reference", "gain_pct_mean": 0.4, "gain_pct_pooled": 0.3, "retention_pct_mean": 100.4,
                     "ppl_before": 30.0, "ppl_after": 30.5},
              "hi": {"role": "target", "gain_pct_mean": 21.5, "gain_pct_pooled": 19.0, "retention_pct_mean": 121.5,
@@ -59,3 +60,21 @@ def test_an_unreadable_section_names_its_file(tmp_path):
     (run / "eval" / "results.json").write_text("{not json")
     text = summary.render_text(summary.collect(run), width=400)
     assert "results.json is unreadable" in text and "rerun evaluate" in text
+
+
+def test_a_joint_adapter_is_reported_like_the_others_and_sweep_points_are_counted(tmp_path):
+    run = random_run(tmp_path / "run", ["en", "hi"])
+    _before_after(run / "align" / "hi", ["hi"])
+    _before_after(run / "align" / "joint", ["hi", "ml"])
+    _before_after(run / "align" / "hi@lr=0.001", ["hi"])
+    _before_after(run / "align" / "hi@lr=0.002", ["hi"])
+    (run / "align" / "ml" / "checkpoints").mkdir(parents=True)  # training, no adapter yet: not a unit
+    (run / "align" / "base-0123abcd" / "activations").mkdir(parents=True)  # the shared base measurement
+    (run / "align" / "es" / "adapter").mkdir(parents=True)  # an adapter without its measurement
+    (run / "align" / "es" / "adapter" / "adapter_config.json").write_text("{}")
+    data = summary.collect(run)
+    assert [a["adapter"] for a in data["alignment"]] == ["es", "hi", "joint"] and data["sweep_points"] == 2
+    assert data["alignment"][2]["targets"] == ["hi", "ml"] and "not measured" in data["alignment"][0]["error"]
+    text = summary.render_text(data, width=200)
+    assert "joint" in text and "alignment sweep: 2 point adapter(s)" in text and "analysis.align_sweep" in text
+    assert "alignment: not run" not in text

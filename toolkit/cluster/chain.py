@@ -53,7 +53,7 @@ def absolute(cfg: Config) -> Config:
     source = SAESource.parse(cfg.sae.source)
     if source.paths:
         out.sae.source = str(source.absolute())
-    for section, name in (("model", "adapter"), ("eval", "bench_data")):
+    for section, name in (("model", "adapter"), ("eval", "bench_data"), ("align", "sweep")):
         value = getattr(getattr(cfg, section), name)
         if value:
             setattr(getattr(out, section), name, str(Path(value).expanduser().resolve()))

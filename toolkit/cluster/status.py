@@ -15,7 +15,7 @@ from rich.table import Table
 from toolkit.cluster.joblog import JobLog
 from toolkit.cluster.states import FAILED_STATES, OK_STATES, alive, error_text, last_error_line, states, terminal
 from toolkit.errors import UserError
-from toolkit.rundir import RunDir
+from toolkit.rundir import RunDir, is_point
 
 STATE_STYLE = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "REQUEUED": "yellow"}
 
@@ -56,7 +56,17 @@ def show_status(run_dir: Path, console: Console) -> tuple[list[dict], dict]:
     records = _recorded(run_dir)
     now = states(records)
     console.print(status_table(records, now, run_dir))
+    console.print(adapters_line(run_dir), highlight=False, soft_wrap=True)
     return records, now
+
+
+def adapters_line(run_dir: Path) -> str:
+    """The run's trained adapters (`RunDir.adapters`), sweep points counted apart from the others."""
+    found = RunDir(run_dir).adapters()
+    plain = [name for name in found if not is_point(name)]
+    points = len(found) - len(plain)
+    text = f"adapters: {', '.join(plain) if plain else 'none'}"
+    return text + (f"; sweep points: {points} (python -m analysis.align_sweep {run_dir})" if points else "")
 
 
 def wait(run_dir: Path, records: list[dict], console: Console, poll_s: float = 1.0, max_poll_s: float = 10.0) -> int:

@@ -127,6 +127,27 @@ def test_adapter_against_base_on_the_same_items(tmp_path, fixture_data, capsys, 
     assert pair["n_paired"] == len(_align_heldout()) and pair["delta_bpb"] != 0 and 0 < pair["p_bpb"] <= 1
 
 
+def test_joint_and_sweep_point_adapters_are_evaluated_like_the_others(tmp_path, fixture_data):
+    """The run's adapters by one rule (RunDir.adapters): a --joint adapter always, sweep points on request."""
+    from jobs import evaluate
+
+    for name in ("hi", "joint", "hi@lr=0.001"):
+        _make_adapter(tmp_path / "run" / "align" / name / "adapter")
+    cfg = _cfg(tmp_path, fixture_data, limit=4, bpb_sentences=0)
+    assert [label for label, _ in evaluate.discover_adapters(cfg)] == ["adapted:hi", "adapted:joint"]
+    cfg.eval.sweep_points = True
+    result = evaluate.run(cfg)
+    labels = ["base", "adapted:hi", "adapted:hi@lr=0.001", "adapted:joint"]
+    assert [m["label"] for m in result["models"]] == labels
+    joint = next(m for m in result["models"] if m["label"] == "adapted:joint")
+    assert Path(joint["adapter"]) == tmp_path / "run" / "align" / "joint" / "adapter"
+    scored = {(r["model"], r["language"]) for r in result["results"] if r["status"] == "ok"}
+    assert scored == {(label, lang) for label in labels for lang in ("en", "hi")}
+    assert {(c["model"], c["language"]) for c in result["comparisons"]} == {
+        (label, lang) for label in labels[1:] for lang in ("en", "hi")
+    }
+
+
 def test_explicit_adapter_and_missing_language_in_the_report(tmp_path, fixture_data, capsys, monkeypatch):
     from jobs import evaluate
 
