@@ -21,8 +21,8 @@ def test_stage_lists(tmp_path):
     assert stage_list(trained, "pipeline") == ["train-saes", "extract", "report", "align"]
     assert stage_list(trained, "align") == ["train-saes", "align"]
     assert stage_list(trained, "report") == ["report"]
-    with pytest.raises(UserError, match="run.stages"):
-        Config.build({"run": {"stages": "extract,reprot"}})
+    with pytest.raises(UserError, match="run.stages: unknown stage.s. reprot"):
+        stage_list(Config.build({"run": {"stages": "extract,reprot"}}), "pipeline")
 
 
 def test_tasks_per_language_shard_and_target(tmp_path):
