@@ -413,34 +413,128 @@ def identity_diff(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} on disk vs {new.get(k)!r} now" for k in keys[:3])
 
 
+REBUILD = "delete it and rerun extract to rebuild it (or rerun extract with --overwrite to rebuild every file)"
+H5_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError)  # what h5py raises on damaged metadata
+_checked: set[tuple[str, int, int]] = set()  # files whose layout this process has checked (path, size, mtime)
+
+
 class ActivationFile:
-    """Read-only view of one finished activation file. Use as a context manager or call close()."""
+    """Read-only view of one finished activation file. Use as a context manager or call close().
+
+    Opening checks the layout (docs/hdf5.md) before anything is trusted: the root attributes, then every
+    dataset's presence, shape and dtype against the sentence, token and code counts. A damaged file (a flipped
+    bit in an object header, a shape or a datatype) is a StoreError naming the file, the dataset and the fix,
+    whatever h5py raised, instead of a traceback or silently wrong values. Checksums of the data themselves are
+    read by `read_all` (`verify`).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._h5 = None
         try:
             self._h5 = h5py.File(self.path, "r", locking=HDF5_LOCKING)
         except FileNotFoundError:
             raise StoreError(f"{self.path}: no such activation file") from None
-        except OSError as exc:
-            raise StoreError(
-                f"{self.path} is truncated or corrupt ({exc}); delete it and rerun extract to rebuild it "
-                "(or rerun with --overwrite to rebuild every file)"
-            ) from None
-        attrs = self._h5.attrs
-        if attrs.get("format") != FORMAT:
+        except H5_ERRORS as exc:
+            raise StoreError(f"{self.path} is truncated or corrupt ({_first_line(exc)}); {REBUILD}") from None
+        try:
+            self._check_attrs()
+            self._check_layout()
+        except BaseException:
             self.close()
+            raise
+
+    def _check_attrs(self) -> None:
+        try:
+            attrs = dict(self._h5.attrs)
+        except H5_ERRORS as exc:
+            raise StoreError(f"{self.path}: its attributes cannot be read ({_first_line(exc)}); {REBUILD}") from None
+        if attrs.get("format") != FORMAT:
             raise StoreError(f"{self.path} is not a lingogap activation file; move it away, or delete it and "
                              "rerun extract to rebuild it")
-        if int(attrs.get("layout_version", -1)) > LAYOUT_VERSION:
-            self.close()
+        version = _int_attr(attrs, "layout_version")
+        if version is None:
+            raise StoreError(f"{self.path}: its layout_version {attrs.get('layout_version')!r} is damaged; {REBUILD}")
+        if version > LAYOUT_VERSION:
             raise StoreError(
-                f"{self.path} has layout version {attrs['layout_version']}, newer than this lingogap "
-                f"reads ({LAYOUT_VERSION}); upgrade lingogap"
+                f"{self.path} has layout version {version}, newer than this lingogap reads ({LAYOUT_VERSION}); "
+                "upgrade lingogap"
             )
         if not bool(attrs.get("complete", False)):
-            self.close()
             raise StoreError(f"{self.path} is incomplete; delete it and rerun extract to rebuild it")
+        for name in ("n_sentences", "n_tokens"):
+            if _int_attr(attrs, name) is None or _int_attr(attrs, name) < 0:
+                raise StoreError(f"{self.path}: its {name} attribute {attrs.get(name)!r} is damaged; {REBUILD}")
+
+    def _check_layout(self) -> None:
+        """Every dataset of the layout present, with its shape and dtype (once per file and process)."""
+        st = self.path.stat()
+        key = (str(self.path.resolve()), st.st_size, st.st_mtime_ns)
+        if key in _checked:
+            return
+        n_sent, n_tok = int(self._h5.attrs["n_sentences"]), int(self._h5.attrs["n_tokens"])
+        code_dtype = str(self._h5.attrs.get("code_dtype", "") or "")
+        self._expect("sentences/id", (n_sent,), "string")
+        self._expect("sentences/token_offsets", (n_sent + 1,), np.int64)
+        self._expect("tokens/id", (n_tok,), np.int32)
+        self._expect("tokens/position", (n_tok,), np.int32)
+        layers = self._layer_names()
+        for layer in layers:
+            g = f"layers/{layer}"
+            self._expect(f"{g}/codes/indptr", (n_tok + 1,), np.int64)
+            nnz = self._expect(f"{g}/codes/indices", None, np.int32).shape
+            values = self._expect(f"{g}/codes/values", nnz, (np.float16, np.float32))
+            if code_dtype and values.dtype != np.dtype(code_dtype):
+                self._damaged(f"{g}/codes/values", f"has dtype {values.dtype}, the file says {code_dtype}")
+            for stat in STORED:
+                if stat in SAE_STATS or self._exists(f"{g}/stats/{stat}"):  # the controls are absent in layout 1
+                    self._expect(f"{g}/stats/{stat}", (n_sent,), np.float32)
+            if self._exists(f"{g}/resid"):
+                resid = self._expect(f"{g}/resid", None, np.float32)
+                if resid.ndim != 2 or resid.shape[0] != n_tok:
+                    self._damaged(f"{g}/resid", f"has shape {resid.shape}, not ({n_tok}, d_model)")
+        recorded = self._h5.attrs.get("layers")
+        if recorded is not None and sorted(np.atleast_1d(recorded).tolist()) != layers:
+            self._damaged("layers", f"holds layers {layers}, the file says {np.atleast_1d(recorded).tolist()}")
+        _checked.add(key)
+
+    def _layer_names(self) -> list[int]:
+        try:
+            names = list(self._h5["layers"].keys())
+        except H5_ERRORS as exc:
+            self._damaged("layers", f"cannot be read ({_first_line(exc)})")
+        if not all(name.isdigit() for name in names):
+            self._damaged("layers", f"holds a group that is not a layer index ({', '.join(sorted(names))[:200]})")
+        return sorted(int(name) for name in names)
+
+    def _exists(self, name: str) -> bool:
+        try:
+            return name in self._h5
+        except H5_ERRORS:
+            return True  # present but unreadable: _expect says so
+
+    def _expect(self, name: str, shape: tuple | None, dtype) -> h5py.Dataset:
+        """The dataset `name`, refused unless it has `shape` (None: any) and one of `dtype` ("string": UTF-8)."""
+        try:
+            ds = self._h5[name]
+            if not isinstance(ds, h5py.Dataset):
+                self._damaged(name, "is not a dataset")
+            found_shape, found_dtype = ds.shape, ds.dtype
+        except H5_ERRORS as exc:
+            missing = isinstance(exc, KeyError) and "doesn't exist" in str(exc)
+            self._damaged(name, "is missing" if missing else f"cannot be opened ({_first_line(exc)})")
+        if dtype == "string":
+            fits = h5py.check_string_dtype(found_dtype) is not None
+        else:
+            fits = any(found_dtype == np.dtype(d) for d in (dtype if isinstance(dtype, tuple) else (dtype,)))
+        if not fits:
+            self._damaged(name, f"has dtype {found_dtype.str}, the layout says {_dtype_name(dtype)}")
+        if shape is not None and found_shape != tuple(shape):
+            self._damaged(name, f"has shape {found_shape}, the layout says {tuple(shape)}")
+        return ds
+
+    def _damaged(self, name: str, problem: str):
+        raise StoreError(f"{self.path} is damaged: dataset {name} {problem}; {REBUILD}")
 
     def __enter__(self) -> ActivationFile:
         return self
@@ -456,7 +550,11 @@ class ActivationFile:
     def read_all(self, block: int = 1 << 20) -> None:
         """Read every dataset, `block` rows at a time: a checksum or a chunk that fails is a StoreError."""
         names: list[str] = []
-        self._h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        try:
+            self._h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        except H5_ERRORS as exc:
+            raise StoreError(f"{self.path} is corrupt: its groups cannot be listed ({_first_line(exc)}); "
+                             f"{REBUILD}") from None
         for name in names:
             n = self._h5[name].shape[0] if self._h5[name].shape else 0
             for start in range(0, max(n, 1), block):
@@ -465,11 +563,13 @@ class ActivationFile:
     def _read(self, name: str, sel=slice(None)) -> np.ndarray:
         try:
             return self._h5[name][sel]
-        except KeyError:
-            raise StoreError(f"{self.path} has no dataset {name!r}") from None
-        except OSError as exc:  # fletcher32 checksum or truncated chunk
-            raise StoreError(f"{self.path} is corrupt: reading {name} failed ({exc}); delete it and rerun extract "
-                             "to rebuild it (or rerun with --overwrite to rebuild every file)") from None
+        except KeyError as exc:
+            if "doesn't exist" in str(exc):
+                raise StoreError(f"{self.path} has no dataset {name!r}") from None
+            raise StoreError(f"{self.path} is corrupt: opening {name} failed ({_first_line(exc)}); {REBUILD}") from None
+        except H5_ERRORS as exc:  # fletcher32 checksum, a truncated chunk, damaged metadata
+            raise StoreError(f"{self.path} is corrupt: reading {name} failed ({_first_line(exc)}); "
+                             f"{REBUILD}") from None
 
     @property
     def attrs(self) -> dict:
@@ -550,6 +650,23 @@ class ActivationFile:
             pooled.append(sums / np.diff(offsets[start:stop + 1])[:, None])
             start = stop
         return np.concatenate(pooled) if pooled else np.zeros((0, 0), dtype=np.float32)
+
+
+def _int_attr(attrs: dict, name: str) -> int | None:
+    value = attrs.get(name)
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.item()
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None
+
+
+def _dtype_name(dtype) -> str:
+    if dtype == "string":
+        return "a UTF-8 string"
+    return " or ".join(np.dtype(d).str for d in (dtype if isinstance(dtype, tuple) else (dtype,)))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def activation_files(run_dir: str | Path) -> dict[str, list[Path]]:

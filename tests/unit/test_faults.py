@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -296,3 +297,165 @@ def test_sigterm_records_cancelled_and_leaves_a_resumable_run(template, tmp_path
     assert proc.returncode == 143, stderr[-3000:]
     assert job["state"] == "CANCELLED" and "SIGTERM" in job["error"]
     assert not list(run.rglob("*.h5.lock"))  # the writers' locks went with them
+
+
+def header_messages(path: Path, name: str) -> tuple[int, dict[int, int]]:
+    """The address of a dataset's (version 1) object header and the file offset of each message's body by type
+    (1 dataspace, 3 datatype, ...): where a flipped bit changes what HDF5 reads without touching a checksum."""
+    with h5py.File(path, "r") as h5:
+        addr = h5py.h5o.get_info(h5[name].id).addr
+    data = path.read_bytes()
+    assert data[addr] == 1, "a version-1 object header"
+    n_messages = struct.unpack_from("<H", data, addr + 2)[0]
+    pos, bodies = addr + 16, {}
+    for _ in range(n_messages):
+        kind, size = struct.unpack_from("<HH", data, pos)
+        bodies.setdefault(kind, pos + 8)
+        pos += 8 + size
+    return addr, bodies
+
+
+def flip_bit(path: Path, offset: int, bit: int) -> None:
+    (path.parent / (path.name + ".verified")).unlink(missing_ok=True)
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([byte ^ (1 << bit)]))
+
+
+def flip_header(path: Path) -> None:
+    flip_bit(path, header_messages(path, "layers/1/stats/mass")[0], 0)  # the header's version byte
+
+
+def flip_shape(path: Path) -> None:
+    n = 8  # sentences: the first dimension of the dataspace, 8 -> 0
+    flip_bit(path, header_messages(path, "layers/1/stats/mass")[1][1] + 8, n.bit_length() - 1)
+
+
+def flip_dtype(path: Path) -> None:
+    flip_bit(path, header_messages(path, "layers/1/codes/values")[1][3] + 1, 0)  # little- to big-endian float16
+
+
+def drop_dataset(path: Path) -> None:
+    with h5py.File(path, "r+") as h5:
+        del h5["layers/0/stats/l0"]
+
+
+def int_values(path: Path) -> None:
+    """A hostile rewrite: the codes' values as integers (same shape), as another tool might write them."""
+    with h5py.File(path, "r+") as h5:
+        values = h5["layers/0/codes/values"][()]
+        del h5["layers/0/codes/values"]
+        h5.create_dataset("layers/0/codes/values", data=values.astype(np.int32))
+
+
+def short_offsets(path: Path) -> None:
+    with h5py.File(path, "r+") as h5:
+        offsets = h5["sentences/token_offsets"][()]
+        del h5["sentences/token_offsets"]
+        h5.create_dataset("sentences/token_offsets", data=offsets[:-1])
+
+
+def empty_file(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    (flip_header, ["hi.h5 is damaged: dataset layers/1/stats/mass cannot be opened", "--overwrite"]),
+    (flip_shape, ["hi.h5 is damaged: dataset layers/1/stats/mass has shape (0,), the layout says (8,)",
+                  "--overwrite"]),
+    (flip_dtype, ["hi.h5 is damaged: dataset layers/1/codes/values has dtype >f2", "--overwrite"]),
+    (drop_dataset, ["hi.h5 is damaged: dataset layers/0/stats/l0 is missing", "--overwrite"]),
+    (int_values, ["hi.h5 is damaged: dataset layers/0/codes/values has dtype <i4", "--overwrite"]),
+    (short_offsets, ["hi.h5 is damaged: dataset sentences/token_offsets has shape", "--overwrite"]),
+    (empty_file, ["hi.h5 is truncated or corrupt", "--overwrite"]),
+], ids=["object-header-bit", "shape-bit", "dtype-bit", "missing-dataset", "int-values", "short-offsets", "empty-file"])
+@pytest.mark.parametrize("stage", ["report", "extract"])
+def test_a_damaged_activation_file_is_refused_naming_the_dataset_and_the_fix(template, tmp_path, damage, fragments,
+                                                                             stage):
+    run = copy_run(template, tmp_path / "run")
+    damage(run / "activations" / "hi.h5")
+    before = outputs(run)
+    args = ["report"] if stage == "report" else ["extract", *ARGS]
+    one_clear_error(cli(*args, "--run", str(run)), *fragments)
+    assert outputs(run) == before
+    if stage == "extract":  # the fix the message names
+        assert cli("extract", *ARGS, "--overwrite", "--run", str(run)).returncode == 0
+        assert_same_files(template, run)
+
+
+def rename_ids(path: Path, renamed: dict[str, str]) -> None:
+    with h5py.File(path, "r+") as h5:
+        ids = [s.decode() for s in h5["sentences/id"][()]]
+        h5["sentences/id"][...] = np.array([renamed.get(i, i) for i in ids], dtype=object)
+
+
+def test_sentence_ids_that_changed_after_extraction_are_an_error_unless_allowed(template, tmp_path):
+    run = copy_run(template, tmp_path / "ids")
+    hi = run / "activations" / "hi.h5"
+    with h5py.File(hi, "r") as h5:
+        old = sorted(s.decode() for s in h5["sentences/id"][()])[:2]
+    rename_ids(hi, {old[0]: "new-1", old[1]: "new-2"})
+    before = outputs(run)
+    one_clear_error(cli("report", "--run", str(run)), "hi and en do not hold the same sentence ids",
+                    "new-1", old[0], "--allow-id-mismatch")
+    assert outputs(run) == before
+    allowed = cli("report", "--allow-id-mismatch", "--run", str(run))
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "hi: 6 parallel sentences" in " ".join((allowed.stdout + allowed.stderr).split())
+
+
+@pytest.mark.parametrize("pid", ["abc", None], ids=["text", "null"])
+def test_a_lock_file_with_a_garbage_pid_is_one_message_naming_it(template, tmp_path, pid):
+    run = copy_run(template, tmp_path / "garbage")
+    lock = run / "activations" / "hi.h5.lock"
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": pid, "command": "lingogap extract"}))
+    before = outputs(run)
+    one_clear_error(cli("extract", *ARGS, "--run", str(run)), f"{lock} is damaged", f"delete {lock}")
+    assert outputs(run) == before
+
+
+FULL_ARGS = ["--preset", "tiny", "--langs", "en", "--max-sentences", "8", "--sae", "random"]  # ~7 MB, 26 layers
+
+
+def stop_at_consolidation(proc: subprocess.Popen, folder: Path) -> bool:
+    """SIGSTOP the writer once its staging file appears (it is consolidating); False if it finished first."""
+    while proc.poll() is None:
+        if folder.is_dir() and any(p.name.startswith(".en.h5.") for p in folder.iterdir()):
+            proc.send_signal(signal.SIGSTOP)
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounting a tmpfs needs root")
+def test_a_disk_that_fills_during_consolidation_is_one_message_and_resumes_identically(tmp_path):
+    """The space check before consolidating passes, then another process takes the rest of the disk: HDF5 meets
+    ENOSPC in its writes, cache flushes and object destructors. One message, exit 2, no h5py noise, no crash."""
+    reference = tmp_path / "reference"
+    assert cli("extract", *FULL_ARGS, "--run", str(reference)).returncode == 0
+    with tmpfs(tmp_path / "small", "40m") as disk:
+        run = disk / "run"
+        for _ in range(3):
+            shutil.rmtree(run, ignore_errors=True)
+            proc = start("extract", *FULL_ARGS, "--run", str(run))
+            if stop_at_consolidation(proc, run / "activations"):
+                break
+            proc.communicate()
+        else:
+            pytest.skip("consolidation finished before it could be stopped, three times")
+        fill(disk / "filler")
+        proc.send_signal(signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=300)
+        out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        one_clear_error(out, "the disk is full", "rerun the same command")
+        assert "Exception ignored" not in stderr, stderr[-3000:]
+        assert not list((run / "activations").glob("en.h5")) and not list(run.rglob(".*.tmp"))
+        (disk / "filler").unlink()
+        resumed = cli("extract", *FULL_ARGS, "--run", str(run))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        left, right = datasets(reference / "activations" / "en.h5"), datasets(run / "activations" / "en.h5")
+        assert left.keys() == right.keys()
+        for name in left:
+            np.testing.assert_array_equal(left[name], right[name], err_msg=name)
