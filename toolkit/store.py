@@ -11,11 +11,17 @@ final path. A job killed at any moment resumes after its last part.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
 import shutil
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +45,9 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 # a file is read only once renamed into place, never changed after.
 HDF5_LOCKING = False
 CONSOLIDATION_SLACK = 64 << 10  # HDF5 metadata beyond the parts' own bytes (+5 % for chunk padding)
+# HDF5's object header and chunk index per dataset: measured 2.3 KB beyond the 5 % (26 layers, 264 datasets).
+DATASET_OVERHEAD = 4 << 10
+FALLOC_FL_KEEP_SIZE = 1  # linux/falloc.h
 
 
 class StoreError(UserError):
@@ -100,6 +109,7 @@ class ActivationWriter:
         self.layers = sorted(layers)
         self.code_dtype = np.dtype(code_dtype)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._reserve = 0  # bytes the consolidated file is expected to need (set by finalize)
         self.lock = WriterLock(self.path, str(self.path))
         self.lock.acquire()  # held until finalize() or close(): one writer per file and its parts
         try:
@@ -215,7 +225,7 @@ class ActivationWriter:
         try:
             if not self.complete:
                 parts = self._part_files()
-                self._check_space(parts)
+                self._reserve = self._check_space(parts)
                 with staged(self.path) as tmp:  # per-process staging name: only a whole file is renamed
                     self._consolidate(tmp, parts, attrs, layer_attrs)
                 mark_verified(self.path)  # just written and fsynced: nothing to read back
@@ -224,14 +234,17 @@ class ActivationWriter:
             self.close()
         return self.path
 
-    def _check_space(self, parts: list[Path]) -> None:
-        """The consolidated file is about as large as its (uncompressed) parts. HDF5 meets a full disk in its
-        cache flushes and object destructors (chained errors, once a segfault), so it is not let near one."""
-        need = int(sum(p.stat().st_size for p in parts) * 1.05) + CONSOLIDATION_SLACK
+    def _check_space(self, parts: list[Path]) -> int:
+        """The bytes the consolidated file needs, about as many as its (uncompressed) parts plus HDF5's metadata;
+        refused now if they are not free. HDF5 meets a full disk in its cache flushes and object destructors
+        (chained errors, once a segfault), so it is not let near one: `_write_file` reserves these bytes."""
+        n_datasets = 4 + len(self.layers) * (3 + len(STORED) + 1)
+        need = int(sum(p.stat().st_size for p in parts) * 1.05) + CONSOLIDATION_SLACK + n_datasets * DATASET_OVERHEAD
         free = shutil.disk_usage(self.path.parent).free
         if free < need:
             raise OSError(errno.ENOSPC, f"consolidating needs about {need:,} bytes and {free:,} are free",
                           str(self.path))
+        return need
 
     def _consolidate(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
         try:
@@ -242,20 +255,115 @@ class ActivationWriter:
             raise
 
     def _write_file(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
-        with h5py.File(tmp, "w", locking=HDF5_LOCKING) as h5:
-            _write_consolidated(h5, parts, self.layers, self.code_dtype)
-            for key, value in {**attrs, **self.identity}.items():
-                h5.attrs[key] = _attr(value)
-            h5.attrs["format"] = FORMAT
-            h5.attrs["layout_version"] = LAYOUT_VERSION
-            h5.attrs["fingerprint"] = self.fingerprint
-            h5.attrs["identity"] = json.dumps(self.identity, sort_keys=True)
-            for layer, extra in (layer_attrs or {}).items():
-                for key, value in extra.items():
-                    h5[f"layers/{layer}"].attrs[key] = _attr(value)
-            h5.attrs["complete"] = True
+        h5 = h5py.File(tmp, "w", locking=HDF5_LOCKING)
+        with _destructor_errors() as failed:
+            try:
+                _reserve(h5, self._reserve)
+                self._fill(h5, parts, attrs, layer_attrs)
+                if failed:  # raised before the flush: a flush that fails leaves HDF5 unable to close the file
+                    raise failed[0]
+                h5.close()
+                if failed:
+                    raise failed[0]
+            except BaseException:
+                _abandon(h5, tmp)
+                raise
+        _release(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+
+    def _fill(self, h5: h5py.File, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
+        _write_consolidated(h5, parts, self.layers, self.code_dtype)
+        for key, value in {**attrs, **self.identity}.items():
+            h5.attrs[key] = _attr(value)
+        h5.attrs["format"] = FORMAT
+        h5.attrs["layout_version"] = LAYOUT_VERSION
+        h5.attrs["fingerprint"] = self.fingerprint
+        h5.attrs["identity"] = json.dumps(self.identity, sort_keys=True)
+        for layer, extra in (layer_attrs or {}).items():
+            for key, value in extra.items():
+                h5[f"layers/{layer}"].attrs[key] = _attr(value)
+        h5.attrs["complete"] = True
+
+
+@contextmanager
+def _destructor_errors() -> Iterator[list[BaseException]]:
+    """HDF5 flushes metadata whenever its cache evicts, also inside the destructor of a dataset or group handle
+    going away. h5py reports a failure there by printing its traceback (sys.excepthook) and then "Exception
+    ignored" (sys.unraisablehook), and carries on. While a file is written such a failure is a failed write (a
+    full disk): collected here, raised by the caller; anything else goes to the hooks as before."""
+    caught: list[BaseException] = []
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def from_h5py(exc: BaseException | None, tb, where: object = None) -> bool:
+        frames = traceback.extract_tb(tb) if tb else []
+        in_h5py = "h5py" in str(where) or any("h5py" in frame.filename for frame in frames)
+        return in_h5py and isinstance(exc, (OSError, RuntimeError))
+
+    def unraisable_hook(unraisable) -> None:
+        if from_h5py(unraisable.exc_value, unraisable.exc_traceback, unraisable.object):
+            caught.append(unraisable.exc_value)
+        else:
+            previous_unraisable(unraisable)
+
+    def except_hook(kind, value, tb) -> None:
+        if from_h5py(value, tb):
+            caught.append(value)
+        else:
+            previous_except(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+    try:
+        yield caught
+    finally:
+        sys.unraisablehook, sys.excepthook = previous_unraisable, previous_except
+
+
+def _reserve(h5: h5py.File, size: int) -> None:
+    """Allocate the file's expected size on disk before HDF5 writes into it, so that another process filling
+    the disk meanwhile cannot make HDF5's writes fail. The blocks are allocated past the end of the file
+    (Linux fallocate with FALLOC_FL_KEEP_SIZE): HDF5 sees an empty file and writes into them, and
+    `_release` frees what it did not use. Elsewhere, or on a filesystem without fallocate, it goes without."""
+    fallocate = getattr(_libc(), "fallocate", None)
+    if size <= 0 or fallocate is None:
+        return
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fallocate(h5.id.get_vfd_handle(), FALLOC_FL_KEEP_SIZE, 0, size) != 0:
+        code = ctypes.get_errno()
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(code, os.strerror(code))
+
+
+def _release(path: Path) -> None:
+    """Free the reserved blocks past the end of a written file (truncating to its own size does that)."""
+    os.truncate(path, path.stat().st_size)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _abandon(h5: h5py.File, tmp: Path) -> None:
+    """Close a staging file whose writing failed, leaving no HDF5 object for Python to finalise later.
+
+    On a full disk every dataset, group and the file itself still hold metadata HDF5 wants to write; left to
+    the garbage collector, each fails again in its destructor ("Exception ignored", once a segfault at exit).
+    The file is discarded anyway, so it is emptied first: its blocks are freed and the pending metadata lands
+    in a small sparse file. Then the file is closed, which closes its objects first (h5py's strong close)."""
+    try:
+        os.truncate(tmp, 0)
+    except OSError:
+        pass
+    for _ in range(3):  # each try closes what it can; what failed to flush is retried
+        try:
+            h5.close()
+            return
+        except (OSError, RuntimeError, ValueError):
+            continue
 
 
 def recorded_identity(path: Path) -> dict | None:
