@@ -465,3 +465,51 @@ def test_a_disk_that_fills_during_consolidation_is_one_message_or_none_and_resum
             np.testing.assert_array_equal(left[name], right[name], err_msg=name)
         st = (run / "activations" / "en.h5").stat()
         assert st.st_blocks * 512 < st.st_size + 65536  # no reserved block left behind
+
+
+ALIGN_ARGS = ["align", "--preset", "tiny", "--langs", "hi", "--targets", "hi", "--sae", "random", "--max-sentences",
+              "40", "--max-length", "48", "--layers", "0-25:5", "--align-layers", "0-25:5", "--checkpoint-every", "2",
+              "--lr", "0.002", "--engine", "torch"]
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory) -> Path:
+    """An alignment trained for 2 steps, checkpointed at step 2: the next run with more steps resumes there."""
+    run = tmp_path_factory.mktemp("align") / "run"
+    out = cli(*ALIGN_ARGS, "--steps", "2", "--run", str(run))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+def truncate(path: Path, keep: int = 100) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("name, keep", [("adapter/adapter_model.safetensors", 100),
+                                        ("adapter/adapter_model.safetensors", 60_000),
+                                        ("state.json", 10), ("optimizer.pt", 200)],
+                         ids=["adapter-header", "adapter-data", "state-json", "optimizer"])
+def test_a_truncated_checkpoint_file_is_one_message_naming_it_and_the_fix(aligned, tmp_path, name, keep):
+    run = copy_run(aligned, tmp_path / "run")
+    checkpoint = run / "align" / "hi" / "checkpoints" / "step-000002"
+    truncate(checkpoint / name, keep)
+    before = snapshot(run / "align")
+    one_clear_error(cli(*ALIGN_ARGS, "--steps", "4", "--run", str(run)), f"{checkpoint / name}",
+                    f"delete the checkpoint folder {checkpoint}")
+    assert snapshot(run / "align") == before  # (the manifest records the command: align writes it before training)
+    shutil.rmtree(checkpoint)  # the fix the message names: train afresh
+    assert cli(*ALIGN_ARGS, "--steps", "4", "--run", str(run)).returncode == 0
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda adapter: truncate(adapter / "adapter_model.safetensors"), "adapter_model.safetensors is damaged"),
+    (lambda adapter: truncate(adapter / "adapter_config.json", 27), "adapter_config.json is damaged"),
+], ids=["weights", "config"])
+def test_a_damaged_adapter_given_to_extract_is_one_message_naming_the_file(aligned, tmp_path, damage, fragment):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(aligned / "align" / "hi" / "adapter", adapter)
+    damage(adapter)
+    out = cli("extract", *ARGS[:-2], "--layers", "0", "--sae", "random", "--adapter", str(adapter),
+              "--run", str(tmp_path / "run"))
+    one_clear_error(out, fragment, "point --adapter at an intact adapter folder")
+    assert not (tmp_path / "run").exists()

@@ -62,6 +62,11 @@ def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
         raise UserError(f"{path}: unreadable ({_first_line(exc)}); {_fix(path)}") from None
 
 
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file (the adapter); a truncated or garbled one names the file and the fix."""
+    return files.read_safetensors(path, _fix(path))
+
+
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
