@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -513,3 +514,30 @@ def test_a_damaged_adapter_given_to_extract_is_one_message_naming_the_file(align
               "--run", str(tmp_path / "run"))
     one_clear_error(out, fragment, "point --adapter at an intact adapter folder")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_distributed_align_stops_every_rank_promptly_with_the_same_message(tmp_path):
+    """Two ranks (torch engine, gloo on CPU, launched as srun or torchrun would) meet a live writer's lock on the
+    target: rank 0 holds the lock for the job, and its refusal reaches rank 1 instead of a collective timeout."""
+    run = tmp_path / "run"
+    lock = run / "align" / "hi.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "command": "lingogap align"}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        ranks = [subprocess.Popen([sys.executable, "-m", "toolkit.submit", *ALIGN_ARGS, "--steps", "2", "--run",
+                                   str(run)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                 for r in range(2)]
+        outs = [subprocess.CompletedProcess(p.args, p.wait(timeout=240), *p.communicate()) for p in ranks]
+    finally:
+        for p in (holder, *locals().get("ranks", [])):
+            p.kill()
+            p.wait()
+    for out in outs:
+        one_clear_error(out, f"alignment {run / 'align' / 'hi'} is being written by another process (pid {holder.pid}")
+    assert [out.stderr.split("error:")[1] for out in outs][0] == [out.stderr.split("error:")[1] for out in outs][1]
