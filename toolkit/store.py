@@ -259,7 +259,7 @@ class ActivationWriter:
         with _destructor_errors() as failed:
             try:
                 _reserve(h5, self._reserve)
-                self._fill(h5, parts, attrs, layer_attrs)
+                self._fill(h5, parts, attrs, layer_attrs, failed)
                 if failed:  # raised before the flush: a flush that fails leaves HDF5 unable to close the file
                     raise failed[0]
                 h5.close()
@@ -272,8 +272,9 @@ class ActivationWriter:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
 
-    def _fill(self, h5: h5py.File, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
-        _write_consolidated(h5, parts, self.layers, self.code_dtype)
+    def _fill(self, h5: h5py.File, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None,
+              failed: list[BaseException]) -> None:
+        _write_consolidated(h5, parts, self.layers, self.code_dtype, failed)
         for key, value in {**attrs, **self.identity}.items():
             h5.attrs[key] = _attr(value)
         h5.attrs["format"] = FORMAT
@@ -291,11 +292,14 @@ def _destructor_errors() -> Iterator[list[BaseException]]:
     """HDF5 flushes metadata whenever its cache evicts, also inside the destructor of a dataset or group handle
     going away. h5py reports a failure there by printing its traceback (sys.excepthook) and then "Exception
     ignored" (sys.unraisablehook), and carries on. While a file is written such a failure is a failed write (a
-    full disk): collected here, raised by the caller; anything else goes to the hooks as before."""
+    full disk), and an interrupt (Ctrl-C, SIGTERM) that lands in a destructor would be lost the same way: both
+    are collected here and raised by the caller; anything else goes to the hooks as before."""
     caught: list[BaseException] = []
     previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
     def from_h5py(exc: BaseException | None, tb, where: object = None) -> bool:
+        if isinstance(exc, KeyboardInterrupt):  # only destructors report exceptions to the hooks meanwhile
+            return True
         frames = traceback.extract_tb(tb) if tb else []
         in_h5py = "h5py" in str(where) or any("h5py" in frame.filename for frame in frames)
         return in_h5py and isinstance(exc, (OSError, RuntimeError))
@@ -376,9 +380,12 @@ def recorded_identity(path: Path) -> dict | None:
     if not stamp.exists():
         return None
     try:
-        return json.loads(stamp.read_text())
+        recorded = json.loads(stamp.read_text())
     except ValueError:
-        raise StoreError(f"{stamp} is damaged; rerun extract with --overwrite to start that file afresh") from None
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise StoreError(f"{stamp} is damaged; rerun extract with --overwrite to start that file afresh")
+    return recorded
 
 
 def portable(identity: dict) -> dict:
@@ -423,7 +430,9 @@ def verify(path: Path) -> None:
     mark_verified(path)
 
 
-def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], code_dtype: np.dtype) -> None:
+def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], code_dtype: np.dtype,
+                        failed: list[BaseException]) -> None:
+    """Stream the parts into `h5`; stops at the next part once a destructor has failed (`_destructor_errors`)."""
     # Sizes first (tiny arrays), so every dataset is created at its final shape with fitting chunks.
     n_sent = n_tok = 0
     nnz = np.zeros(len(layers), dtype=np.int64)
@@ -468,6 +477,8 @@ def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], cod
     s = t = 0
     z_nnz = np.zeros(len(layers), dtype=np.int64)
     for part in parts:
+        if failed:
+            raise failed[0]
         with np.load(part) as z:
             lengths = z["lengths"]
             ds, dt = len(lengths), int(lengths.sum())

@@ -189,14 +189,33 @@ def first_sae_layer(run: Path) -> Path:
     (lambda run: None, ["extract", *ARGS, "--max-sentences", "6"], ["different configuration", "corpus_hash"]),
     (lambda run: None, ["extract", *ARGS, "--sae-width", "64"], ["different configuration", "sae_source"]),
     (lambda run: None, ["extract", *ARGS, "--shards", "9"], ["extract.shards: 9 shards for 8 sentences"]),
+    (lambda run: parts_stamp(run / "activations" / "hi.h5", "[1]"), ["extract", *ARGS],
+     ["hi.h5.parts/fingerprint.json is damaged", "--overwrite"]),
+    (lambda run: set_attr(run / "activations" / "hi.h5", "n_sentences", "eight"), ["report"],
+     ["hi.h5: its n_sentences attribute 'eight' is damaged", "--overwrite"]),
 ], ids=["manifest", "jobs-json", "jobs-json-status", "sae-meta", "sae-cfg", "sae-weights", "h5-chunk",
-        "mismatch-dtype", "mismatch-corpus", "mismatch-sae-recipe", "too-many-shards"])
+        "mismatch-dtype", "mismatch-corpus", "mismatch-sae-recipe", "too-many-shards", "parts-stamp-list",
+        "h5-attribute"])
 def test_damaged_run_files_and_refused_runs_change_nothing(template, tmp_path, damage, args, fragments):
     run = copy_run(template, tmp_path / "run")
     damage(run)
     before = outputs(run)
     one_clear_error(cli(*args, "--run", str(run)), *fragments)
     assert outputs(run) == before  # the manifest records what ran; no SAE trained for a refused run
+
+
+def parts_stamp(path: Path, text: str) -> None:
+    """A partial extraction whose identity stamp is valid JSON of the wrong kind."""
+    path.unlink()
+    path.with_name(path.name + ".verified").unlink()
+    path.with_name(path.name + ".parts").mkdir()
+    (path.with_name(path.name + ".parts") / "fingerprint.json").write_text(text)
+
+
+def set_attr(path: Path, name: str, value) -> None:
+    with h5py.File(path, "r+") as h5:
+        h5.attrs[name] = value
+    path.with_name(path.name + ".verified").unlink()
 
 
 def outputs(run: Path) -> dict[str, bytes]:
@@ -431,13 +450,27 @@ def stop_at_consolidation(proc: subprocess.Popen, folder: Path) -> bool:
     return False
 
 
+@pytest.fixture(scope="module")
+def full_reference(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("full") / "reference"
+    out = cli("extract", *FULL_ARGS, "--run", str(run))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+def assert_same_file(a: Path, b: Path) -> None:
+    left, right = datasets(a), datasets(b)
+    assert left.keys() == right.keys()
+    for name in left:
+        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="mounting a tmpfs needs root")
-def test_a_disk_that_fills_during_consolidation_is_one_message_or_none_and_resumes_identically(tmp_path):
+def test_a_disk_that_fills_during_consolidation_is_one_message_or_none_and_resumes_identically(full_reference,
+                                                                                              tmp_path):
     """The space check before consolidating passes, then another process takes the rest of the disk. The writer
     reserved the file's space when it created it: it either finishes, or (stopped before the reservation) exits
     2 with one message. Never h5py's destructor noise, never a crash; resuming gives the same file."""
-    reference = tmp_path / "reference"
-    assert cli("extract", *FULL_ARGS, "--run", str(reference)).returncode == 0
     with tmpfs(tmp_path / "small", "40m") as disk:
         run = disk / "run"
         for _ in range(3):
@@ -460,10 +493,7 @@ def test_a_disk_that_fills_during_consolidation_is_one_message_or_none_and_resum
         (disk / "filler").unlink()
         resumed = cli("extract", *FULL_ARGS, "--run", str(run))
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        left, right = datasets(reference / "activations" / "en.h5"), datasets(run / "activations" / "en.h5")
-        assert left.keys() == right.keys()
-        for name in left:
-            np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+        assert_same_file(full_reference / "activations" / "en.h5", run / "activations" / "en.h5")
         st = (run / "activations" / "en.h5").stat()
         assert st.st_blocks * 512 < st.st_size + 65536  # no reserved block left behind
 
@@ -541,3 +571,38 @@ def test_a_refused_distributed_align_stops_every_rank_promptly_with_the_same_mes
     for out in outs:
         one_clear_error(out, f"alignment {run / 'align' / 'hi'} is being written by another process (pid {holder.pid}")
     assert [out.stderr.split("error:")[1] for out in outs][0] == [out.stderr.split("error:")[1] for out in outs][1]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_during_consolidation_is_never_lost_and_the_run_resumes_identically(full_reference, tmp_path,
+                                                                                        signum, code):
+    """A signal whose handler runs inside a destructor (an h5py handle, a weakref callback) cannot raise there:
+    it must still stop the run, as everywhere else, and not be printed as "Exception ignored"."""
+    for trial in range(4):
+        run = tmp_path / f"t{trial}"
+        proc = start("extract", *FULL_ARGS, "--run", str(run))
+        if not stop_at_consolidation(proc, run / "activations"):
+            proc.communicate()
+            continue
+        proc.send_signal(signum)
+        proc.send_signal(signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=120)
+        assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+        assert proc.returncode == code, stderr[-3000:]
+        assert litter(run) == [] or litter(run) == ["activations/en.h5.parts"], litter(run)
+        assert cli("extract", *FULL_ARGS, "--run", str(run)).returncode == 0
+        assert_same_file(full_reference / "activations" / "en.h5", run / "activations" / "en.h5")
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("checkpoints/step-000002/state.json", "delete the checkpoint folder"),
+    ("metrics.json", "delete it and rerun align"),
+], ids=["state-json", "metrics-json"])
+def test_an_alignment_record_of_the_wrong_kind_is_one_message_naming_it(aligned, tmp_path, name, fragment):
+    run = copy_run(aligned, tmp_path / "run")
+    record = run / "align" / "hi" / name
+    record.write_text("[]\n")  # valid JSON, not the object it must be
+    before = snapshot(run / "align")
+    one_clear_error(cli(*ALIGN_ARGS, "--steps", "4" if "state" in name else "2", "--run", str(run)),
+                    f"{record}: unreadable (a JSON list, not an object)", fragment)
+    assert snapshot(run / "align") == before
