@@ -25,7 +25,7 @@ from analysis.figures import write_figures
 from analysis.instrument import build_panel, require_stat
 from analysis.overlap import active_keys, feature_overlap, mean_cosine, pair_keys
 from analysis.report import GROUP_NAME, GapReport, GapRow, Headline, OverlapRow, SimilarityRow, write_csv, write_json
-from analysis.sources import LanguageSource, load_sources, resolve_paths
+from analysis.sources import LanguageSource, check_parallel, load_sources, resolve_paths
 from analysis.stats import cluster_bootstrap_means, nanmean, percentile_ci, quiet_nan, wilcoxon
 from analysis.terminal import render
 from toolkit.errors import UserError
@@ -46,8 +46,12 @@ def analyse(
     seed: int = 0,
     reference: str = "en",
     low_langs: Sequence[str] = LOW_LANGS,
+    allow_id_mismatch: bool = False,
 ) -> GapReport:
-    """Analyse activation files (or run directories) into a GapReport; see analysis.report.METHODS."""
+    """Analyse activation files (or run directories) into a GapReport; see analysis.report.METHODS.
+
+    Every language must hold the reference's sentence ids (the pairing each gap rests on); with
+    `allow_id_mismatch` the parallel statistics use the ids both hold, and a note says how many."""
     if stat not in STATS:
         raise UserError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
     if n_boot < 1:
@@ -55,6 +59,8 @@ def analyse(
     if isinstance(low_langs, str):  # "id,ca,mr" from a config file
         low_langs = [x.strip() for x in low_langs.split(",") if x.strip()]
     sources, meta = load_sources(resolve_paths([paths] if isinstance(paths, (str, Path)) else paths), reference)
+    if not allow_id_mismatch:
+        check_parallel(sources, reference)
     layers = meta["layers"]
     band_layers = parse_bands(bands, layers)
     languages = _order(sources, reference, low_langs)
@@ -126,10 +132,11 @@ def run_report(
     *,
     reference: str = "en",
     low_langs: Sequence[str] = LOW_LANGS,
+    allow_id_mismatch: bool = False,
 ) -> GapReport:
     """The `report` stage: analyse RUN/activations, write RUN/reports/ (or out_dir), print to `console` if given."""
     report = analyse(run_dir, stat=stat, bands=bands, n_boot=n_boot, seed=seed, reference=reference,
-                     low_langs=low_langs)
+                     low_langs=low_langs, allow_id_mismatch=allow_id_mismatch)
     write_report(report, out_dir if out_dir is not None else Path(run_dir) / "reports")
     if console is not None:
         render(report, console)
@@ -382,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     parser.add_argument("--reference", default="en", help="reference language (default: en)")
     parser.add_argument("--low-langs", default=",".join(LOW_LANGS), help="the headline group (default: %(default)s)")
+    parser.add_argument("--allow-id-mismatch", action="store_true",
+                        help="when the languages' sentence ids differ, analyse only the ids they share")
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -393,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             reference=args.reference,
             low_langs=args.low_langs,
+            allow_id_mismatch=args.allow_id_mismatch,
         )
         out = write_report(report, args.out or _default_out(args.paths))
     except UserError as exc:

@@ -181,6 +181,29 @@ def load_sources(paths: Sequence[Path], reference: str) -> tuple[dict[str, Langu
     return sources, meta
 
 
+def check_parallel(sources: dict[str, LanguageSource], reference: str) -> None:
+    """Every language holds exactly the reference's sentence ids. A corpus changed after extraction (ids
+    added, removed or renamed in one language) changes the pairing every gap rests on: refused, naming the
+    languages and ids, unless the caller asks for the ids they share."""
+    ref = sources[reference]
+    for lang in sorted(sources):
+        only_here, only_ref = np.setdiff1d(sources[lang].ids, ref.ids), np.setdiff1d(ref.ids, sources[lang].ids)
+        if lang == reference or not (only_here.size or only_ref.size):
+            continue
+        raise UserError(
+            f"{lang} and {reference} do not hold the same sentence ids ({_some(only_here)} only in {lang}; "
+            f"{_some(only_ref)} only in {reference}): was the corpus changed after extraction? Rerun extract with "
+            f"--overwrite on one corpus, or pass --allow-id-mismatch to analyse only the ids both hold"
+        )
+
+
+def _some(ids: np.ndarray, shown: int = 3) -> str:
+    if not ids.size:
+        return "none"
+    names = ", ".join(repr(str(i)) for i in ids[:shown])
+    return f"{ids.size}: {names}" + (", ..." if ids.size > shown else "")
+
+
 def _merge(language: str, files: list[tuple[Path, list[str]]]) -> LanguageSource:
     all_ids = np.array([i for _, ids in files for i in ids], dtype=str)
     order = np.argsort(all_ids, kind="stable")

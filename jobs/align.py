@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def align_one(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, cor
     folder = RunDir(cfg.run_dir).align(target.name)
     fingerprint = align.fingerprint(cfg, lm, saes, target.targets, split, engine, dist.world)
     # one writer per target folder: rank 0 holds it (the ranks of one job write together)
-    with WriterLock(folder, f"alignment {folder}") if dist.main else nullcontext():
+    with dist.held(WriterLock(folder, f"alignment {folder}")):
         metrics = _finished(folder, cfg, fingerprint)
         if metrics is not None:
             console.print(f"[bold]{target.name}:[/] adapter already trained ({folder / 'adapter'}); measuring only")

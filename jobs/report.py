@@ -20,7 +20,7 @@ def run(cfg: Config, task: Task | None = None):
     # the report itself goes to stdout (it is the product); progress and errors go to stderr
     console = Console()
     report = run_report(cfg.run_dir, stat=cfg.report.stat, bands=cfg.report.bands or None, n_boot=cfg.report.n_boot,
-                        seed=cfg.run.seed, console=console)
+                        seed=cfg.run.seed, console=console, allow_id_mismatch=cfg.report.allow_id_mismatch)
     summary = run_summary.collect(cfg.run_dir, gaps=_gap_summary(report))
     for part in run_summary.renderables(summary):
         console.print(part)

@@ -56,6 +56,16 @@ class ModelConfig:
                                "whose layout lingogap does not know")
 
 
+# Local SAE training's sizes per budget (toolkit.sae_training). Standard: sized to an hour on 2 cores for NTREX
+# (~450k training tokens, 18 layers); BatchTopK steps ran at ~2,800 samples/s at width 2,048 and ~1,350 at 4,096
+# (one thread, shared machine). Provisional: not yet measured end to end (docs/saes.md).
+STANDARD_WIDTH = 2048
+# Default L0 per budget (--sae-target-l0 0). On NTREX 300 x 10 at width 2,048, layers 10-15 explained
+# 0.71-0.77 of held-out variance at L0 32 and 0.79-0.83 at L0 64 (docs/saes.md); Gemma Scope's
+# canonical SAEs sit near L0 100.
+QUICK_L0, STANDARD_L0 = 32.0, 64.0
+
+
 @dataclass
 class SAEConfig:
     source: str = opt("auto", "auto | train | random | pretrained:RELEASE | dir:PATH", flag="--sae")
@@ -81,6 +91,14 @@ class SAEConfig:
     budget: str = opt("quick", "quick: --sae-width and --sae-train-tokens as given; standard: every non-held-out "
                       "sentence once, at least 2,048 features", choices=("quick", "standard"))
 
+    def trained_width(self) -> int:
+        """Features of a locally trained SAE: the width as given, at least STANDARD_WIDTH on the standard budget."""
+        return max(self.width, STANDARD_WIDTH) if self.budget == "standard" else self.width
+
+    def trained_l0(self) -> float:
+        """--sae-target-l0, or its budget's default when 0."""
+        return self.target_l0 or (STANDARD_L0 if self.budget == "standard" else QUICK_L0)
+
 
 @dataclass
 class ExtractConfig:
@@ -102,6 +120,8 @@ class ReportConfig:
     n_boot: int = opt(1000, "bootstrap resamples for confidence intervals")
     compare: str = opt("", "other reported runs (comma list of folders) to set beside this one, as "
                            "python -m analysis.compare does: RUN/reports/compare/")
+    allow_id_mismatch: bool = opt(False, "when the languages' sentence ids differ (a corpus changed after "
+                                  "extraction), analyse only the ids they share instead of refusing")
 
 
 @dataclass
@@ -251,6 +271,11 @@ class Config:
                 raise UserError(f"{name} must be in [0, 1) (got {value})")
         if not self.sae.target_l0 >= 0:
             raise UserError(f"sae.target_l0 must be positive, or 0 for the budget's default (got {self.sae.target_l0})")
+        if self.sae.arch != "relu" and self.sae.trained_l0() > self.sae.trained_width():
+            given = (f"{self.sae.target_l0:g}" if self.sae.target_l0
+                     else f"0, the {self.sae.budget} budget's {self.sae.trained_l0():g}")
+            raise UserError(f"sae.target_l0 ({given}) asks for more active features per token than the SAE has "
+                            f"({self.sae.trained_width()}, sae.width); lower --sae-target-l0 or raise --sae-width")
         _check_ranges(self)
         _check_run_path(self.run.run)
         for name, spec in (("run.layers", self.run.layers), ("align.lora_layers", self.align.lora_layers),
@@ -383,8 +408,10 @@ def _to_str(name: str, value: Any) -> str:
 YAML_MAX_BYTES = 1 << 20  # a config or cluster profile is a few KB; a bigger file is a mistake or an attack
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors' aliases: nested aliases expand exponentially (a YAML bomb)."""
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors' aliases (nested aliases expand exponentially: a YAML bomb) and a key
+    given twice in one mapping at any depth (YAML keeps the last silently: a second `extract:` block would
+    replace the first whole)."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -393,10 +420,27 @@ class _NoAliasLoader(yaml.SafeLoader):
                             "write the value out")
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise UserError(f"{self.name}:{line}: duplicate key {key!r} (first on line {first_line[key]}); "
+                                    "give each key once")
+                first_line[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+        return super().construct_mapping(node, deep=deep)
+
 
 def read_yaml(path: str | Path, what: str) -> Any:
     """Parse a YAML file; a missing, oversized, non-UTF-8 or malformed file is a user error naming `what`."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what}: {path} is a folder, not a YAML file")
     if not p.is_file():
         raise UserError(f"{what}: no such file {path}")
     if p.stat().st_size > YAML_MAX_BYTES:
@@ -408,7 +452,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise UserError(f"{what}: {path}:{line} is not UTF-8 text (byte {raw[exc.start]:#04x})") from None
-    loader = _NoAliasLoader(text.removeprefix("\ufeff"))
+    loader = _StrictLoader(text.removeprefix("\ufeff"))
     loader.name = str(path)
     try:
         return loader.get_single_data() or {}

@@ -106,6 +106,31 @@ def read_json(path: str | Path, fix: str) -> Any:
         raise UserError(f"{path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); {fix}") from None
 
 
+def check_safetensors(path: str | Path, fix: str) -> None:
+    """Open a safetensors file's header and check that it covers the file (cheap): a truncated or garbled
+    weights file is a UserError naming it and `fix`, here rather than deep in a job."""
+    _safetensors(path, fix, lambda fh: fh.keys())
+
+
+def read_safetensors(path: str | Path, fix: str, framework: str = "pt") -> dict:
+    """Every tensor of a safetensors file (torch tensors, or numpy arrays with framework "np"); a damaged file is
+    a UserError naming it and `fix`, whatever safetensors raised."""
+    return _safetensors(path, fix, lambda fh: {name: fh.get_tensor(name) for name in fh.keys()}, framework)
+
+
+def _safetensors(path: str | Path, fix: str, read: Callable[[Any], Any], framework: str = "np") -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    from toolkit.errors import UserError
+
+    try:
+        with safe_open(str(path), framework) as fh:
+            return read(fh)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"{path} is damaged ({detail}); {fix}") from None
+
+
 def check_writable(folder: str | Path) -> None:
     """Refuse a folder this process cannot write into (or create), before anything is written there.
     A nameless temporary file probes it: permissions, a read-only mount and a full inode table all show."""

@@ -7,17 +7,25 @@ names the holder. A lock is stale, and taken over, when its holder is gone:
 - same host: that pid no longer runs (or runs a newer process: its start time differs);
 - any host: it names this Slurm job (and array task) at an earlier restart count: a requeue meets its own lock.
 A holder on another host cannot be asked; the message says which file to delete once that job is gone.
+A lock file is parsed defensively: one whose holder cannot be read as a host and a process id is refused with
+the file to delete, never guessed stale. Breaking a stale lock is itself exclusive (a lock on the lock,
+`{lock}.break`, held with flock, which the kernel releases when its holder dies): of several processes breaking
+the same lock, one removes it and every other finds the new holder.
 Locks are re-entrant within one process: a job may lock its units up front and the writer again.
 torch-free.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from toolkit.errors import UserError
@@ -25,12 +33,14 @@ from toolkit.files import pid_alive
 
 LOCK_SUFFIX = ".lock"
 UNWRITTEN_GRACE_S = 60.0  # an empty lock file younger than this is a writer between create and write
+BREAK_WAIT_S = 10.0  # breaking a stale lock takes milliseconds; a breaker holding on this long is stuck
+BREAK_SUFFIX = ".break"
 
 _held: dict[Path, int] = {}  # this process's locks and their nesting depth
 
 
 class LockHeld(UserError):
-    """Another process writes this output."""
+    """Another process writes this output (or its lock file cannot be read)."""
 
 
 def lock_path(target: str | Path) -> Path:
@@ -132,38 +142,80 @@ def read_holder(path: Path) -> dict | None:
 
 
 def stale(holder: dict, path: Path) -> bool:
-    """Whether the holder is known to be gone (see the module's docstring)."""
+    """Whether the holder is known to be gone (see the module's docstring); a holder that cannot be read as a
+    host and a process id is a LockHeld naming the lock file, since nothing can be said about it."""
     if not holder:  # no lock left, or one whose writer died before recording itself
         return True
+    _check_holder(holder, path)
     if holder.get("slurm_job") and holder["slurm_job"] == _slurm_job() and _restarts(holder) < _restarts(me()):
         return True  # a requeued job meets its own earlier run's lock
     if holder.get("host") != socket.gethostname():
         return False
-    pid = int(holder.get("pid", 0))
-    if pid <= 0 or not pid_alive(pid):
+    pid = holder["pid"]
+    if not pid_alive(pid):
         return True
     return holder.get("pid_start") is not None and holder["pid_start"] != _start_time(pid)
 
 
+# The fields stale() interprets, and what each must be (a lock of another version may carry more).
+_FIELDS = {"host": (str,), "pid": (int,), "pid_start": (int, type(None)), "slurm_job": (str, type(None)),
+           "slurm_restart": (int, type(None))}
+
+
+def _check_holder(holder: dict, path: Path) -> None:
+    for key, kinds in _FIELDS.items():
+        value = holder.get(key)
+        bad = (key in ("host", "pid") and key not in holder) or not isinstance(value, kinds) or isinstance(value, bool)
+        if not bad and key == "pid" and not 0 < value < 1 << 22:  # Linux pid_max is at most 2**22
+            bad = True
+        if bad:
+            raise LockHeld(f"{path} is damaged ({key} {value!r} is not a {'process id' if key == 'pid' else key}); "
+                           f"nothing can tell whether its writer still runs. Once no lingogap job writes that "
+                           f"output, delete {path} and rerun")
+
+
 def _break(path: Path, holder: dict) -> None:
-    """Remove a stale lock, unless another process replaced it meanwhile: a rename moves exactly one file,
-    so of two processes breaking the same lock only one gets it, and a fresh lock is put back."""
-    aside = path.with_name(f".{path.name}.{os.getpid()}.stale")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    moved = read_holder(aside)
-    if moved and moved != holder and not stale(moved, aside):
+    """Remove a stale lock, under the lock on the lock: only if it still holds the stale `holder`, so a lock
+    another breaker has meanwhile replaced by its own is never removed."""
+    with _breaking(path):
+        if read_holder(path) == holder:
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _breaking(path: Path) -> Iterator[None]:
+    """Hold `{lock}.break` exclusively. It is removed while held, so a waiter that then gets the flock on the
+    removed file sees that the name now points elsewhere and tries again."""
+    guard = path.with_name(path.name + BREAK_SUFFIX)
+    deadline = time.monotonic() + BREAK_WAIT_S
+    while True:
+        fd = os.open(guard, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            os.link(aside, path)  # a live lock taken by mistake goes back (fails if a third one exists)
-        except FileExistsError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(guard).st_ino:
+                break
+        except (BlockingIOError, FileNotFoundError):
             pass
-    aside.unlink(missing_ok=True)
+        except OSError as exc:  # a filesystem without flock: break as before, unguarded
+            os.close(fd)
+            if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                raise
+            yield
+            return
+        os.close(fd)
+        if time.monotonic() > deadline:
+            raise LockHeld(f"another process has been breaking the stale lock {path} for {BREAK_WAIT_S:.0f} s; "
+                           f"if none runs, delete {guard} and {path}")
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        guard.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _restarts(holder: dict) -> int:
-    return int(holder.get("slurm_restart") or 0)
+    return holder.get("slurm_restart") or 0
 
 
 def _is_me(holder: dict) -> bool:

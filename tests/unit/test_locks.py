@@ -90,3 +90,61 @@ def test_check_free_refuses_a_live_holder_and_passes_a_stale_one(tmp_path, other
     holder_file(target, pid=other_process.pid)
     with pytest.raises(LockHeld, match=f"pid {other_process.pid}"):
         WriterLock(target).check_free()
+
+
+CONTENDER = """
+import os, sys, time
+from toolkit.locks import LockHeld, WriterLock
+target, go, log = sys.argv[1:4]
+open(log + f".ready.{os.getpid()}", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.0005)
+try:
+    with WriterLock(target):
+        with open(log, "a") as fh:
+            fh.write(f"in {time.monotonic()} {os.getpid()}\\n")
+        time.sleep(0.3)
+        with open(log, "a") as fh:
+            fh.write(f"out {time.monotonic()} {os.getpid()}\\n")
+except LockHeld:
+    pass
+"""
+
+
+def most_holders_at_once(log) -> int:
+    events = sorted((float(t), kind) for kind, t, _ in (line.split() for line in log.read_text().splitlines()))
+    held = most = 0
+    for _, kind in events:
+        held += 1 if kind == "in" else -1
+        most = max(most, held)
+    return most
+
+
+def test_three_processes_breaking_one_stale_lock_let_exactly_one_through(tmp_path):
+    """Real processes, released together on a lock whose writer died: breaking it is itself atomic."""
+    for trial in range(25):
+        folder = tmp_path / f"t{trial}"
+        folder.mkdir()
+        target, go, log = folder / "en.h5", folder / "go", folder / "log"
+        holder_file(target, pid=dead_pid())
+        log.write_text("")
+        procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(target), str(go), str(log)])
+                 for _ in range(3)]
+        while len(list(folder.glob("log.ready.*"))) < 3:
+            time.sleep(0.01)
+        go.touch()
+        assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+        assert most_holders_at_once(log) == 1, f"trial {trial}: {log.read_text()}"
+        assert not lock_path(target).exists()
+
+
+@pytest.mark.parametrize("pid", ["abc", None, 1.5, 10**30, -3, [1]], ids=["text", "null", "float", "huge", "negative",
+                                                                          "list"])
+def test_a_lock_with_a_garbage_pid_is_an_error_naming_the_lock(tmp_path, pid):
+    target = tmp_path / "en.h5"
+    holder_file(target, pid=pid)
+    before = lock_path(target).read_bytes()
+    for check in (WriterLock(target).acquire, WriterLock(target).check_free):
+        with pytest.raises(LockHeld, match=rf"{lock_path(target)} is damaged \(pid .*\).*delete {lock_path(target)}"):
+            check()
+    assert lock_path(target).read_bytes() == before

@@ -4,6 +4,8 @@ through ActivationWriter and ActivationFile, resuming from committed parts, and 
 import json
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -240,3 +242,48 @@ def disk_free(path) -> int:
     import shutil
 
     return shutil.disk_usage(path).free
+
+
+NO_RESERVATION = """
+import os, shutil, sys
+import numpy as np
+from pathlib import Path
+from tests.unit.test_store import IDENTITY, LAYERS, make_batch
+from toolkit import store
+
+disk, mode = Path(sys.argv[1]), sys.argv[2]
+if mode == "no-fallocate":
+    store._reserve = lambda h5, size: None  # a filesystem where the space cannot be reserved
+writer = store.ActivationWriter(disk / "hi.h5", IDENTITY, LAYERS, "float16")
+for k in range(8):
+    writer.write_batch(make_batch([f"s{k}-{i}" for i in range(40)], [200] * 40, k))
+need = writer._check_space(writer._part_files())
+with open(disk / "filler", "wb") as fh:  # the check passed; now another process takes all but 1/3 of it
+    fh.write(b"\\0" * (shutil.disk_usage(disk).free - need // 3))
+try:
+    writer.finalize({})
+    print("finished")
+except OSError as exc:
+    print("refused", exc.errno, sorted(p.name for p in disk.iterdir()))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+@pytest.mark.parametrize("mode", ["reserved", "no-fallocate"])
+def test_a_disk_filled_after_the_space_check_is_one_enospc_without_h5py_noise(tmp_path, mode):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
+    try:
+        out = subprocess.run([sys.executable, "-c", NO_RESERVATION, str(disk), mode], capture_output=True, text=True,
+                             cwd=Path(__file__).parents[2], timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]  # no segfault at exit
+        assert out.stderr == "", out.stderr[-3000:]  # no "Exception ignored", no HDF5 traceback
+        assert out.stdout.startswith("refused 28"), out.stdout
+        assert "hi.h5.parts" in out.stdout and ".tmp" not in out.stdout and "'hi.h5'" not in out.stdout
+        (disk / "filler").unlink()
+        write(disk / "hi.h5", batches=[])  # the committed parts, consolidated now there is room
+        with ActivationFile(disk / "hi.h5") as f:
+            assert f.n_sentences == 320
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

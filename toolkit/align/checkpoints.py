@@ -40,10 +40,14 @@ def latest_state(folder: Path) -> dict | None:
 
 
 def read_json(path: Path) -> dict:
+    """An alignment record (state, metrics, measurements): a JSON object, or a UserError naming the file and fix."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable ({exc}); {_fix(path)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: unreadable (a JSON {type(data).__name__}, not an object); {_fix(path)}")
+    return data
 
 
 def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
@@ -59,6 +63,11 @@ def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
         raise UserError(f"{path}: unreadable (not a tensor file: {detail}); {_fix(path)}") from None
     except (OSError, RuntimeError, EOFError, ValueError, struct.error) as exc:
         raise UserError(f"{path}: unreadable ({_first_line(exc)}); {_fix(path)}") from None
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file (the adapter); a truncated or garbled one names the file and the fix."""
+    return files.read_safetensors(path, _fix(path))
 
 
 def _first_line(exc: Exception) -> str:

@@ -7,10 +7,14 @@ import logging
 import os
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from toolkit.locks import LockHeld, WriterLock
 
 
 @dataclass
@@ -43,6 +47,25 @@ class Dist:
         box = [value]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    @contextmanager
+    def held(self, lock: WriterLock) -> Iterator[None]:
+        """`lock` held by rank 0 for all the ranks of one job. A refusal is raised on every rank with rank 0's
+        message, so none of them waits in a collective for a rank that has left."""
+        refusal = None
+        if self.main:
+            try:
+                lock.acquire()
+            except LockHeld as exc:
+                refusal = str(exc)
+        refusal = self.share(refusal)
+        if refusal is not None:
+            raise LockHeld(refusal)
+        try:
+            yield
+        finally:
+            if self.main:
+                lock.release()
 
 
 def resolve_engine(name: str) -> str:

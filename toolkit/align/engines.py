@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from toolkit.align.checkpoints import load_tensors
+from toolkit.align.checkpoints import load_safetensors, load_tensors
 from toolkit.align.distributed import Dist
 from toolkit.align.objective import TERMS, Objective
 from toolkit.capture import TokenBatch
@@ -78,9 +78,8 @@ class TorchEngine:
 
     def load(self, folder: Path) -> None:
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(self.model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+        set_peft_model_state_dict(self.model, load_safetensors(folder / "adapter" / "adapter_model.safetensors"))
         state = load_tensors(folder / "optimizer.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

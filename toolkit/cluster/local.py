@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -79,6 +80,9 @@ def _record_end(log: JobLog, job_id: str, **values: str) -> None:
         pass
 
 
+REDELIVER_S = 0.01  # an interrupt lost in a finalizer is sent again this much later
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `cancel`, a shutdown): unwinds like Ctrl-C, so the job is recorded CANCELLED, locks are
     released and committed parts stay for a resume."""
@@ -95,10 +99,36 @@ def terminate_as_interrupt() -> Iterator[None]:
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)
+    hooks = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook, sys.excepthook = _redeliver_lost(hooks[0]), _quiet_interrupts(hooks[1])
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook, sys.excepthook = hooks
+
+
+def _redeliver_lost(previous):
+    """An interrupt raised while Python runs a finalizer (a weakref callback, an h5py handle's destructor) cannot
+    propagate: Python prints it as "Exception ignored" and goes on, and the stage would finish as if never
+    interrupted. It is sent again instead, from another thread a moment later: sent from here, its handler would
+    run inside this hook and be lost again."""
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+            threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum)).start()
+        else:
+            previous(unraisable)
+    return hook
+
+
+def _quiet_interrupts(previous):
+    """Cython destructors (h5py) print a lost exception's traceback before reporting it as unraisable: an
+    interrupt is left to `_redeliver_lost`, without the traceback."""
+    def hook(kind, value, tb) -> None:
+        if not isinstance(value, KeyboardInterrupt):
+            previous(kind, value, tb)
+    return hook
 
 
 def one_line(exc: BaseException) -> str:
