@@ -164,9 +164,19 @@ def apply_adapter(model: torch.nn.Module, adapter: str | Path) -> torch.nn.Modul
     return peft_model.get_base_model()
 
 
+def embedded_target() -> Path:
+    """Where the dequantised embedded model lives (complete once it holds DONE)."""
+    return cache_dir() / "models" / f"gemma-3-270m-{EMBEDDED_PACKAGE_VERSION}"
+
+
+def needs_assembly(cfg: ModelConfig) -> bool:
+    """Loading this model first assembles and dequantises the embedded package (its first use)."""
+    return cfg.name == "embedded" and not (embedded_target() / "DONE").exists()
+
+
 def embedded_dir() -> Path:
     """Assemble, verify and dequantise the embedded model once; later calls reuse the cache."""
-    target = cache_dir() / "models" / f"gemma-3-270m-{EMBEDDED_PACKAGE_VERSION}"
+    target = embedded_target()
     return build_once(target, lambda staging: _build_embedded(staging, target))
 
 

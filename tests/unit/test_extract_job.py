@@ -37,7 +37,7 @@ def test_every_unit_of_the_config_and_the_summary_table(tiny_run, capsys, monkey
     again = extract.run(cfg)
     assert all(s.skipped for s in again)
     table = capsys.readouterr().err
-    assert "Extraction" in table and "already done" in table and "mean L0" in table
+    assert "Extraction" in table and "done: finished by an earlier run" in table and "mean L0" in table
 
 
 def test_a_task_narrows_the_units(tiny_run):
