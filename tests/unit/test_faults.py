@@ -89,6 +89,7 @@ def copy_run(template: Path, dest: Path, only_saes: bool = False) -> Path:
     return dest
 
 
+@pytest.mark.slow  # ten races of two processes: ~130 s on 2 cores, run by .ci/run
 def test_two_concurrent_writers_one_writes_each_file_and_the_output_equals_a_single_run(template, tmp_path):
     trials = 10
     for trial in range(trials):
