@@ -31,6 +31,7 @@ from toolkit.config import Config
 from toolkit.errors import UserError
 from toolkit.evaluation import bpb, correlate, metrics, outputs, scoring, tasks
 from toolkit.languages import LANGUAGES
+from toolkit.plan import adapter_dirs
 from toolkit.rundir import RunDir
 from toolkit.stages import Task
 
@@ -48,8 +49,7 @@ def discover_adapters(cfg: Config) -> list[tuple[str, Path]]:
         if not (path / "adapter_config.json").is_file():
             raise UserError(f"--adapter {path}: no adapter_config.json there (expected a peft adapter directory)")
         return [(adapter_label(path), path)]
-    found = [RunDir(cfg.run_dir).align(lang) / "adapter" for lang in LANGUAGES]
-    return [(adapter_label(p), p) for p in found if (p / "adapter_config.json").is_file()]
+    return [(adapter_label(p), p) for p in adapter_dirs(cfg)]
 
 
 def run(cfg: Config, task: Task | None = None) -> dict:
