@@ -21,21 +21,21 @@ from pathlib import Path
 
 from toolkit.config import Config, cache_dir
 
-CAL_BATCH, CAL_LENGTH, CAL_REPEATS = 4, 128, 3
+CAL_BATCH, CAL_LENGTH, CAL_REPEATS = 2, 128, 3
 SAE_CAL_STEPS = 20
 METHOD = (
     f"median of {CAL_REPEATS} timed passes of {CAL_BATCH}x{CAL_LENGTH} random tokens after a warm-up "
-    f"(decoder, model with LM head, forward+backward), an SAE encode matmul and {SAE_CAL_STEPS} SAE "
-    "training steps, measured once on this machine and cached"
+    f"(decoder; model with LM head, and forward+backward, on 1x{CAL_LENGTH}), an SAE encode matmul and "
+    f"{SAE_CAL_STEPS} SAE training steps, measured once on this machine and cached"
 )
 
 
 @dataclass
 class Rates:
-    key: str
+    key: str  # machine, model, device, dtype, threads and SAE recipe measured with
     decoder_tps: float  # tokens/s through the decoder blocks (extraction's forward, no LM head)
     lm_tps: float  # tokens/s through the whole model with its LM head (scoring)
-    train_tps: float  # tokens/s of forward + backward through the whole model (an alignment step)
+    train_tps: float  # tokens/s of forward + backward through the frozen model (an adapter's step: no weight grads)
     encode_s: float  # seconds per token per SAE feature of one layer's encode (addmm at d_model)
     sae_sps: float  # local SAE training samples/s at the configured width and batch
     measured: str  # when, in UTC
@@ -103,17 +103,18 @@ def _measure(cfg: Config) -> Rates:
     ids = torch.randint(min(10, vocab - 1), vocab, (CAL_BATCH, CAL_LENGTH), generator=gen).to(lm.device)
     n = ids.numel()
     decoder = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else lm.model
+    one = ids[:1]
     with torch.inference_mode():
         dec = _median_seconds(lambda: decoder(input_ids=ids, use_cache=False))
-        full = _median_seconds(lambda: lm.model(input_ids=ids, use_cache=False))
+        full = _median_seconds(lambda: lm.model(input_ids=one, use_cache=False))
+    lm.model.requires_grad_(False)  # LoRA trains a few small matrices: activation gradients, no weight gradients
 
     def step() -> None:
-        lm.model.zero_grad(set_to_none=True)
-        lm.model(input_ids=ids[:2], use_cache=False).logits.float().logsumexp(-1).mean().backward()
+        embeds = lm.model.get_input_embeddings()(one).detach().requires_grad_()
+        lm.model(inputs_embeds=embeds, use_cache=False).logits.float().logsumexp(-1).mean().backward()
 
     with torch.enable_grad():
         train = _median_seconds(step)
-    lm.model.zero_grad(set_to_none=True)
     x = torch.randn(512, lm.d_model, generator=gen)
     w = torch.randn(lm.d_model, cfg.sae.width, generator=gen)
     b = torch.zeros(cfg.sae.width)
@@ -121,8 +122,8 @@ def _measure(cfg: Config) -> Rates:
     return Rates(
         key_of(cfg),
         n / dec,
-        n / full,
-        ids[:2].numel() / train,
+        one.numel() / full,
+        one.numel() / train,
         enc / (512 * cfg.sae.width),
         _sae_samples_per_second(cfg, lm),
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

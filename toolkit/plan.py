@@ -302,7 +302,7 @@ def evaluate_plan(cfg: Config) -> Plan:
             continue
         records = benchdata.read_records(bench_task.files["test"])
         n = min(cfg.eval.limit, len(records)) if cfg.eval.limit else len(records)
-        sample = [" ".join(str(v) for v in r.values() if isinstance(v, (str, list))) for r in records[:50]]
+        sample = [" ".join(str(v) for k, v in r.items() if k not in ("id", "ind", "answer")) for r in records[:50]]
         items += n
         tokens += n * (_mean_tokens(cfg, sample, tokenizer) if sample else 0)
     n_langs = len(cfg.lang_codes)
@@ -315,8 +315,10 @@ def evaluate_plan(cfg: Config) -> Plan:
         return "plan: evaluate", lines, None
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     sentence = _mean_tokens(cfg, [t for lang in cfg.lang_codes for t in corpus.texts[lang]], tokenizer)
-    seconds = models * (tokens + bpb * sentence) / rates.lm_tps
-    lines.append("time: each item's text (question and choices) once through the model with its LM head")
+    # each context is scored once and the LM head runs only where a choice is scored; bits per byte need it everywhere
+    seconds = models * (tokens / rates.decoder_tps + bpb * sentence / rates.lm_tps)
+    lines.append("time: each item's text (question and choices) once through the model; bits per byte with its "
+                 "LM head")
     return "plan: evaluate", lines, seconds
 
 
