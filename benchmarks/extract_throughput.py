@@ -114,6 +114,15 @@ def peak_rss(args: argparse.Namespace, sae_dir: Path, work: Path, scales: tuple[
     return out
 
 
+def memory_result(rss: dict[int, int]) -> dict:
+    """The peak RSS per corpus scale and its growth over 1x (the target is on 16x)."""
+    out: dict = {"rss_bytes": {str(k): v for k, v in rss.items()}}
+    for scale in (4, 16):
+        if scale in rss:
+            out[f"rss_ratio_{scale}x"] = rss[scale] / rss[1]
+    return out
+
+
 def machine() -> dict:
     return {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
@@ -176,10 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
             console.print(f"[bold]memory:[/] peak RSS of the extract command at {', '.join(f'{k}x' for k in scales)} "
                           "the corpus")
             rss = peak_rss(args, sae_dir, work, scales, batch_tokens=256 if args.quick else 1024)
-            if 4 in rss:
-                result["rss_ratio_4x"] = rss[4] / rss[1]
-            result.update(rss_bytes={str(k): v for k, v in rss.items()},
-                          rss_ratio_16x=rss[16] / rss[1])
+            result.update(memory_result(rss))
     print_table(result, Console())
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, sort_keys=True))
