@@ -23,6 +23,7 @@ from toolkit.config import Config, cache_dir
 
 CAL_BATCH, CAL_LENGTH, CAL_REPEATS = 2, 128, 3
 SAE_CAL_STEPS = 20
+CAL_VERSION = 2  # part of the cache key: rates measured another way are measured again
 METHOD = (
     f"median of {CAL_REPEATS} timed passes of {CAL_BATCH}x{CAL_LENGTH} random tokens after a warm-up "
     f"(decoder; model with LM head, and forward+backward, on 1x{CAL_LENGTH}), an SAE encode matmul and "
@@ -48,7 +49,7 @@ def cache_file() -> Path:
 def key_of(cfg: Config) -> str:
     s = cfg.sae
     return (
-        f"{platform.node()}|{cfg.model.name}|{cfg.model.device}|{cfg.model.dtype}|"
+        f"v{CAL_VERSION}|{platform.node()}|{cfg.model.name}|{cfg.model.device}|{cfg.model.dtype}|"
         f"threads={os.environ.get('OMP_NUM_THREADS', '')}|sae={s.arch}:{s.width}:{s.batch}"
     )
 
