@@ -77,6 +77,8 @@ def default_run(tmp_path_factory):
         "layer_{i}_width_16k_l0_small",
         "--sae-train-tokens",
         "2000",
+        "--max-sentences",
+        "40",
         "--run",
         str(run),
     ]
