@@ -5,13 +5,15 @@ The work itself is `toolkit.extraction`; this layer adds the progress bars and t
 
 from __future__ import annotations
 
+import shlex
 from contextlib import ExitStack
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from jobs.progress import extraction_bar
+from jobs.progress import Stopwatch, extraction_bar
 from toolkit import corpus as corpora
 from toolkit import models, sae_training
 from toolkit import saes as sae_sources
@@ -33,6 +35,8 @@ from toolkit.rundir import RunDir
 from toolkit.stages import Task
 from toolkit.store import StoreError, identity_diff, portable, recorded_identity, shard_name, verify
 
+FINDING_BOOT = 200  # the ending's intervals: enough to show their width, a fraction of the report's time
+
 
 def run(cfg: Config, task: Task | None = None) -> list[Summary]:
     """Extract the task's units (default: every language and shard of the config).
@@ -42,6 +46,7 @@ def run(cfg: Config, task: Task | None = None) -> list[Summary]:
     the free disk space.
     """
     console = Console(stderr=True)
+    clock = Stopwatch()
     fixed_mmap_threshold()
     todo = all_units(cfg) if task is None or task.units is None else [ExtractionUnit(*u) for u in task.units]
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
@@ -51,16 +56,23 @@ def run(cfg: Config, task: Task | None = None) -> list[Summary]:
     with ExitStack() as locks:
         for unit in todo:
             locks.enter_context(WriterLock(unit_path(cfg, unit)))
-        lm = models.load(cfg.model)
+        with clock("model assembly and load" if models.needs_assembly(cfg.model) else "model load"):
+            lm = models.load(cfg.model)
         layers = parse_layers(cfg.run.layers, lm.n_layers)
         left = check_existing(cfg, lm, corpus, todo, layers)
         check_space(cfg, lm, corpus, left, layers)
         run_dir.write_manifest(cfg, "extract", corpus.hash)
-        saes = sae_sources.load(cfg, lm, layers, corpus, console)
-        saes.own_memory()
+        with clock("SAEs"):  # trained here on first use
+            saes = sae_sources.load(cfg, lm, layers, corpus, console)
+            saes.own_memory()
         bar = extraction_bar(console)
-        summaries = [extract_unit(cfg, lm, saes, corpus, unit, layers, bar) for unit in todo]
+        with clock("extraction"):
+            summaries = [extract_unit(cfg, lm, saes, corpus, unit, layers, bar) for unit in todo]
     print_summary(summaries, console)
+    if is_whole_run(cfg, todo):
+        with clock("finding"):
+            print_finding(cfg, console)
+    console.print(clock.line(), highlight=False, soft_wrap=True)
     return summaries
 
 
@@ -113,12 +125,39 @@ def check_space(cfg: Config, lm: models.LoadedModel, corpus: Corpus, units: list
 
 
 def print_summary(summaries: list[Summary], console: Console) -> None:
-    table = Table(title="Extraction")
-    for col in ("language", "sentences", "truncated", "tokens", "seconds", "tok/s", "file size", "mean L0", ""):
-        table.add_column(col, justify="left" if col in ("language", "") else "right")
+    """One row per file; at 80 columns every header shows whole (tests/unit/test_extract_output.py)."""
+    skipped = any(s.skipped for s in summaries)
+    table = Table(title="Extraction", box=box.SIMPLE_HEAD, show_edge=False,
+                  caption="done: finished by an earlier run, not recomputed" if skipped else None)
+    for col in ("language", "sentences", "truncated", "tokens", "time", "tok/s", "file", "mean L0"):
+        table.add_column(col, justify="left" if col == "language" else "right")
     for s in summaries:
         cut = "?" if s.truncated is None else f"[yellow]{s.truncated:,}[/]" if s.truncated else "0"
-        table.add_row(s.lang, f"{s.sentences:,}", cut, f"{s.tokens:,}", f"{s.seconds:.1f}",
-                      f"{s.tokens / max(s.seconds, 1e-9):,.0f}", human_bytes(s.path.stat().st_size), f"{s.mean_l0:.1f}",
-                      "already done" if s.skipped else "")
+        speed = "—" if s.skipped else f"{s.tokens / max(s.seconds, 1e-9):,.0f}"
+        table.add_row(s.lang, f"{s.sentences:,}", cut, f"{s.tokens:,}", "done" if s.skipped else f"{s.seconds:.1f} s",
+                      speed, human_bytes(s.path.stat().st_size), f"{s.mean_l0:.1f}")
     console.print(table)
+
+
+def is_whole_run(cfg: Config, done: list[ExtractionUnit]) -> bool:
+    """This call extracted every file of the config, English and another language among them: a gap exists."""
+    langs = {u.lang for u in done}
+    return {(u.lang, u.shard) for u in done} == {(u.lang, u.shard) for u in all_units(cfg)} and "en" in langs \
+        and len(langs) > 1
+
+
+def print_finding(cfg: Config, console: Console) -> None:
+    """The run's headline as `report` computes it, with fewer bootstrap resamples (labelled so), and the
+    command that gives the full report."""
+    from analysis.gaps import analyse
+    from analysis.terminal import headline_panel
+
+    n_boot = min(FINDING_BOOT, cfg.report.n_boot)
+    report = analyse(cfg.run_dir, stat=cfg.report.stat, bands=cfg.report.bands or None, n_boot=n_boot,
+                     seed=cfg.run.seed)
+    console.print(headline_panel(report))
+    cheaper = f"; the report uses {cfg.report.n_boot:,}" if n_boot < cfg.report.n_boot else ", as the report"
+    console.print(f"A quick estimate ({n_boot:,} bootstrap resamples for the intervals{cheaper}). Full report, "
+                  "tables and figures:", highlight=False)
+    console.print(f"  python -m toolkit.submit report --run {shlex.quote(str(cfg.run_dir))}", highlight=False,
+                  soft_wrap=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,3 +29,23 @@ def _progress(console: Console) -> Progress:
         TextColumn("[bold]{task.description:>4}"), BarColumn(), MofNCompleteColumn(), TextColumn("sentences"),
         TextColumn("{task.fields[tokens]:,.0f} tok/s"), TimeRemainingColumn(), console=console, transient=False,
     )
+
+
+class Stopwatch:
+    """Wall time of a job's phases, printed as one line at its end: where a run's minutes went."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
+
+    def line(self) -> str:
+        parts = [f"{name} {seconds:.1f} s" for name, seconds in self.phases.items()]
+        return f"time: {' · '.join(parts)} · total {time.perf_counter() - self.start:.1f} s"

@@ -10,6 +10,8 @@ import hashlib
 import itertools
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,9 +170,19 @@ def apply_adapter(model: torch.nn.Module, adapter: str | Path) -> torch.nn.Modul
     return peft_model.get_base_model()
 
 
+def embedded_target() -> Path:
+    """Where the dequantised embedded model lives (complete once it holds DONE)."""
+    return cache_dir() / "models" / f"gemma-3-270m-{EMBEDDED_PACKAGE_VERSION}"
+
+
+def needs_assembly(cfg: ModelConfig) -> bool:
+    """Loading this model first assembles and dequantises the embedded package (its first use)."""
+    return cfg.name == "embedded" and not (embedded_target() / "DONE").exists()
+
+
 def embedded_dir() -> Path:
     """Assemble, verify and dequantise the embedded model once; later calls reuse the cache."""
-    target = cache_dir() / "models" / f"gemma-3-270m-{EMBEDDED_PACKAGE_VERSION}"
+    target = embedded_target()
     return build_once(target, lambda staging: _build_embedded(staging, target))
 
 
@@ -199,8 +211,9 @@ def _build_embedded(staging: Path, target: Path) -> None:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(staging), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(staging), gguf_file=gguf.name, dtype=torch.float32)
+    with _one_gguf_parse():
+        tokenizer = AutoTokenizer.from_pretrained(str(staging), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(staging), gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; its dequantised weights are plain tensors,
     # so store them with the config minus the quantisation entry.
     config = model.config.to_dict()
@@ -211,6 +224,32 @@ def _build_embedded(staging: Path, target: Path) -> None:
     (staging / "config.json").write_text(json.dumps(config, indent=1))
     tokenizer.save_pretrained(str(staging))
     (staging / "DONE").write_text(json.dumps({"gguf_sha256": digest}))
+
+
+@contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """Parse the GGUF file once for the tokenizer, the config and the weights.
+
+    transformers reads a GGUF file three times (the tokenizer's config, the model's config, the weights),
+    each through a new `gguf.GGUFReader`, which walks the 262k-entry vocabulary every time: 2/3 of the first
+    use's assembly. Its reader is read-only once built, so the same one serves the three reads (it imports
+    `GGUFReader` from `gguf` at each call, which is where this swaps it, for this block only)."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict = {}
+
+    def shared(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _sha256(path: Path) -> str:

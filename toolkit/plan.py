@@ -52,8 +52,20 @@ def _tokenizer(cfg: Config):
 def show(cfg: Config, stage: str, console: Console) -> None:
     console.print(Panel(Syntax(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "yaml"),
                         title=f"resolved config ({stage}, preset {cfg.run.preset})"))
+    if stage == "evaluate":
+        show_estimate(console, *evaluate_plan(cfg))
     if stage != "pipeline" and not stages.get(stage).reads_corpus:
-        return  # the table below is about the corpus a stage reads
+        return  # the plans below are about the corpus a stage reads
+    if stage == "align":
+        show_estimate(console, *align_plan(cfg))
+        return
+    show_extract_table(cfg, console)
+    if stage in ("extract", "pipeline", "train-saes"):
+        show_estimate(console, *extract_plan(cfg, stage))
+
+
+def show_extract_table(cfg: Config, console: Console) -> None:
+    """Sentences, tokens, jobs and disk per language, and the facts they derive from."""
     langs = cfg.lang_codes
     corpus = corpora.load(cfg.run.corpus, langs, cfg.run.max_sentences)
     check_corpus(cfg, corpus)
@@ -145,3 +157,176 @@ def human_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} PB"
+
+
+# ------------------------------------------------------------------------------------------- estimates ---
+# Each stage's plan is counted from the config and the corpus, then timed with the machine's calibrated rates
+# (toolkit.calibration). They are estimates: the method is printed with them.
+
+Plan = tuple[str, list[str], float | None]  # title, lines, estimated seconds (None: no calibration)
+
+
+def show_estimate(console: Console, title: str, lines: list[str], seconds: float | None) -> None:
+    from toolkit import calibration
+
+    if seconds is None:
+        lines = [*lines, "estimated wall time: unknown until the model is on disk (its first run assembles it)"]
+    else:
+        lines = [*lines, f"[bold]estimated wall time: {human_seconds(seconds)}[/] on this machine "
+                         f"({calibration.METHOD})"]
+    console.print(Panel("\n".join(lines), title=title, title_align="left"))
+
+
+def human_seconds(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _rates(cfg: Config, tokenizer):
+    """The calibrated rates, measured now (a few seconds) when the model is on disk (its tokenizer is) and none
+    are cached; None when neither."""
+    from toolkit import calibration
+
+    return calibration.rates(cfg, measure=tokenizer is not None)
+
+
+def _mean_tokens(cfg: Config, texts: list[str], tokenizer) -> float:
+    return count_tokens(cfg, texts, tokenizer) / max(len(texts), 1)
+
+
+def sae_width(cfg: Config) -> int:
+    """Features per layer the stage will encode with: local training's width, else Gemma Scope's 16k."""
+    from toolkit.sae_training import STANDARD_WIDTH
+
+    if cfg.sae.source in ("auto", "train"):
+        return max(cfg.sae.width, STANDARD_WIDTH) if cfg.sae.budget == "standard" else cfg.sae.width
+    return 16384
+
+
+def extract_plan(cfg: Config, stage: str) -> Plan:
+    """extract: sentences, tokens and disk (above), the local SAE training when it applies, and the time."""
+    from toolkit import sae_training
+    from toolkit.corpus import is_heldout
+    from toolkit.sae_source import SAESource
+
+    corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
+    tokenizer = _tokenizer(cfg)
+    shape = model_shape(cfg)
+    layers = parse_layers(cfg.run.layers, shape[0]) if shape else []
+    rates = _rates(cfg, tokenizer)
+    tokens = sum(count_tokens(cfg, corpus.texts[lang], tokenizer) for lang in cfg.lang_codes)
+    lines, seconds = [], 0.0
+    trains = SAESource.parse(cfg.sae.source).kind in ("train", "auto") or stage == "train-saes"
+    if trains and tokenizer is not None:
+        train_on = corpus if not cfg.sae.train_corpus else corpora.load(cfg.sae.train_corpus, cfg.lang_codes, 0)
+        available = sum(s.n_tokens for s in sae_training.training_sample(
+            train_on, cfg.sae.train_mix, tokenizer, 2**62, cfg.extract.max_length))
+        size = sae_training.sizes(cfg, available)
+        held = sum(count_tokens(cfg, train_on.subset([i for i in train_on.ids if is_heldout(i)] or train_on.ids[:1])
+                                .texts[lang], tokenizer) for lang in train_on.langs)
+        lines.append(f"SAE training ({cfg.sae.arch}, {cfg.sae.budget} budget, mix {cfg.sae.train_mix}): "
+                     f"{size.distinct:,} tokens per layer from one shared forward pass, {size.samples:,} training "
+                     f"samples per layer, width {size.width:,}, {len(layers)} layers; quality measured on "
+                     f"{held:,} held-out tokens" + ("" if cfg.sae.source == "train" or stage == "train-saes" else
+                                                     " (when the hub's SAEs cannot be had)"))
+        if rates:
+            seconds += (size.distinct + held) / rates.decoder_tps + len(layers) * size.samples / rates.sae_sps
+    if stage != "train-saes":
+        width = sae_width(cfg)
+        lines.append(f"extraction: {tokens:,} tokens through {len(layers)} layers and SAEs of {width:,} features")
+        if rates:
+            seconds += tokens * (1 / rates.decoder_tps + len(layers) * width * rates.encode_s)
+    return f"plan: {stage}", lines, seconds if rates else None
+
+
+def align_plan(cfg: Config) -> Plan:
+    """align: training pairs, steps, held-out ids per target, and the time of training and measuring."""
+    from toolkit.align.data import REFERENCE, ids_hash, split_ids
+    from toolkit.stages import align_targets
+
+    corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
+    split = split_ids(corpus.ids, cfg.align.heldout, cfg.align.val_fraction, cfg.run.seed)
+    targets = align_targets(cfg)
+    a = cfg.align
+    pairs_per_step = a.batch_size * a.grad_accum
+    shown = ", ".join(split.heldout[:6]) + (", ..." if len(split.heldout) > 6 else "")
+    lines = [
+        f"targets: {', '.join(targets)}" + (" (one joint adapter)" if a.joint else " (one adapter each)"),
+        f"pairs: {len(split.train):,} training, {len(split.val):,} validation sentence pairs with {REFERENCE} "
+        f"(of {len(corpus.ids):,} ids)",
+        f"steps: {a.steps:,} per adapter x {pairs_per_step} pairs = {a.steps * pairs_per_step:,} pairs "
+        f"({a.steps * pairs_per_step / max(len(split.train), 1):.1f} epochs); checkpoint every {a.checkpoint_every}",
+        f"held-out ids ({len(split.heldout)}, sha256 {ids_hash(split.heldout)[:12]}): {shown}; measured before "
+        f"and after in all {len(cfg.lang_codes)} languages",
+    ]
+    tokenizer = _tokenizer(cfg)
+    rates = _rates(cfg, tokenizer)
+    if rates is None:
+        return "plan: align", lines, None
+    shape = model_shape(cfg)
+    layers = parse_layers(cfg.run.layers, shape[0])
+    train_ids = corpus.subset(split.train)
+    held = corpus.subset(split.heldout)
+    english = _mean_tokens(cfg, train_ids.texts[REFERENCE], tokenizer)
+    adapters = 1 if a.joint else len(targets)
+    seconds = 0.0
+    for target in targets:
+        pair = _mean_tokens(cfg, train_ids.texts[target], tokenizer) + english
+        # a step: forward + backward over the target and English sentences, the base model's English forward (KL)
+        seconds += a.steps * pairs_per_step * (pair / rates.train_tps + english / rates.lm_tps) / (
+            len(targets) if a.joint else 1)
+    measured = sum(count_tokens(cfg, held.texts[lang], tokenizer) for lang in cfg.lang_codes)
+    per_pass = measured * (1 / rates.decoder_tps + len(layers) * sae_width(cfg) * rates.encode_s)
+    seconds += per_pass * (1 + adapters)  # the base model once per run, then each adapter
+    lines.append(f"time: {a.steps:,} steps x {adapters} adapter(s) at the calibrated forward+backward rate, plus "
+                 f"{1 + adapters} extraction(s) of {measured:,} held-out tokens")
+    return "plan: align", lines, seconds
+
+
+def evaluate_plan(cfg: Config) -> Plan:
+    """evaluate: items x languages x models, and the time of scoring them (each context once) and bits per byte."""
+    from toolkit.evaluation import benchdata, tasks
+
+    benches = tasks.parse_tasks(cfg.eval.tasks)
+    adapters = len(adapter_dirs(cfg))
+    models = 1 + adapters - (1 if cfg.eval.no_base and adapters else 0)
+    lines, items, tokens = [], 0, 0.0
+    tokenizer = _tokenizer(cfg)
+    if not cfg.eval.bench_data:
+        lines.append("benchmark items: from the hub (counted when they are downloaded; pass --bench-data DIR)")
+    for bench_task in tasks.plan(benches, cfg.lang_codes, cfg.eval.bench_data) if cfg.eval.bench_data else []:
+        if not bench_task.ok:
+            lines.append(f"{bench_task.bench} {bench_task.lang}: missing ({bench_task.missing})")
+            continue
+        records = benchdata.read_records(bench_task.files["test"])
+        n = min(cfg.eval.limit, len(records)) if cfg.eval.limit else len(records)
+        sample = [" ".join(str(v) for k, v in r.items() if k not in ("id", "ind", "answer")) for r in records[:50]]
+        items += n
+        tokens += n * (_mean_tokens(cfg, sample, tokenizer) if sample else 0)
+    n_langs = len(cfg.lang_codes)
+    lines.insert(0, f"items: {items:,} in all = {', '.join(benches)} x {n_langs} languages "
+                    f"({cfg.eval.limit or 'all'} per task and language) x {models} model(s)")
+    bpb = cfg.eval.bpb_sentences * n_langs
+    lines.append(f"bits per byte: {cfg.eval.bpb_sentences} held-out sentences x {n_langs} languages per model")
+    rates = _rates(cfg, tokenizer)
+    if rates is None:
+        return "plan: evaluate", lines, None
+    corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
+    sentence = _mean_tokens(cfg, [t for lang in cfg.lang_codes for t in corpus.texts[lang]], tokenizer)
+    # each context is scored once and the LM head runs only where a choice is scored; bits per byte need it everywhere
+    seconds = models * (tokens / rates.decoder_tps + bpb * sentence / rates.lm_tps)
+    lines.append("time: each item's text (question and choices) once through the model; bits per byte with its "
+                 "LM head")
+    return "plan: evaluate", lines, seconds
+
+
+def adapter_dirs(cfg: Config) -> list[Path]:
+    """The adapters `evaluate` scores beside the base model: --adapter, else the run's (`RunDir.adapters`)."""
+    from toolkit.rundir import RunDir
+
+    if cfg.model.adapter:
+        return [Path(cfg.model.adapter)]
+    return list(RunDir(cfg.run_dir).adapters(points=cfg.eval.sweep_points).values())

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -179,7 +180,7 @@ def _train_layers(cfg: Config, lm: LoadedModel, todo: list[int], corpus: Corpus,
         f"{', '.join(f'{k} {v:,}' for k, v in counts.items())}; {done} layer(s) already saved) -> {root}"
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:  # a log: lines below
         task = progress.add_task("SAE training samples", total=len(todo) * size.samples)
         for start in range(0, len(todo), group):
             chunk = todo[start:start + group]
@@ -190,9 +191,13 @@ def _train_layers(cfg: Config, lm: LoadedModel, todo: list[int], corpus: Corpus,
             for layer in chunk:
                 progress.update(task, description=f"SAE layer {layer}")
                 acts = buffers.pop(layer)
+                start = time.perf_counter()
                 sae = _train_one(cfg, lm, layer, acts, size, _advance(progress, task, size.samples))
                 _save_layer(root, layer, sae, acts, {"train_tokens_per_language": counts, **_meta_of(cfg, size)})
                 del acts
+                if not console.is_terminal:  # a log gets one line per layer; a terminal has the bar
+                    console.print(f"SAE layer {layer}: trained on {size.samples:,} samples in "
+                                  f"{time.perf_counter() - start:.1f} s", highlight=False)
 
 
 def _advance(progress, task, samples: int) -> Callable[[int], None]:

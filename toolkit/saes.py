@@ -27,6 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from toolkit import hub
 from toolkit.capture import ResidualCapture, hook_name, iter_batches
 from toolkit.config import Config
 from toolkit.corpus import HELDOUT_FRACTION, Corpus, is_heldout  # noqa: F401 (re-exported)
@@ -179,10 +180,13 @@ def load(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, consol
     if recorded is not None:
         saes = _recorded(cfg, lm, layers, corpus, recorded, console)
     elif source == "auto":
+        reason = hub.offline_reason()  # offline mode set before sae-lens asks: no retry loop
         try:
             saes = _pretrained(cfg.sae.release, cfg.sae.id_template, layers, lm)
         except HubUnreachable as exc:
-            console.print(f"[yellow]SAEs:[/] {exc}. Training small SAEs locally instead (cached in the run).")
+            why = f"{reason}; {cfg.sae.release} is not in the local cache" if reason else str(exc)
+            console.print(f"[yellow]SAEs:[/] {why}: training small SAEs locally instead (cached in the run)",
+                          highlight=False)
             saes = train(cfg, lm, layers, training_corpus(cfg, corpus), console)
     elif source.startswith("pretrained:"):
         saes = _pretrained(source.split(":", 1)[1], cfg.sae.id_template, layers, lm)
@@ -298,6 +302,7 @@ def _local_set(root: Path, layers: list[int], lm: LoadedModel, source: str) -> S
 def _pretrained(release: str, template: str, layers: list[int], lm: LoadedModel) -> SAESet:
     from sae_lens import SAE
 
+    hub.offline_reason()
     out = {}
     for layer in layers:
         sae_id = template.format(i=layer)

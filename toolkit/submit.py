@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import os
 import sys
 from typing import Any
 
@@ -19,6 +18,7 @@ from rich.console import Console
 from toolkit import __version__, stages
 from toolkit.config import SECTIONS, Config
 from toolkit.errors import UserError
+from toolkit.output import quiet_libraries
 
 PREFIX = {"sae": "sae-"}
 
@@ -69,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we batch ourselves; its fork warning is noise
+    quiet_libraries()  # before any library is imported: ours is the only progress display
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     console = Console(stderr=True)

@@ -1,4 +1,4 @@
-"""End to end on the embedded model: locally trained SAEs, 20 NTREX sentences x en, hi, ml."""
+"""End to end on the embedded model: locally trained SAEs, 12 NTREX sentences x en, hi, ml."""
 
 import numpy as np
 import pytest
@@ -12,13 +12,13 @@ pytestmark = pytest.mark.integration
 
 def test_extract_with_locally_trained_saes(tmp_path, ntrex):
     cfg = Config.build({
-        "run": {"run": str(tmp_path), "langs": "en,hi,ml", "corpus": f"ntrex:{ntrex}", "max_sentences": 20},
-        "sae": {"source": "train", "width": 256, "train_tokens": 8000},
+        "run": {"run": str(tmp_path), "langs": "en,hi,ml", "corpus": f"ntrex:{ntrex}", "max_sentences": 12},
+        "sae": {"source": "train", "width": 256, "train_tokens": 4000},
     })
     summaries = {s.lang: s for s in extract.run(cfg)}
     assert set(summaries) == {"en", "hi", "ml"}
     for s in summaries.values():
-        assert s.sentences == 20 and s.tokens > 20
+        assert s.sentences == 12 and s.tokens > 20
         with ActivationFile(s.path) as f:
             assert f.layers == list(range(18)) and f.attrs["model_id"].startswith("google/gemma-3-270m")
             quality = [f._h5[f"layers/{i}"].attrs["fve"] for i in f.layers]

@@ -121,3 +121,27 @@ def test_gpt2_extracts_end_to_end(tmp_path):
     for lang in ("en", "hi"):
         with ActivationFile(run / "activations" / f"{lang}.h5") as f:  # refuses an incomplete file
             assert len(f.sentence_ids) == 4
+
+
+def test_one_gguf_parse_serves_every_read_of_a_file_from_one_reader_and_restores_gguf(tmp_path):
+    import gguf
+    import numpy as np
+
+    from toolkit.models import _one_gguf_parse
+
+    path = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(100)])
+    writer.add_tensor("w", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with _one_gguf_parse():
+        first, again = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert first is again  # parsed once
+        assert len(first.fields["tokenizer.ggml.tokens"].data) == 100
+        np.testing.assert_array_equal(np.asarray(first.tensors[0].data), np.arange(12).reshape(3, 4))
+    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader(path) is not first
