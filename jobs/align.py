@@ -35,6 +35,7 @@ from toolkit import align, models, stages
 from toolkit import corpus as corpora
 from toolkit import saes as sae_sources
 from toolkit.align import metrics as am
+from toolkit.align.trainer import grad_text
 from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
 from toolkit.extraction import ExtractionUnit, extract_unit
@@ -87,7 +88,7 @@ def show_plan(cfg: Config, todo: list[AlignTarget], split: align.Split, engine: 
         f"engine: {engine}, {dist.world} process(es); {a.steps} steps x {pairs} sentence pairs per language "
         f"({a.batch_size} x {a.grad_accum} accumulation x {dist.world} ranks)",
         f"LoRA r={a.lora_r} alpha={a.lora_alpha} dropout={a.lora_dropout} on {a.lora_targets} (layers {a.lora_layers})",
-        f"loss = CE + {a.lambda_align} x align({a.distance}, {len(aligned)} layers, {a.layer_weights} weights) "
+        f"loss = CE + {a.lambda_align} x align({a.objective}, {len(aligned)} layers, {a.layer_weights} weights) "
         f"+ {a.lambda_keep} x KL(base || adapted) on English",
         f"output: {cfg.run_dir / 'align'}",
     ]
@@ -192,7 +193,8 @@ class RichProgress:
         self.bar.update(self.task, advance=1, **_fields(record))
         if not self.console.is_terminal and record["step"] % self.log_every == 0:  # no live bar in batch logs
             self.console.print(f"align {self.name} step {record['step']}/{self.total}: " + "  ".join(
-                f"{k} {record[k]:.4f}" for k in align.TERMS) + f"  ({record['seconds']:.1f} s)", highlight=False,
+                f"{k} {record[k]:.4f}" for k in align.TERMS) + grad_text(record) + f"  ({record['seconds']:.1f} s)",
+                highlight=False,
                 soft_wrap=True)
 
     def stop(self) -> None:

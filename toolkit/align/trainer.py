@@ -56,10 +56,16 @@ class LogProgress:
     def update(self, record: dict) -> None:
         if record["step"] % self.log_every == 0:
             log.info("align %s step %d/%d: %s", self.name, record["step"], self.total,
-                     "  ".join(f"{k} {record[k]:.4f}" for k in TERMS))
+                     "  ".join(f"{k} {record[k]:.4f}" for k in TERMS) + grad_text(record))
 
     def stop(self) -> None:
         pass
+
+
+def grad_text(record: dict) -> str:
+    """The per-term gradient norms of a step record, when it has them."""
+    norms = [f"|g_{k}| {record[f'grad_{k}']:.3g}" for k in ("ce", "align", "keep") if f"grad_{k}" in record]
+    return ("  " + "  ".join(norms)) if norms else ""
 
 
 class _Silent(LogProgress):
@@ -178,7 +184,8 @@ class Trainer:
         self._setup()
         a = self.a
         self.engine.train(True)
-        self.progress.start("+".join(self.targets), a.steps, self.start, max(1, min(a.checkpoint_every, a.steps // 20)))
+        self.log_every = max(1, min(a.checkpoint_every, a.steps // 20))
+        self.progress.start("+".join(self.targets), a.steps, self.start, self.log_every)
         try:
             for step in range(self.start, a.steps):
                 record = self.train_step(step)
@@ -205,7 +212,8 @@ class Trainer:
         micro = [(*self.batch(lang, batch_ids(self.split.train, (step * a.grad_accum + m) * dist.world + dist.rank,
                                               a.batch_size, seed, lang)), lang)
                  for m in range(a.grad_accum) for lang in self.targets]
-        sums = optimizer_step(self.objective, self.engine, micro)
+        # per-term gradient norms cost two more backward passes: on the steps the log shows
+        sums = optimizer_step(self.objective, self.engine, micro, grad_norms=(step + 1) % self.log_every == 0)
         record = {"step": step + 1, **dist.mean(sums), "lr": self.engine.lr, "seconds": time.perf_counter() - began,
                   "cpu_seconds": time.process_time() - cpu}
         if not all(math.isfinite(record[k]) for k in TERMS):
