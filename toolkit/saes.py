@@ -126,6 +126,7 @@ def _plain_threshold(sae: torch.nn.Module) -> torch.Tensor | float | None:
 class SAESet:
     source: str  # resolved source, e.g. "local:RUN/saes/ab12" or "pretrained:gemma-scope-..."
     layers: dict[int, LayerSAE]
+    recipe: str = ""  # training recipe (JSON) of a local set once read: files written elsewhere keep it
 
     @property
     def ids(self) -> list[str]:

@@ -181,7 +181,9 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train from the start or the resumed step to `align.steps`, checkpointing, then save the adapter."""
+        began = time.perf_counter()
         self._setup()
+        self.setup_seconds = time.perf_counter() - began
         a = self.a
         self.engine.train(True)
         self.log_every = max(1, min(a.checkpoint_every, a.steps // 20))
@@ -269,6 +271,7 @@ class Trainer:
         self.metrics.update(history, step=self.a.steps, complete=True, adapter=str(adapter),
                             adapter_sha256=adapter_sha(adapter), rank_digests=digests,
                             final={k: last.get(k) for k in TERMS},
+                            train_seconds=self.setup_seconds + sum(r["seconds"] for r in history["steps"]),
                             final_validation=history["validation"][-1] if history["validation"] else None)
         if dist.main:
             ckpt.save_json(self.folder / "metrics.json", self.metrics)
