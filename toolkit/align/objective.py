@@ -15,7 +15,7 @@ from toolkit.capture import ResidualCapture, TokenBatch
 from toolkit.config import AlignConfig
 from toolkit.errors import UserError
 from toolkit.models import LoadedModel
-from toolkit.saes import LayerSAE, SAESet
+from toolkit.saes import LayerSAE, SAESet, plain_threshold
 
 TERMS = ("ce", "align", "keep", "total")
 KL_CHUNK_CPU = 1 << 20  # logits per chunk of the KL term: 4 MiB of fp32 stays in a CPU's cache
@@ -35,7 +35,7 @@ def reference_uses(a: AlignConfig, n_train: int, n_targets: int = 1, world: int 
 # ------------------------------------------------------------------------------------------- SAE pieces
 
 
-def has_pre_activation(sae: torch.nn.Module) -> bool:
+def haspre_activation(sae: torch.nn.Module) -> bool:
     """Whether `pre_activation` can read this SAE: a sae-lens SAE with one encoder (not gated)."""
     from sae_lens import SAE
 
@@ -45,7 +45,7 @@ def has_pre_activation(sae: torch.nn.Module) -> bool:
 def pre_activation(layer_sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
     """The encoder's pre-activations (N, d_sae): the value each unit's activation function is applied to."""
     sae = layer_sae.sae
-    pre = torch.addmm(sae.b_enc, sae.process_sae_in(x), sae.W_enc)
+    pre = layer_sae.pre_activation(x)
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # sae-lens TopK SAEs may scale before the top-k
         pre = pre * sae.W_dec.norm(dim=-1)
     return pre
@@ -75,8 +75,9 @@ def surrogate_codes(layer_sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
     units just below their threshold feel it, units far below hardly. JumpReLU and (Batch)TopK SAEs pass no
     gradient through inactive units at all, so a loss that should turn features on needs this surrogate.
     """
-    codes = layer_sae.encode(x)
     pre = pre_activation(layer_sae, x)
+    plain = plain_threshold(layer_sae.sae)  # ReLU and JumpReLU: the codes from the same pre-activations
+    codes = torch.where(pre > plain, pre, 0.0) if plain is not None else layer_sae.encode(x)
     theta = _threshold(layer_sae, pre, codes.detach())
     active = codes.detach() != 0
     tau = SURROGATE_BANDWIDTH * (codes.detach()[active].mean() if active.any() else pre.new_ones(()))
@@ -109,7 +110,7 @@ class AlignTerm:
     def check(self, saes: SAESet) -> None:
         """Refuse, before any training, SAEs this term cannot read."""
         if self.needs_pre:
-            lacking = [layer for layer, s in sorted(saes.layers.items()) if not has_pre_activation(s.sae)]
+            lacking = [layer for layer, s in sorted(saes.layers.items()) if not haspre_activation(s.sae)]
             if lacking:
                 raise UserError(f"align.objective={self.name} needs the SAEs' pre-activations (a sae-lens SAE with "
                                 f"one encoder); the SAEs of {saes.source} at layer(s) {lacking} have none: choose "
