@@ -186,8 +186,7 @@ class Trainer:
         self.setup_seconds = time.perf_counter() - began
         a = self.a
         self.engine.train(True)
-        self.log_every = max(1, min(a.checkpoint_every, a.steps // 20))
-        self.progress.start("+".join(self.targets), a.steps, self.start, self.log_every)
+        self.progress.start("+".join(self.targets), a.steps, self.start, max(1, min(a.checkpoint_every, a.steps // 20)))
         try:
             for step in range(self.start, a.steps):
                 record = self.train_step(step)
@@ -214,8 +213,9 @@ class Trainer:
         micro = [(*self.batch(lang, batch_ids(self.split.train, (step * a.grad_accum + m) * dist.world + dist.rank,
                                               a.batch_size, seed, lang)), lang)
                  for m in range(a.grad_accum) for lang in self.targets]
-        # per-term gradient norms cost two more backward passes: on the steps the log shows
-        sums = optimizer_step(self.objective, self.engine, micro, grad_norms=(step + 1) % self.log_every == 0)
+        # per-term gradient norms cost three more backward passes: on the first step and at each checkpoint
+        norms = step == 0 or (step + 1) % a.checkpoint_every == 0
+        sums = optimizer_step(self.objective, self.engine, micro, grad_norms=norms)
         record = {"step": step + 1, **dist.mean(sums), "lr": self.engine.lr, "seconds": time.perf_counter() - began,
                   "cpu_seconds": time.process_time() - cpu}
         if not all(math.isfinite(record[k]) for k in TERMS):
