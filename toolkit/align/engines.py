@@ -185,11 +185,12 @@ def optimizer_step(objective: Objective, eng, micro: list[tuple[TokenBatch, Toke
                    grad_norms: bool = False) -> dict[str, float]:
     """One optimizer step of training: the objective, backward and micro-step on each (target batch, English
     batch, language) micro-batch; the engine steps once it has seen all of them. Returns the terms averaged,
-    and with `grad_norms` the norm of each weighted term's gradient on the first micro-batch (`grad_{term}`)."""
+    and with `grad_norms` (torch engine only) the norm of each weighted term's gradient on the first micro-batch
+    (`grad_{term}`)."""
     sums = dict.fromkeys(TERMS, 0.0)
     for m, (target, english, lang) in enumerate(micro):
         losses = objective(eng.forward, target, english, lang)
-        if grad_norms and m == 0:
+        if grad_norms and m == 0 and eng.name == "torch":  # DeepSpeed's gradient hooks fire on any backward
             sums.update(term_grad_norms(objective, losses))
         eng.backward(losses["total"])
         eng.micro_step()
