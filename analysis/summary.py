@@ -3,7 +3,8 @@
 `report` prints the gap report (analysis.gaps) and then these sections, appends them to report.txt
 and writes `reports/summary.json`:
 - alignment: per adapter (`RunDir.adapters`: each language's and the joint one), the held-out activation gain
-  of its targets, English retention and the perplexities before/after (its before_after.json); sweep points
+  of its targets, English retention, the perplexities before/after and the gain report's headline (closure,
+  norm-adjusted gain, English KL, FVE drop, bits per byte, guards) (its before_after.json); sweep points
   are counted and left to `python -m analysis.align_sweep RUN`;
 - evaluation: per model, task and language the primary metric (mean ± SE) and accuracy; per adapter the
   paired difference with its CI; bits per byte; the strongest gap ↔ performance correlations
@@ -46,6 +47,8 @@ def renderables(summary: dict) -> list:
     align = summary["alignment"]
     if align:
         out.append(_alignment_table(align))
+        if any(a.get("summary") for a in align):
+            out.append(_gain_table(align))
     elif not summary.get("sweep_points"):
         out.append(Text(f"alignment: not run — python -m toolkit.submit align --run {run} --targets ml,hi",
                         style="dim"))
@@ -94,6 +97,7 @@ def _alignment(run: Path) -> list[dict]:
             "languages": {lang: {k: v.get(k) for k in ("role", "gain_pct_mean", "gain_pct_pooled",
                                                        "retention_pct_mean", "ppl_before", "ppl_after")}
                           for lang, v in langs.items()},
+            "summary": data.get("summary"),
         })
     return out
 
@@ -132,6 +136,27 @@ def _alignment_table(adapters: list[dict]) -> Table:
             table.add_row(a["adapter"] if k == 0 else "", lang, v["role"], _num(v["gain_pct_mean"], "+.1f"),
                           _num(v["retention_pct_mean"], ".1f"), _num(v["ppl_before"], ".1f"),
                           _num(v["ppl_after"], ".1f"), end_section=k == len(shown) - 1)
+    return table
+
+
+def _gain_table(adapters: list[dict]) -> Table:
+    """The gain report's headline per adapter (before_after.json `summary`; docs/alignment.md)."""
+    table = Table(title="alignment · gain report over the weighted layers (closure 100 = parity with English)",
+                  title_justify="left")
+    cols = ("adapter", "objective", "closure %", "norm-adj. gain %", "gain %", "EN KL", "EN retention %",
+            "FVE drop", "target bpb", "min", "guards")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("adapter", "objective", "guards") else "right")
+    for a in adapters:
+        s = a.get("summary")
+        if not s:
+            continue
+        failed = [k for k, ok in s.get("guards", {}).items() if not ok]
+        table.add_row(a["adapter"], s["objective"], _num(s["closure_pct"], ".1f"),
+                      _num(s["norm_adjusted_gain_pct"], "+.1f"), _num(s["gain_pct"], "+.1f"),
+                      _num(s["english_kl"], ".4f"), _num(s["english_retention_pct"], ".1f"),
+                      _num(s["fve_drop"], "+.3f"), _num(s["target_bpb"], ".3f"), _num(s["minutes"], ".1f"),
+                      "ok" if s["guards_ok"] else "fail: " + ", ".join(failed))
     return table
 
 

@@ -17,7 +17,6 @@ while a Slurm array task takes one language. Per target:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -34,13 +33,13 @@ from toolkit import align, models, stages, sweep
 from toolkit import corpus as corpora
 from toolkit import saes as sae_sources
 from toolkit.align import metrics as am
+from toolkit.align.trainer import grad_text
 from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
-from toolkit.extraction import ExtractionUnit, extract_unit
+from toolkit.extraction import sae_recipe
 from toolkit.locks import WriterLock
 from toolkit.rundir import RunDir
 from toolkit.stages import Task
-from toolkit.store import ActivationFile
 
 REFERENCE = align.REFERENCE
 
@@ -69,6 +68,9 @@ def run(cfg: Config, task: Task | None = None) -> list[dict]:
     measured = parse_layers(cfg.run.layers, lm.n_layers)
     aligned = sorted({i for c, _ in units for i in parse_layers(c.align.align_layers, lm.n_layers)})
     saes = sae_sources.load(cfg, lm, sorted(set(measured) | set(aligned)), corpus, console)
+    for objective in dict.fromkeys(c.align.objective for c, _ in units):  # pre needs pre-activations
+        align.make_term(objective).check(saes)
+    saes.recipe = sae_recipe(cfg, saes)  # the after-measurement's files, written elsewhere, keep it
     split = split_of(cfg, corpus)
     show_plan(cfg, [t for _, t in units], split, engine, dist, aligned, console)
     if dist.main:  # what runs, once the model, the SAEs and the targets have been checked
@@ -87,7 +89,7 @@ def show_plan(cfg: Config, todo: list[AlignTarget], split: align.Split, engine: 
         f"engine: {engine}, {dist.world} process(es); {a.steps} steps x {pairs} sentence pairs per language "
         f"({a.batch_size} x {a.grad_accum} accumulation x {dist.world} ranks)",
         f"LoRA r={a.lora_r} alpha={a.lora_alpha} dropout={a.lora_dropout} on {a.lora_targets} (layers {a.lora_layers})",
-        f"loss = CE + {a.lambda_align} x align({a.distance}, {len(aligned)} layers, {a.layer_weights} weights) "
+        f"loss = CE + {a.lambda_align} x align({a.objective}, {len(aligned)} layers, {a.layer_weights} weights) "
         f"+ {a.lambda_keep} x KL(base || adapted) on English",
         f"output: {cfg.run_dir / 'align'}",
     ]
@@ -114,8 +116,8 @@ def align_one(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, cor
     if not split.heldout:
         console.print(f"[yellow]{target.name}:[/] no held-out sentences (align.heldout=0): before/after skipped")
         return summary
-    report = before_after(cfg, lm, saes, corpus, target, split, folder, console)
-    summary.update(before_after=str(folder / "before_after.json"),
+    report = before_after(cfg, lm, saes, corpus, target, split, console)
+    summary.update(before_after=str(folder / "before_after.json"), summary=report["summary"],
                    gain_pct={lang: v["gain_pct_mean"] for lang, v in report["languages"].items()},
                    english_retention_pct=report["english_retention_pct"])
     return summary
@@ -192,7 +194,8 @@ class RichProgress:
         self.bar.update(self.task, advance=1, **_fields(record))
         if not self.console.is_terminal and record["step"] % self.log_every == 0:  # no live bar in batch logs
             self.console.print(f"align {self.name} step {record['step']}/{self.total}: " + "  ".join(
-                f"{k} {record[k]:.4f}" for k in align.TERMS) + f"  ({record['seconds']:.1f} s)", highlight=False,
+                f"{k} {record[k]:.4f}" for k in align.TERMS) + grad_text(record) + f"  ({record['seconds']:.1f} s)",
+                highlight=False,
                 soft_wrap=True)
 
     def stop(self) -> None:
@@ -211,88 +214,92 @@ def _fields(record: dict | None) -> dict[str, float]:
 
 
 def before_after(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpus: Corpus, target: AlignTarget,
-                 split: align.Split, folder: Path, console: Console) -> dict:
-    """Held-out activations and perplexity of every run language, base vs adapted; table + before_after.json."""
-    from filelock import FileLock
-    from peft import PeftModel
-
-    adapter = folder / "adapter"
-    sha = align.adapter_sha(adapter)
-    out_path = folder / "before_after.json"
-    layers = parse_layers(cfg.run.layers, lm.n_layers)
-    if out_path.is_file():
-        cached = align.read_json(out_path)
-        if (cached.get("adapter_sha256") == sha and cached.get("heldout_sha256") == align.ids_hash(split.heldout)
-                and set(cached["languages"]) == set(corpus.langs) and cached["layers"] == layers):
-            print_before_after(cached, console)
-            return cached
+                 split: align.Split, console: Console) -> dict:
+    """Held-out measurement of every run language, base vs adapted (`toolkit.align.metrics.before_after`);
+    printed and written to before_after.json."""
     held = corpus.subset(split.heldout)
+    layers = parse_layers(cfg.run.layers, lm.n_layers)
+    folder = RunDir(cfg.run_dir).align(target.name)
     key = hashlib.sha256(json.dumps([lm.model_id, saes.ids, layers, align.ids_hash(split.heldout), held.hash,
                                      cfg.extract.max_length]).encode()).hexdigest()[:12]
-    base_dir = cfg.run_dir / "align" / f"base-{key}"
-    base_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]{target.name}:[/] measuring {len(held.ids)} held-out sentences per language, base model")
-    with FileLock(str(base_dir) + ".lock"):  # array tasks of one run share the base measurement
-        before = measure(cfg, lm, saes, held, layers, base_dir, console)
-    console.print(f"[bold]{target.name}:[/] measuring with the adapter {adapter}")
-    peft_model = PeftModel.from_pretrained(lm.model, str(adapter)).eval()
-    adapted = dataclasses.replace(lm, model=peft_model, model_id=f"{lm.model_id} + adapter {sha}")
-    try:
-        after = measure(cfg.merged({"model": {"adapter": str(adapter)}}), adapted, saes, held, layers,
-                        folder / "after", console, fresh=True)
-    finally:
-        lm.model = peft_model.unload()
-    report = am.compare(before, after, layers, target.targets)
-    report.update(unit=target.name, adapter=str(adapter), adapter_sha256=sha, heldout_sentences=len(held.ids),
-                  heldout_sha256=align.ids_hash(split.heldout), before_dir=str(base_dir),
-                  after_dir=str(folder / "after"), definitions=am.DEFINITIONS)
-    align.save_json(out_path, report)
+    metrics = align.read_json(folder / "metrics.json")
+    weights = {lang: {int(k): float(v) for k, v in w.items()} for lang, w in metrics["weights"].items()}
+    spec = am.MeasureSpec(layers, weights, cfg.extract, cfg.align, cfg.run.preset, cfg.run.seed,
+                          metrics.get("train_seconds", math.nan) / 60)
+    paths = am.MeasurePaths(folder.parent / f"base-{key}", folder / "after", folder / "before_after.json",
+                            none_arm(folder))
+    console.print(f"[bold]{target.name}:[/] measuring {len(held.ids)} held-out sentences per language, base model "
+                  f"(once per split: {paths.base}) and with the adapter")
+    report = am.before_after(lm, saes, held, folder / "adapter", spec, paths, extraction_bar(console))
+    report["unit"] = target.name
+    align.save_json(paths.report, report)
     print_before_after(report, console)
     return report
 
 
-def measure(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpus: Corpus, layers: list[int],
-            folder: Path, console: Console, fresh: bool = False) -> dict[str, dict]:
-    """Extract every language of `corpus` into `folder/activations` (resumable; `fresh` starts over)
-    and return A per layer and the perplexity per language (cached in `folder/perplexity.json`)."""
-    # float32 codes: an adapter may push activations past float16's range, and these files are small
-    sub_cfg = cfg.merged({"run": {"run": str(folder)},
-                          "extract": {"shards": 1, "overwrite": fresh, "code_dtype": "float32"}})
-    ppl_path = folder / "perplexity.json"
-    ppl = {} if fresh or not ppl_path.is_file() else align.read_json(ppl_path)
-    out = {}
-    for lang in corpus.langs:
-        summary = extract_unit(sub_cfg, lm, saes, corpus, ExtractionUnit(lang), layers, extraction_bar(console))
-        with ActivationFile(summary.path) as f:
-            a = {layer: float(f.stats(layer, "mass").mean()) for layer in layers}
-        if lang not in ppl:
-            ppl[lang] = am.perplexity(lm, corpus.sentences(lang), cfg.extract.max_length)
-            align.save_json(ppl_path, ppl)
-        out[lang] = {"A": a, "ppl": ppl[lang]}
-    return out
+def none_arm(folder: Path) -> Path | None:
+    """The before_after.json of a sweep point's `none` arm (toolkit.sweep.none_arm)."""
+    return sweep.none_arm(folder.parent.parent, folder.name)
 
 
 def print_before_after(report: dict, console: Console) -> None:
     table = Table(title=f"Before/after alignment: {report['unit']} ({report['heldout_sentences']} held-out sentences, "
                         f"means over {len(report['layers'])} layers)")
-    for col in ("lang", "role", "A before", "A after", "gain %", "retain %", "ppl before", "ppl after"):
+    for col in ("lang", "role", "A before", "A after", "gain %", "retain %", "bpb before", "bpb after"):
         table.add_column(col, justify="left" if col in ("lang", "role") else "right")
     for lang, v in report["languages"].items():
         role = "ref." if v["role"] == "reference" else v["role"]
         table.add_row(lang, role, f"{am.mean(v['A_before'].values()):.4g}", f"{am.mean(v['A_after'].values()):.4g}",
-                      _pct(v["gain_pct_mean"], "+"), _pct(v["retention_pct_mean"]), _num(v["ppl_before"]),
-                      _num(v["ppl_after"]), style="bold" if v["role"] == "target" else None)
+                      _pct(v["gain_pct_mean"], "+"), _pct(v["retention_pct_mean"]), _num(v.get("bpb_before"), ".3f"),
+                      _num(v.get("bpb_after"), ".3f"), style="bold" if v["role"] == "target" else None)
     table.caption = (f"English retention {_pct(report['english_retention_pct'])} %. gain = 100 (A_after - A_before) / "
                      "A_before and retention = 100 A_after / A_before, per layer, then averaged over layers")
     console.print(table)
+    console.print(gain_table(report))
+
+
+def gain_table(report: dict) -> Table:
+    """The gain report: per target, the weighted layers' headline and each band, with CIs and the none arm."""
+    s = report["summary"]
+    table = Table(title=f"Gain report: {report['unit']} (objective {s['objective']}; w-weighted over the weighted "
+                        "layers, held-out sentences, 95 % CI)")
+    for col in ("target", "layers", "gain %", "closure %", "norm-adj. gain %", "resid norm %", "EN KL", "EN retain %",
+                "FVE drop", "bpb", "vs none: closure"):
+        table.add_column(col, justify="left" if col in ("target", "layers") else "right")
+    for lang, t in report["alignment"].items():
+        q, vs = t["sae_quality"], t.get("vs_none") or {}
+        closure = vs.get("closure")
+        table.add_row(lang, "weighted", _ci(t.get("gain_pct"), t.get("gain_pct_ci")),
+                      _ci(t.get("closure_pct"), t.get("closure_pct_ci")) + (" overshoot" if t["overshoot"] else ""),
+                      _num(t.get("norm_adjusted_gain_pct"), "+.1f"), _num(t.get("resid_norm_change_pct"), "+.1f"),
+                      _num(t["english"].get("kl"), ".4f"),
+                      _ci(t.get("english_retention_pct"), t.get("english_retention_pct_ci")),
+                      _num(q.get("fve_drop"), "+.3f") + (" !" if q.get("fve_drop_flagged_layers") else ""),
+                      f"{_num(t.get('target_bpb_before'), '.3f')} -> {_num(t.get('target_bpb'), '.3f')}",
+                      _ci(closure["delta"], [closure["ci_low"], closure["ci_high"]]) if closure else "-")
+        for name, band in t["bands"].items():
+            table.add_row("", name, _num(band.get("gain_pct"), "+.1f"), _num(band.get("closure_pct"), ".1f"),
+                          _num(band.get("norm_adjusted_gain_pct"), "+.1f"), "", "", "", "", "", "")
+    failed = [k for k, ok in s["guards"].items() if not ok]
+    low, high = am.GUARD_RETENTION
+    table.caption = (f"guards {'hold' if s['guards_ok'] else 'FAIL: ' + ', '.join(failed)} (English KL <= "
+                     f"{am.GUARD_ENGLISH_KL}, retention {low:g}-{high:g} %, FVE drop <= {am.GUARD_FVE_DROP}, bpb <= "
+                     f"none + {am.GUARD_BPB_SLACK}); {s['minutes']:.1f} min. closure 100 = parity with English")
+    return table
+
+
+def _ci(value, ci) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
 
 
 def _pct(value, sign: str = "") -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:{sign}.2f}"
 
 
-def _num(value) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.1f}"
+def _num(value, fmt: str = ".1f") -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:{fmt}}"
 
 
 # ---------------------------------------------------------------------------------------- sweep points

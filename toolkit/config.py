@@ -141,7 +141,11 @@ class AlignConfig:
     align_layers: str = opt("all", "layers whose SAE codes enter the alignment loss")
     lambda_align: float = opt(1.0, "weight of the SAE alignment term")
     lambda_keep: float = opt(1.0, "weight of KL(base || adapted) on English")
-    distance: str = opt("mse", "distance between pooled SAE codes", choices=("mse", "cosine"))
+    objective: str = opt("mass", "alignment term (toolkit/align/objective.py, docs/alignment.md): match (relative "
+                         "squared error of pooled codes), cosine, masked (match on English's features, surrogate "
+                         "gradient), mass (one-sided hinge on pooled SAE mass), pre (hinge on pre-activations of "
+                         "English-favoured features), resid (hinge on the residual norm: the control), none (CE + KL "
+                         "only)", choices=("match", "cosine", "masked", "mass", "pre", "resid", "none"))
     heldout: float = opt(0.2, "fraction of sentence ids held out for the before/after measurement")
     val_fraction: float = opt(0.1, "fraction of training ids used for validation loss")
     checkpoint_every: int = opt(50, "save a resumable checkpoint every N steps")

@@ -224,7 +224,10 @@ def controls(layer_sae: sae_sources.LayerSAE, x: torch.Tensor, rows: torch.Tenso
 
 
 def sae_recipe(cfg: Config, saes: sae_sources.SAESet) -> str:
-    """The training recipe (architecture, width, mix, budget, ...) of a locally trained set, as JSON; "" else."""
+    """The training recipe (architecture, width, mix, budget, ...) of a locally trained set, as JSON; "" else.
+    The set's own `recipe` when it carries one (files written outside the run folder, such as alignment's)."""
+    if saes.recipe:
+        return saes.recipe
     if not saes.source.startswith("local:"):
         return ""
     file = sae_sources.local_root(cfg.run_dir, saes.source) / "training.json"

@@ -61,10 +61,10 @@ class LayerSAE:
         makes five passes over tokens x d_sae (bias, ReLU, mask, mask as floats, product), each
         with its backward when training through it (`toolkit.align`).
         """
-        threshold = _plain_threshold(self.sae)
+        threshold = plain_threshold(self.sae)
         if threshold is None:
             return self.sae.encode(x)
-        pre = self._pre_activation(x)
+        pre = self.pre_activation(x)
         return torch.where(pre > threshold, pre, 0.0)
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,12 +75,12 @@ class LayerSAE:
         tensors, and finding the nonzeros takes another pass; at 16k features this path is 1.9x faster
         (docs/performance.md). Other architectures go through their own `encode`.
         """
-        threshold = _plain_threshold(self.sae)
+        threshold = plain_threshold(self.sae)
         if threshold is None:
             codes = self.sae.encode(x)
             rows, cols = codes.nonzero(as_tuple=True)
             return rows, cols, codes[rows, cols]
-        pre = self._pre_activation(x)
+        pre = self.pre_activation(x)
         rows, cols = (pre > threshold).nonzero(as_tuple=True)
         return rows, cols, pre[rows, cols]
 
@@ -93,7 +93,7 @@ class LayerSAE:
         after `encode_sparse` of the same tokens: SAEs that normalise their input keep that batch's scale.
         """
         sae = self.sae
-        if _plain_threshold(sae) is None:
+        if plain_threshold(sae) is None:
             codes = torch.zeros(n_tokens, self.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
             codes[rows, cols] = values.to(codes.dtype)
             return sae.decode(codes).float()
@@ -105,11 +105,12 @@ class LayerSAE:
         out = torch.sparse.mm(sparse, sae.W_dec) + sae.b_dec
         return sae.run_time_activation_norm_fn_out(sae.hook_sae_recons(out)).float()
 
-    def _pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's affine map of `x`, before its activation function (sae-lens SAEs with one encoder)."""
         return torch.addmm(self.sae.b_enc, self.sae.process_sae_in(x), self.sae.W_enc)
 
 
-def _plain_threshold(sae: torch.nn.Module) -> torch.Tensor | float | None:
+def plain_threshold(sae: torch.nn.Module) -> torch.Tensor | float | None:
     """The value a pre-activation must exceed to give a nonzero code, or None where encode does more."""
     from sae_lens import JumpReLUSAE, StandardSAE
 
@@ -127,6 +128,7 @@ def _plain_threshold(sae: torch.nn.Module) -> torch.Tensor | float | None:
 class SAESet:
     source: str  # resolved source, e.g. "local:RUN/saes/ab12" or "pretrained:gemma-scope-..."
     layers: dict[int, LayerSAE]
+    recipe: str = ""  # training recipe (JSON) of a local set once read: files written elsewhere keep it
 
     @property
     def ids(self) -> list[str]:

@@ -35,6 +35,14 @@ def test_a_short_hindi_run_writes_finite_metrics_and_before_after(ntrex, tmp_pat
         assert all(x is not None and math.isfinite(x) for x in values), (lang, v)
     assert math.isfinite(report["english_retention_pct"])
     assert summaries[0]["english_retention_pct"] == report["english_retention_pct"]
+    hi = report["alignment"]["hi"]  # the gain report, on Gemma 3's real JumpReLU SAEs
+    assert hi["weighted_layers"] and set(hi["weighted_layers"]) <= {0, 4, 8, 12, 16}
+    for key in ("gain_pct", "norm_adjusted_gain_pct", "resid_norm_change_pct", "target_bpb"):
+        assert math.isfinite(hi[key]), key
+    assert 0 <= hi["english"]["kl"] < 1 and math.isfinite(hi["english"]["bpb_after"])
+    assert all(0 < v <= 1 for v in hi["sae_quality"]["fve_after"].values())
+    assert report["summary"]["objective"] == "mass" and isinstance(report["summary"]["guards_ok"], bool)
+    assert "grad_align" in metrics["steps"][0] and "grad_align" in metrics["steps"][1]  # first step, checkpoint
 
 
 @pytest.mark.integration

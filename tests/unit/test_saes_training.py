@@ -42,7 +42,7 @@ def test_trained_sae_loads_as_jumprelu_and_sparse_encode_equals_saelens(arch, tm
     corpus = corpus_of(cfg)
     trained = sae_training.train(cfg, tiny_lm, [1], corpus, QUIET)
     layer = trained.layers[1]
-    assert type(layer.sae) is JumpReLUSAE and saes._plain_threshold(layer.sae) is not None
+    assert type(layer.sae) is JumpReLUSAE and saes.plain_threshold(layer.sae) is not None
     x = residuals(tiny_lm, corpus, 1)
     with torch.no_grad():
         dense = layer.sae.encode(x)

@@ -13,8 +13,12 @@ def _before_after(folder, targets):
                     "ppl_before": 30.0, "ppl_after": 30.5},
              "hi": {"role": "target", "gain_pct_mean": 21.5, "gain_pct_pooled": 19.0, "retention_pct_mean": 121.5,
                     "ppl_before": 12.0, "ppl_after": 11.0}}
+    head = {"objective": "mass", "closure_pct": 61.25, "norm_adjusted_gain_pct": 12.5, "gain_pct": 21.5,
+            "english_kl": 0.0123, "english_retention_pct": 100.4, "fve_drop": 0.004, "target_bpb": 0.91,
+            "minutes": 7.5, "guards": {"english_kl": True, "fve_drop": False}, "guards_ok": False}
     (folder / "before_after.json").write_text(json.dumps(
-        {"targets": targets, "heldout_sentences": 29, "english_retention_pct": 100.4, "languages": langs}))
+        {"targets": targets, "heldout_sentences": 29, "english_retention_pct": 100.4, "languages": langs,
+         "summary": head}))
 
 
 def _results(folder):
@@ -47,6 +51,7 @@ def test_every_stage_that_ran_has_its_section(tmp_path):
     data = summary.collect(run, gaps={"statistic": "mass"})
     text = summary.render_text(data, width=120)
     assert "alignment" in text and "+21.5" in text and "121.5" in text
+    assert "gain report" in text and "61.2" in text and "0.0123" in text and "fail:" in text and "fve_drop" in text
     assert "evaluation · arc · p_gold_norm" in text and "0.260±0.004" in text and "Δ +0.012 [+0.004, +0.020]" in text
     assert "0.830" in text and "gap ↔ performance" in text and "-0.70" in text
     assert len(data["evaluation"]["correlations"]) == 1  # rows without a p-value are left out

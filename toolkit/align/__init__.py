@@ -6,17 +6,18 @@ The objective for a target language T and the parallel English sentences (defaul
 `AlignConfig`):
 
     loss  = CE(T) + lambda_align * align + lambda_keep * keep
-    align = (1/|L|) * sum over layers l in L of w_l * d(pool(SAE_l(h_l(T))), pool(SAE_l(h_l^base(en))))
+    align = (1/|L|) * sum over layers l in L of w_l * term(pool(f_l(h_l(T))), pool(g_l(h_l^base(en))))
     keep  = KL(p_base || p_adapted) per English token, averaged over real tokens
 
 - h_l is the residual stream after decoder block l (the extraction hook point); pool is the mean over
   the sentence's tokens with BOS and padding excluded, the tokens extraction measures.
-- The English codes and the KL's base logits come from the base model (adapter disabled, no second
+- The English side and the KL's base logits come from the base model (adapter disabled, no second
   copy) under no_grad: a fixed target, so the adapter cannot close the gap by moving English. Being
   fixed, they are computed once per sentence before training (`EnglishReference`), not in every step.
-- d = "mse" (default): the relative squared error sum_b ||p_T - p_en||^2 / sum_b ||p_en||^2 per layer.
-  SAE code magnitudes grow with depth, so a raw MSE would let deep layers dominate; relative to the
-  target's energy, w_l alone sets a layer's importance. d = "cosine": mean over the batch of 1 - cos.
+- term, f and g are `align.objective`'s (`objective.OBJECTIVES`, formulas in their docstrings): `match`
+  (relative squared error of the codes), `cosine`, `masked`, `mass` (one-sided hinge on SAE mass, the
+  default), `pre` (hinge on pre-activations), `resid` (hinge on the residual norm, the control) and
+  `none` (no term). docs/alignment.md says why the default is what it is.
 - w_l ("gap", default) = max(0, -gap_l) with gap_l T's measured mass gap to English in percent,
   scaled to mean 1 over the chosen layers (so "uniform" is all ones and lambda_align means the same
   for both); layers where T is not weaker get 0; if none is weaker, weights fall back to uniform.
@@ -41,15 +42,25 @@ from toolkit.align.checkpoints import (
 from toolkit.align.data import REFERENCE, Split, batch_ids, collate, ids_hash, split_ids
 from toolkit.align.distributed import Dist, resolve_engine, setup_distributed
 from toolkit.align.engines import DeepSpeedEngine, TorchEngine, make_engine, optimizer_step
-from toolkit.align.objective import SUMMARY_USES, TERMS, EnglishReference, Objective, reference_uses
+from toolkit.align.objective import (
+    OBJECTIVES,
+    SUMMARY_USES,
+    TERMS,
+    EnglishReference,
+    Objective,
+    make_term,
+    reference_uses,
+    surrogate_codes,
+)
 from toolkit.align.trainer import LogProgress, Trainer, TrainingProgress, TrainResult, fingerprint
 from toolkit.align.weights import GAP_SENTENCES, layer_gaps, mean_mass, weights_from_gaps
 
 __all__ = [
-    "GAP_SENTENCES", "KEEP_CHECKPOINTS", "REFERENCE", "SUMMARY_USES", "TERMS", "DeepSpeedEngine", "Dist",
+    "GAP_SENTENCES", "KEEP_CHECKPOINTS", "OBJECTIVES", "REFERENCE", "SUMMARY_USES", "TERMS", "DeepSpeedEngine", "Dist",
     "EnglishReference", "LogProgress", "Objective", "Split", "TorchEngine", "TrainResult", "Trainer",
     "TrainingProgress", "adapter_sha", "attach_lora", "batch_ids", "collate", "fingerprint",
-    "ids_hash", "latest_state", "layer_gaps", "load_tensors", "make_engine", "mean_mass",
+    "ids_hash", "latest_state", "layer_gaps", "load_tensors", "make_engine", "make_term", "mean_mass",
     "optimizer_step", "read_json", "reference_uses", "resolve_engine", "save_adapter", "save_json",
-    "saved_checkpoints", "setup_distributed", "split_ids", "state_digest", "trainable_state", "weights_from_gaps",
+    "saved_checkpoints", "setup_distributed", "split_ids", "state_digest", "surrogate_codes", "trainable_state",
+    "weights_from_gaps",
 ]

@@ -180,14 +180,34 @@ def make_engine(name: str, model: torch.nn.Module, a: AlignConfig, n_micro: int,
     return TorchEngine(model, a, n_micro, dist)
 
 
-def optimizer_step(objective: Objective, eng, micro: list[tuple[TokenBatch, TokenBatch, str]]) -> dict[str, float]:
+def optimizer_step(objective: Objective, eng, micro: list[tuple[TokenBatch, TokenBatch, str]],
+                   grad_norms: bool = False) -> dict[str, float]:
     """One optimizer step of training: the objective, backward and micro-step on each (target batch, English
-    batch, language) micro-batch; the engine steps once it has seen all of them. Returns the terms averaged."""
+    batch, language) micro-batch; the engine steps once it has seen all of them. Returns the terms averaged,
+    and with `grad_norms` (torch engine only) the norm of each weighted term's gradient on the first micro-batch
+    (`grad_{term}`)."""
     sums = dict.fromkeys(TERMS, 0.0)
-    for target, english, lang in micro:
+    for m, (target, english, lang) in enumerate(micro):
         losses = objective(eng.forward, target, english, lang)
+        if grad_norms and m == 0 and eng.name == "torch":  # DeepSpeed's gradient hooks fire on any backward
+            sums.update(term_grad_norms(objective, losses))
         eng.backward(losses["total"])
         eng.micro_step()
         for k in TERMS:
             sums[k] += losses[k].item() / len(micro)
     return sums
+
+
+def term_grad_norms(objective: Objective, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """||d(weight x term) / d(LoRA parameters)|| of ce, align and keep: which term steers the adapter."""
+    a = objective.a
+    params = [p for p in objective.lm.model.parameters() if p.requires_grad]
+    out = {}
+    for name, weight in (("ce", 1.0), ("align", a.lambda_align), ("keep", a.lambda_keep)):
+        term = losses[name] * weight
+        if not term.requires_grad:
+            out[f"grad_{name}"] = 0.0
+            continue
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        out[f"grad_{name}"] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+    return out

@@ -1,5 +1,7 @@
-"""The alignment objective for one batch of parallel sentences (see the package docstring), the base model's
-English reference it compares against, and the chunked KL."""
+"""The alignment objective for one batch of parallel sentences (see the package docstring): the alignment terms
+(`OBJECTIVES`, one small class each, its formula in its docstring), the loss that adds them to the LM
+cross-entropy and the English KL (`Objective`), the base model's English reference they compare against, and
+the chunked KL."""
 
 from __future__ import annotations
 
@@ -11,14 +13,18 @@ import torch.nn.functional as F
 
 from toolkit.capture import ResidualCapture, TokenBatch
 from toolkit.config import AlignConfig
+from toolkit.errors import UserError
 from toolkit.models import LoadedModel
-from toolkit.saes import SAESet
+from toolkit.saes import LayerSAE, SAESet, plain_threshold
 
 TERMS = ("ce", "align", "keep", "total")
 KL_CHUNK_CPU = 1 << 20  # logits per chunk of the KL term: 4 MiB of fp32 stays in a CPU's cache
 KL_CHUNK = 1 << 28  # on accelerators, few large kernels
 SUMMARY_USES = 2.0  # the KL's base summary costs about two uses' worth of base logits (measured on CPU)
 HEAD_CHUNK = 1 << 24  # logits per chunk where the LM head runs inside the chunk loop (64 rows of Gemma's 262k)
+SURROGATE_BANDWIDTH = 0.5  # softplus width, in units of the batch's mean active code at the layer
+PRE_FEATURES = 16  # English-favoured features per pair and layer that the `pre` hinge raises
+EPS = 1e-8
 
 
 def reference_uses(a: AlignConfig, n_train: int, n_targets: int = 1, world: int = 1) -> float:
@@ -26,12 +32,219 @@ def reference_uses(a: AlignConfig, n_train: int, n_targets: int = 1, world: int 
     return a.steps * a.grad_accum * a.batch_size * world * n_targets / max(n_train, 1)
 
 
-class Objective:
-    """The alignment loss for one batch of parallel sentences; see the module docstring.
+# ------------------------------------------------------------------------------------------- SAE pieces
 
-    The English side of every term but the adapted KL comes from the frozen base model, so it is computed
-    once per sentence (`EnglishReference`) instead of in every step, and every step's work is the adapted
-    passes alone. Logits (a 262k vocabulary on Gemma) are computed for real tokens only, never for padding.
+
+def haspre_activation(sae: torch.nn.Module) -> bool:
+    """Whether `pre_activation` can read this SAE: a sae-lens SAE with one encoder (not gated)."""
+    from sae_lens import SAE
+
+    return isinstance(sae, SAE) and not type(sae).__name__.startswith("Gated") and hasattr(sae, "W_enc")
+
+
+def pre_activation(layer_sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's pre-activations (N, d_sae): the value each unit's activation function is applied to."""
+    sae = layer_sae.sae
+    pre = layer_sae.pre_activation(x)
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # sae-lens TopK SAEs may scale before the top-k
+        pre = pre * sae.W_dec.norm(dim=-1)
+    return pre
+
+
+def _threshold(layer_sae: LayerSAE, pre: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The pre-activation a unit must exceed to be active: 0 (ReLU), the learnt threshold (JumpReLU, also the
+    BatchTopK SAEs trained here), else per token the smallest active pre-activation (TopK's k-th value)."""
+    from sae_lens import JumpReLUSAE, StandardSAE
+
+    sae = layer_sae.sae
+    if type(sae) is StandardSAE:
+        return pre.new_zeros(())
+    if type(sae) is JumpReLUSAE:
+        return sae.threshold.detach().clamp_min(0)
+    active = codes != 0
+    smallest = torch.where(active, pre, torch.inf).amin(1, keepdim=True)
+    return torch.where(active.any(1, keepdim=True), smallest, pre.new_zeros(())).clamp_min(0).detach()
+
+
+def surrogate_codes(layer_sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
+    """The SAE's codes of `x` (N, d_sae), equal in value, with a gradient through inactive units too.
+
+    Active units pass the true gradient (d code / d pre = 1). An inactive unit j passes the gradient of
+    tau * softplus((pre_j - theta_j) / tau), i.e. sigmoid((pre_j - theta_j) / tau) < 1/2, where theta_j is the
+    unit's threshold (`_threshold`) and tau = SURROGATE_BANDWIDTH x the batch's mean active code at the layer:
+    units just below their threshold feel it, units far below hardly. JumpReLU and (Batch)TopK SAEs pass no
+    gradient through inactive units at all, so a loss that should turn features on needs this surrogate.
+    """
+    pre = pre_activation(layer_sae, x)
+    plain = plain_threshold(layer_sae.sae)  # ReLU and JumpReLU: the codes from the same pre-activations
+    codes = torch.where(pre > plain, pre, 0.0) if plain is not None else layer_sae.encode(x)
+    theta = _threshold(layer_sae, pre, codes.detach())
+    active = codes.detach() != 0
+    tau = SURROGATE_BANDWIDTH * (codes.detach()[active].mean() if active.any() else pre.new_ones(()))
+    soft = tau * F.softplus((pre - theta) / tau)
+    return codes + torch.where(active, 0.0, soft - soft.detach())
+
+
+# --------------------------------------------------------------------------------------- the alignment terms
+
+
+class AlignTerm:
+    """One alignment term. Per aligned layer l it compares pooled per-token statistics of the target sentence
+    (adapted model, with gradient) with those of its English parallel (base model, fixed), over a batch of
+    pairs: `loss(pool(target(h_l(T))), pool(reference(h_l^base(en))))`. pool is the mean over the sentence's
+    measured tokens (BOS and padding excluded). The objective weights the layers (`Objective`)."""
+
+    name = ""
+    uses_saes = True  # `target` and `reference` read the layer's SAE
+    needs_pre = False  # and its encoder's pre-activations
+
+    def target(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
+        return sae.encode(x)
+
+    def reference(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
+        return sae.encode(x)
+
+    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check(self, saes: SAESet) -> None:
+        """Refuse, before any training, SAEs this term cannot read."""
+        if self.needs_pre:
+            lacking = [layer for layer, s in sorted(saes.layers.items()) if not haspre_activation(s.sae)]
+            if lacking:
+                raise UserError(f"align.objective={self.name} needs the SAEs' pre-activations (a sae-lens SAE with "
+                                f"one encoder); the SAEs of {saes.source} at layer(s) {lacking} have none: choose "
+                                "another --objective or another --sae")
+
+
+class Match(AlignTerm):
+    """match: relative squared error of the pooled codes, sum_b ||p_b - q_b||^2 / sum_b ||q_b||^2 (p: target's
+    pooled SAE codes, q: English's). Rewards similarity, not activity: where <p, q> < ||p||^2 its descent shrinks
+    the target's codes, and it moves only features already active."""
+
+    name = "match"
+
+    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return ((target - reference) ** 2).sum() / (reference**2).sum().clamp(min=EPS)
+
+
+class Cosine(AlignTerm):
+    """cosine: mean over pairs of 1 - cos(p_b, q_b) of the pooled codes; blind to the codes' scale."""
+
+    name = "cosine"
+
+    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return (1 - F.cosine_similarity(target, reference, dim=1, eps=EPS)).mean()
+
+
+class Masked(AlignTerm):
+    """masked: match English only on the features English uses in the pair,
+    sum_b ||(p~_b - q_b) * [q_b > 0]||^2 / sum_b ||q_b||^2, where p~ are the target's codes with the softplus
+    surrogate gradient (`surrogate_codes`), so features English uses and the target does not can turn on."""
+
+    name = "masked"
+    needs_pre = True
+
+    def target(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
+        return surrogate_codes(sae, x)
+
+    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        used = (reference > 0).to(target.dtype)
+        return (((target - reference) * used) ** 2).sum() / (reference**2).sum().clamp(min=EPS)
+
+
+class Mass(AlignTerm):
+    """mass: a one-sided hinge on pooled activation mass, mean_b relu(M_en,b - M_T,b) / M_en,b, with
+    M = sum_j of the pooled codes (English's from the base model; the target's through `surrogate_codes`).
+    No penalty once the target reaches English; its descent raises M_T, on any feature."""
+
+    name = "mass"
+    needs_pre = True
+
+    def target(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
+        return surrogate_codes(sae, x).sum(1, keepdim=True)
+
+    def reference(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
+        return sae.encode(x).sum(1, keepdim=True)
+
+    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return _hinge(target, reference)
+
+
+class Pre(AlignTerm):
+    """pre: SASFT's one-sided hinge on SAE pre-activations, mirrored to raise. Per pair b, the English-favoured
+    features F_b are the PRE_FEATURES features with the largest q_bj - p_bj among those with q_bj > p_bj (English
+    uses them more in this very sentence pair); the loss is
+    mean_b sum_{j in F_b} relu(q_bj - a_bj) / sum_{j in F_b} q_bj, with a_bj the target's pooled pre-activation
+    of feature j. Pre-activations pass gradient whether or not a unit is active."""
+
+    name = "pre"
+    needs_pre = True
+
+    def target(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([sae.encode(x).detach(), pre_activation(sae, x)], dim=1)
+
+    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        codes, pre = target.chunk(2, dim=1)
+        favour = (reference - codes).clamp_min(0)
+        k = min(PRE_FEATURES, favour.shape[1])
+        chosen = favour.topk(k, dim=1).indices
+        picked = favour.gather(1, chosen) > 0
+        q = reference.gather(1, chosen) * picked
+        hinge = (q - pre.gather(1, chosen)).clamp_min(0) * picked
+        return (hinge.sum(1) / q.sum(1).clamp(min=EPS)).mean()
+
+
+class Resid(AlignTerm):
+    """resid: the control arm without SAEs, a one-sided hinge on the pooled residual norm,
+    mean_b relu(N_en,b - N_T,b) / N_en,b with N the mean over tokens of ||h_l||. If it yields the same "SAE
+    gain" as an SAE objective, that gain is scale."""
+
+    name = "resid"
+    uses_saes = False
+
+    def target(self, sae: LayerSAE | None, x: torch.Tensor) -> torch.Tensor:
+        return x.norm(dim=1, keepdim=True)
+
+    reference = target
+
+    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return _hinge(target, reference)
+
+
+class NoAlign(AlignTerm):
+    """none: no alignment term (CE + lambda_keep KL only), the baseline arm; the same as lambda_align = 0."""
+
+    name = "none"
+    uses_saes = False
+
+
+def _hinge(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return ((reference - target).clamp_min(0) / reference.clamp(min=EPS)).mean()
+
+
+OBJECTIVES: dict[str, type[AlignTerm]] = {t.name: t for t in (Match, Cosine, Masked, Mass, Pre, Resid, NoAlign)}
+
+
+def make_term(name: str) -> AlignTerm:
+    """The alignment term called `name`; an unknown name is a UserError listing the known ones."""
+    if name not in OBJECTIVES:
+        raise UserError(f"align.objective {name!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]()
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+
+class Objective:
+    """The alignment loss for one batch of parallel sentences; see the package docstring:
+
+        loss = CE(T) + lambda_align * (1/|L|) sum_l w_l term_l + lambda_keep * KL(base || adapted) on English
+
+    with the term of `align.objective` (`OBJECTIVES`). The English side of every term but the adapted KL comes
+    from the frozen base model, so it is computed once per sentence (`EnglishReference`) instead of in every step,
+    and every step's work is the adapted passes alone. Logits (a 262k vocabulary on Gemma) are computed for real
+    tokens only, never for padding.
     """
 
     def __init__(self, lm: LoadedModel, saes: SAESet, weights: dict[str, dict[int, float]], a: AlignConfig,
@@ -42,9 +255,12 @@ class Objective:
         self.saes = saes
         self.weights = weights
         self.a = a
+        self.term = make_term(a.objective)
+        self.term.check(saes)
         for s in saes.layers.values():
             s.sae.requires_grad_(False)
-        aligned = sorted({layer for lang in weights for layer in self.layers(lang)}) if a.lambda_align > 0 else []
+        self.aligning = a.lambda_align > 0 and not isinstance(self.term, NoAlign)
+        aligned = sorted({layer for lang in weights for layer in self.layers(lang)}) if self.aligning else []
         self.reference = EnglishReference(self, aligned, keep=a.lambda_keep > 0, summarise=summarise)
 
     def layers(self, lang: str) -> list[int]:
@@ -53,16 +269,16 @@ class Objective:
     def __call__(self, forward: Callable, target: TokenBatch, english: TokenBatch,
                  lang: str) -> dict[str, torch.Tensor]:
         a = self.a
-        layers = self.layers(lang) if a.lambda_align > 0 else []
+        layers = self.layers(lang) if self.aligning else []
         need_keep = a.lambda_keep > 0
-        en_codes = self.reference.get(english)
-        codes, hidden = self.forward_pass(forward, target, layers)
+        en_stats = self.reference.get(english)
+        stats, hidden = self.forward_pass(forward, target, layers, self.term.target)
         ce = self.next_token_ce(hidden, target)
         zero = ce.new_zeros(())
         align = zero
         if layers:
             w = self.weights[lang]
-            align = sum(w[layer] * _distance(codes[layer], en_codes[layer], a.distance) for layer in layers)
+            align = sum(w[layer] * self.term.loss(stats[layer], en_stats[layer]) for layer in layers)
             align = align / len(self.weights[lang])
         keep = zero
         if need_keep:
@@ -71,10 +287,14 @@ class Objective:
         total = ce + a.lambda_align * align + a.lambda_keep * keep
         return {"ce": ce, "align": align, "keep": keep, "total": total}
 
-    def forward_pass(self, forward: Callable, batch: TokenBatch, layers: list[int], hidden: bool = True):
-        """Pooled SAE codes at `layers` and the final (normed) hidden states (B, L, d) of one forward pass.
+    def forward_pass(self, forward: Callable, batch: TokenBatch, layers: list[int],
+                     stats: Callable[[LayerSAE | None, torch.Tensor], torch.Tensor] | None = None,
+                     hidden: bool = True):
+        """Pooled per-token `stats` (the term's) at `layers` and the final (normed) hidden states (B, L, d) of one
+        forward pass.
 
-        Without `hidden` only the codes come back (None for the states), and the pass stops after the last layer.
+        Without `hidden` only the pooled statistics come back (None for the states), and the pass stops after the
+        last layer.
         """
         device = self.lm.device
         keep = batch.keep.to(device)
@@ -83,9 +303,9 @@ class Objective:
         pooled: dict[int, torch.Tensor] = {}
 
         def sink(layer: int, states: torch.Tensor) -> None:
-            codes = self.saes.layers[layer].encode(states[keep].float())
-            summed = codes.new_zeros((len(lengths), codes.shape[1])).index_add(0, owner, codes)
-            pooled[layer] = summed / lengths.clamp(min=1).unsqueeze(1).to(codes.dtype)
+            values = stats(self.saes.layers.get(layer), states[keep].float())
+            summed = values.new_zeros((len(lengths), values.shape[1])).index_add(0, owner, values)
+            pooled[layer] = summed / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
 
         if not hidden:
             if layers:
@@ -113,8 +333,9 @@ class Objective:
 
 
 class EnglishReference:
-    """What the frozen base model (adapter disabled) makes of each English sentence, kept per sentence id: its
-    pooled SAE codes at the aligned layers, and what the KL term needs of its next-token distributions p.
+    """What the frozen base model (adapter disabled) makes of each English sentence, kept per sentence id: the
+    alignment term's pooled statistics at the aligned layers (its `reference`: codes, mass or residual norm),
+    and what the KL term needs of its next-token distributions p.
 
     The full distributions (262k floats per token on Gemma) are too many to keep. When the LM head is linear
     (logits z = W h, no soft-capping: Gemma 3), p = softmax(W h_base) and
@@ -127,7 +348,7 @@ class EnglishReference:
 
     `fill` computes the entries for whole id lists in length-sorted batches before training, so a value depends
     on its sentence's batch alone and a resumed run sees exactly the values of an uninterrupted one; `get` and
-    `kl` compute what is missing from the batch at hand. Codes are kept sparse when most entries are zero.
+    `kl` compute what is missing from the batch at hand. Statistics are kept sparse when most entries are zero.
     """
 
     def __init__(self, objective: Objective, layers: list[int], keep: bool, summarise: bool = True):
@@ -161,7 +382,7 @@ class EnglishReference:
             self._compute(batch)
 
     def get(self, batch: TokenBatch) -> dict[int, torch.Tensor]:
-        """Pooled codes per aligned layer, (B, d_sae)."""
+        """The term's pooled statistics per aligned layer, (B, k)."""
         self._complete(batch)
         if not self.layers:
             return {}
@@ -193,7 +414,8 @@ class EnglishReference:
         objective = self.objective
         model = objective.lm.model
         with torch.no_grad(), model.disable_adapter():
-            pooled, hidden = objective.forward_pass(model, batch, self.layers, hidden=self.keep)
+            pooled, hidden = objective.forward_pass(model, batch, self.layers, objective.term.reference,
+                                                    hidden=self.keep)
             if self.keep:  # per real token, row by row
                 states = hidden[batch.attention_mask.to(hidden.device).bool()]
                 base = self._distribution(states) if self.linear else (states.cpu(),)
@@ -259,10 +481,3 @@ class _ChunkedKL(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
         return None, (grad * grad_output).to(ctx.dtype)
-
-
-def _distance(pooled: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "cosine":
-        return (1 - F.cosine_similarity(pooled, target, dim=1, eps=1e-8)).mean()
-    return ((pooled - target) ** 2).sum() / (target**2).sum().clamp(min=1e-8)
-

@@ -56,10 +56,16 @@ class LogProgress:
     def update(self, record: dict) -> None:
         if record["step"] % self.log_every == 0:
             log.info("align %s step %d/%d: %s", self.name, record["step"], self.total,
-                     "  ".join(f"{k} {record[k]:.4f}" for k in TERMS))
+                     "  ".join(f"{k} {record[k]:.4f}" for k in TERMS) + grad_text(record))
 
     def stop(self) -> None:
         pass
+
+
+def grad_text(record: dict) -> str:
+    """The per-term gradient norms of a step record, when it has them."""
+    norms = [f"|g_{k}| {record[f'grad_{k}']:.3g}" for k in ("ce", "align", "keep") if f"grad_{k}" in record]
+    return ("  " + "  ".join(norms)) if norms else ""
 
 
 class _Silent(LogProgress):
@@ -175,7 +181,9 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train from the start or the resumed step to `align.steps`, checkpointing, then save the adapter."""
+        began = time.perf_counter()
         self._setup()
+        self.setup_seconds = time.perf_counter() - began
         a = self.a
         self.engine.train(True)
         self.progress.start("+".join(self.targets), a.steps, self.start, max(1, min(a.checkpoint_every, a.steps // 20)))
@@ -205,7 +213,9 @@ class Trainer:
         micro = [(*self.batch(lang, batch_ids(self.split.train, (step * a.grad_accum + m) * dist.world + dist.rank,
                                               a.batch_size, seed, lang)), lang)
                  for m in range(a.grad_accum) for lang in self.targets]
-        sums = optimizer_step(self.objective, self.engine, micro)
+        # per-term gradient norms cost three more backward passes: on the first step and at each checkpoint
+        norms = step == 0 or (step + 1) % a.checkpoint_every == 0
+        sums = optimizer_step(self.objective, self.engine, micro, grad_norms=norms)
         record = {"step": step + 1, **dist.mean(sums), "lr": self.engine.lr, "seconds": time.perf_counter() - began,
                   "cpu_seconds": time.process_time() - cpu}
         if not all(math.isfinite(record[k]) for k in TERMS):
@@ -261,6 +271,7 @@ class Trainer:
         self.metrics.update(history, step=self.a.steps, complete=True, adapter=str(adapter),
                             adapter_sha256=adapter_sha(adapter), rank_digests=digests,
                             final={k: last.get(k) for k in TERMS},
+                            train_seconds=self.setup_seconds + sum(r["seconds"] for r in history["steps"]),
                             final_validation=history["validation"][-1] if history["validation"] else None)
         if dist.main:
             ckpt.save_json(self.folder / "metrics.json", self.metrics)

@@ -45,3 +45,34 @@ def test_before_after_report(reference):
     ids = set(align.split_ids(corpora.load(cfg.run.corpus, cfg.lang_codes, 40).ids, 0.2, 0.1, 0).heldout)
     with ActivationFile(cfg.run_dir / "align" / "hi" / "after" / "activations" / "hi.h5") as f:
         assert set(f.sentence_ids) == ids and "adapter" in f.attrs["model_id"]
+
+
+def test_after_files_keep_the_sae_recipe_and_provenance(tmp_path):
+    """The held-out measurement is written outside the run's own activations (RUN/align/...), with and without the
+    adapter: its files still name the run's SAE set and carry its training recipe, and the adapted ones the
+    adapter. The gain report's summary block is there, with the `none` objective's own name."""
+    from tests.unit.align.conftest import cfg_for
+
+    cfg = cfg_for(tmp_path, **{"sae.source": "train", "align.steps": 2, "align.objective": "none",
+                               "run.langs": "hi", "align.align_layers": "0-25:10", "run.layers": "0-25:10"})
+    align_job.run(cfg)
+    recipes = list((tmp_path / "saes").glob("*/training.json"))
+    assert len(recipes) == 1
+    folder = tmp_path / "align" / "hi"
+    report = json.loads((folder / "before_after.json").read_text())
+    files = {"base": list((tmp_path / "align").glob("base-*/activations/hi.h5")),
+             "after": [folder / "after" / "activations" / "hi.h5"]}
+    assert len(files["base"]) == 1
+    for kind, (path,) in files.items():
+        with ActivationFile(path) as f:
+            attrs = f.attrs
+        assert attrs["sae_recipe"] == recipes[0].read_text(), kind
+        assert attrs["sae_source"] == f"local:{recipes[0].parent.name}", kind
+        assert ("adapter" in attrs["model_id"]) is (kind == "after")
+        assert attrs["adapter"] == (str(folder / "adapter") if kind == "after" else "")
+    summary = report["summary"]
+    assert set(summary) >= {"objective", "lambda_align", "lambda_keep", "lr", "lora_targets", "lora_r", "seed",
+                            "closure_pct", "norm_adjusted_gain_pct", "gain_pct", "english_kl",
+                            "english_retention_pct", "fve_drop", "target_bpb", "minutes", "guards_ok"}
+    assert summary["objective"] == "none" and summary["minutes"] > 0
+    assert report["alignment"]["hi"]["english"]["kl"] >= 0

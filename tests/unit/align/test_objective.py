@@ -1,4 +1,5 @@
-"""The objective equals the plain computation of the package docstring's formula, in value and gradient."""
+"""The objective (with the `match` term) equals the plain computation of the package docstring's formula, in value
+and gradient."""
 
 import contextlib
 import dataclasses
@@ -48,6 +49,7 @@ def test_objective_equals_the_plain_computation_in_value_and_gradient(tiny, soft
     as the plain computation. The tiny model soft-caps its logits as Gemma 2 does; without it, its head is
     linear as Gemma 3's is."""
     cfg, lm, saes, corpus, split, layers = tiny
+    cfg = cfg.merged({"align": {"objective": "match"}})  # the formula `_naive_losses` writes out
     saved_cap = lm.model.config.final_logit_softcapping
     if not softcap:
         lm.model.config.final_logit_softcapping = None
