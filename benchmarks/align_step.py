@@ -25,7 +25,7 @@ from toolkit.capture import TokenBatch
 from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
 from toolkit.models import LoadedModel
-from toolkit.saes import SAESet
+from toolkit.sae_set import SAESet
 
 
 def _lm_step(objective: align.Objective, eng, micro: list[tuple[TokenBatch, TokenBatch, str]]) -> float:

@@ -24,7 +24,7 @@ from toolkit import corpus as corpora
 from toolkit import models
 from toolkit.config import Config
 from toolkit.layers import parse_layers
-from toolkit.saes import SAESet
+from toolkit.sae_set import SAESet
 
 
 def active_sets(lm, saes: SAESet, batches, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

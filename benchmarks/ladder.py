@@ -22,7 +22,7 @@ from toolkit.config import Config
 from toolkit.corpus import Corpus
 from toolkit.extraction import ExtractionUnit, controls, extract_unit
 from toolkit.models import LoadedModel
-from toolkit.saes import LayerSAE, SAESet
+from toolkit.sae_set import LayerSAE, SAESet
 
 CALIBRATION_TOKENS = 1024  # per batch and layer: enough for the quantiles, small on a GPU at 26 x 2304
 

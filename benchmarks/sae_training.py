@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from toolkit import corpus as corpora
-from toolkit import models, sae_training, saes
+from toolkit import models, sae_set, sae_training, saes
 from toolkit.config import Config, parse_layers
 
 
@@ -36,7 +36,7 @@ def measure(arch: str, mix: str, budget: str, layers: str, langs: str, corpus: s
         heldout = data.subset([sid for sid in data.ids if saes.is_heldout(sid)])
         per_lang = {}
         for lang in heldout.langs:
-            saes.measure_quality(trained, lm, heldout.sentences(lang), cfg.extract.batch_tokens,
+            sae_set.measure_quality(trained, lm, heldout.sentences(lang), cfg.extract.batch_tokens,
                                  cfg.extract.max_length)
             per_lang[lang] = trained.quality()
     return {"arch": arch, "mix": mix, "budget": budget, "seconds": seconds, "per_language": per_lang}

@@ -39,6 +39,7 @@ from toolkit.corpus import Corpus
 from toolkit.extraction import sae_recipe
 from toolkit.locks import WriterLock
 from toolkit.rundir import RunDir
+from toolkit.sae_set import SAESet
 from toolkit.stages import Task
 
 REFERENCE = align.REFERENCE
@@ -96,7 +97,7 @@ def show_plan(cfg: Config, todo: list[AlignTarget], split: align.Split, engine: 
     console.print(Panel("\n".join(facts), title="align plan"))
 
 
-def align_one(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpus: Corpus, target: AlignTarget,
+def align_one(cfg: Config, lm: models.LoadedModel, saes: SAESet, corpus: Corpus, target: AlignTarget,
               split: align.Split, dist: align.Dist, engine: str, console: Console) -> dict:
     """Train (or resume, or reuse) one adapter, then measure it against the base model (rank 0)."""
     folder = RunDir(cfg.run_dir).align(target.name)
@@ -123,7 +124,7 @@ def align_one(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, cor
     return summary
 
 
-def train(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpus: Corpus, target: AlignTarget,
+def train(cfg: Config, lm: models.LoadedModel, saes: SAESet, corpus: Corpus, target: AlignTarget,
           split: align.Split, dist: align.Dist, engine: str, console: Console, folder: Path, fingerprint: str) -> dict:
     """Layer weights (unless resuming), then `Trainer.fit`; leaves `lm.model` the base model again."""
     state = align.latest_state(folder)
@@ -213,7 +214,7 @@ def _fields(record: dict | None) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------- before/after
 
 
-def before_after(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpus: Corpus, target: AlignTarget,
+def before_after(cfg: Config, lm: models.LoadedModel, saes: SAESet, corpus: Corpus, target: AlignTarget,
                  split: align.Split, console: Console) -> dict:
     """Held-out measurement of every run language, base vs adapted (`toolkit.align.metrics.before_after`);
     printed and written to before_after.json."""

@@ -9,10 +9,11 @@ from toolkit.config import Config
 from toolkit.errors import UserError
 from toolkit.layers import parse_layers
 from toolkit.rundir import RunDir
+from toolkit.sae_set import SAESet
 from toolkit.stages import Task
 
 
-def run(cfg: Config, task: Task | None = None) -> saes.SAESet:
+def run(cfg: Config, task: Task | None = None) -> SAESet:
     """Train (or reuse) the run's SAEs; one task: the stage does not split."""
     console = Console(stderr=True)
     if saes.SAESource.parse(cfg.sae.source).kind not in ("auto", "train"):

@@ -25,6 +25,7 @@ from toolkit.config import Config
 from toolkit.corpus import Corpus
 from toolkit.errors import UserError
 from toolkit.rundir import RunDir
+from toolkit.sae_set import LayerSAE, SAESet
 from toolkit.store import ActivationFile, ActivationWriter, Batch, LayerBatch, portable, shard_name
 
 # advance(sentences done in this batch, tokens per second so far)
@@ -93,7 +94,7 @@ def base_identity(cfg: Config, lm: models.LoadedModel, corpus: Corpus, unit: Ext
     }
 
 
-def identity(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpus: Corpus, unit: ExtractionUnit,
+def identity(cfg: Config, lm: models.LoadedModel, saes: SAESet, corpus: Corpus, unit: ExtractionUnit,
              layers: list[int]) -> dict:
     """What makes a file this extraction's: a writer refuses to resume a file with another identity.
 
@@ -110,7 +111,7 @@ def no_progress(lang: str, total: int, completed: int) -> Iterator[Advance]:
     yield lambda sentences, rate: None
 
 
-def extract_unit(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, corpus: Corpus,
+def extract_unit(cfg: Config, lm: models.LoadedModel, saes: SAESet, corpus: Corpus,
                  unit: ExtractionUnit, layers: list[int], progress: ProgressFactory = no_progress) -> Summary:
     """Extract one unit into RUN/activations, resuming from its committed parts; skip a finished file."""
     path = RunDir(cfg.run_dir).activations / shard_name(unit.lang, unit.shard, unit.n_shards)
@@ -121,7 +122,7 @@ def extract_unit(cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet, 
         return _extract_into(writer, cfg, lm, saes, corpus, unit, layers, progress)
 
 
-def _extract_into(writer: ActivationWriter, cfg: Config, lm: models.LoadedModel, saes: sae_sources.SAESet,
+def _extract_into(writer: ActivationWriter, cfg: Config, lm: models.LoadedModel, saes: SAESet,
                   corpus: Corpus, unit: ExtractionUnit, layers: list[int], progress: ProgressFactory) -> Summary:
     sentences = corpus.subset(shard_ids(corpus.ids, unit.shard, unit.n_shards)).sentences(unit.lang)
     # The plan depends only on the text and the config, so a resumed run skips exactly the batches
@@ -147,7 +148,7 @@ def _extract_into(writer: ActivationWriter, cfg: Config, lm: models.LoadedModel,
     return summary_of(writer.path, seconds=seconds)
 
 
-def _encode_and_write(lm: models.LoadedModel, saes: sae_sources.SAESet, batches: list[TokenBatch],
+def _encode_and_write(lm: models.LoadedModel, saes: SAESet, batches: list[TokenBatch],
                       layers: list[int], save_resid: bool, writer: ActivationWriter, started: float,
                       advance: Advance) -> None:
     # Batch k is written (and fsynced) by one I/O thread while batch k+1 is computed; parts stay in order.
@@ -165,7 +166,7 @@ def _encode_and_write(lm: models.LoadedModel, saes: sae_sources.SAESet, batches:
             writing.result()
 
 
-def encode_batch(lm: models.LoadedModel, saes: sae_sources.SAESet, batch: TokenBatch, layers: list[int],
+def encode_batch(lm: models.LoadedModel, saes: SAESet, batch: TokenBatch, layers: list[int],
                  save_resid: bool) -> Batch:
     """One forward pass; each layer's residual is encoded by its SAE inside the hook and dropped."""
     keep = batch.keep
@@ -212,7 +213,7 @@ def encode_batch(lm: models.LoadedModel, saes: sae_sources.SAESet, batch: TokenB
     return out
 
 
-def controls(layer_sae: sae_sources.LayerSAE, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+def controls(layer_sae: LayerSAE, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
               values: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-token SAE-free control and SAE error: |x|, |x - x_hat|^2, |x - x_bar|^2 and their ratio (1 - FVE)."""
     if layer_sae.mean is None:
@@ -223,7 +224,7 @@ def controls(layer_sae: sae_sources.LayerSAE, x: torch.Tensor, rows: torch.Tenso
     return {"norm": xf.norm(dim=1), "err": err, "dev": dev, "ratio": err / dev.clamp_min(torch.finfo(dev.dtype).tiny)}
 
 
-def sae_recipe(cfg: Config, saes: sae_sources.SAESet) -> str:
+def sae_recipe(cfg: Config, saes: SAESet) -> str:
     """The training recipe (architecture, width, mix, budget, ...) of a locally trained set, as JSON; "" else.
     The set's own `recipe` when it carries one (files written outside the run folder, such as alignment's)."""
     if saes.recipe:

@@ -32,7 +32,7 @@ from toolkit.corpus import Corpus, is_heldout
 from toolkit.errors import UserError
 from toolkit.files import atomic_write, remove, staged, stale_staging
 from toolkit.models import LoadedModel
-from toolkit.saes import SAESet, _heldout, _local_set, _read_meta, measure_quality, print_quality
+from toolkit.sae_set import SAESet, heldout_sentences, local_set, measure_quality, print_quality, read_meta
 
 
 @dataclass(frozen=True)
@@ -151,12 +151,12 @@ def _train_locked(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpu
     todo = [i for i in layers if not (root / f"layer_{i}" / "cfg.json").is_file()]
     if todo:
         _train_layers(cfg, lm, todo, corpus, console, root)
-    saes = _local_set(root, layers, lm, f"local:{root.name}")
+    saes = local_set(root, layers, lm, f"local:{root.name}")
     if todo:
-        measure_quality(saes, lm, _heldout(corpus), cfg.extract.batch_tokens, cfg.extract.max_length)
+        measure_quality(saes, lm, heldout_sentences(corpus), cfg.extract.batch_tokens, cfg.extract.max_length)
         for layer in layers:
             path = root / f"layer_{layer}" / "lingogap.json"
-            meta = _read_meta(path.parent) | {"fve": saes.layers[layer].fve, "l0": saes.layers[layer].l0}
+            meta = read_meta(path.parent) | {"fve": saes.layers[layer].fve, "l0": saes.layers[layer].l0}
             atomic_write(path, json.dumps(meta, indent=1))  # NaN FVE stays NaN, as the reader expects
     else:
         console.print(f"Reusing {len(layers)} trained SAE layer(s) in {root}")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from toolkit import saes
+from toolkit import sae_set, saes
 from toolkit.config import Config
 from toolkit.errors import UserError
 
@@ -44,14 +44,14 @@ def test_sparse_encode_equals_saelens_encode(arch):
         sae.b_enc.normal_(std=0.1)
     if arch == "hooked":  # a hook that changes the codes must not be bypassed
         sae.hook_sae_acts_post.add_hook(lambda acts, hook: acts * 2)
-    layer = saes.LayerSAE(0, sae.eval(), arch)
+    layer = sae_set.LayerSAE(0, sae.eval(), arch)
     x = torch.randn(300, 64) * 3
     with torch.inference_mode():
         expected, got = _sparse_of(sae.encode(x)), layer.encode_sparse(x)
     assert len(expected[0]) > 300  # not a trivially empty comparison
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     torch.testing.assert_close(got[2], expected[2])
-    assert (saes.plain_threshold(sae) is None) == (arch in ("topk", "hooked"))
+    assert (sae_set.plain_threshold(sae) is None) == (arch in ("topk", "hooked"))
     # dense codes (alignment trains through them): the same values and the same gradient w.r.t. x
     upstream = torch.randn(300, 512)
     grads = []
@@ -77,7 +77,7 @@ def test_sparse_decode_equals_sae_lens_decode(arch, tiny_lm):
         with torch.no_grad():
             sae.threshold.uniform_(0.0, 0.5)
             sae.b_dec.normal_()
-    layer = saes.LayerSAE(0, sae.eval(), arch)
+    layer = sae_set.LayerSAE(0, sae.eval(), arch)
     x = torch.randn(50, tiny_lm.d_model)
     with torch.inference_mode():
         rows, cols, values = layer.encode_sparse(x)

@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 
 from toolkit import corpus as corpora
-from toolkit import sae_training, saes
+from toolkit import sae_set, sae_training, saes
 from toolkit.capture import ResidualCapture, iter_batches
 from toolkit.config import Config
 
@@ -42,7 +42,7 @@ def test_trained_sae_loads_as_jumprelu_and_sparse_encode_equals_saelens(arch, tm
     corpus = corpus_of(cfg)
     trained = sae_training.train(cfg, tiny_lm, [1], corpus, QUIET)
     layer = trained.layers[1]
-    assert type(layer.sae) is JumpReLUSAE and saes.plain_threshold(layer.sae) is not None
+    assert type(layer.sae) is JumpReLUSAE and sae_set.plain_threshold(layer.sae) is not None
     x = residuals(tiny_lm, corpus, 1)
     with torch.no_grad():
         dense = layer.sae.encode(x)
@@ -50,7 +50,7 @@ def test_trained_sae_loads_as_jumprelu_and_sparse_encode_equals_saelens(arch, tm
     want_rows, want_cols = dense.nonzero(as_tuple=True)
     assert len(rows) > 0 and torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
     torch.testing.assert_close(values, dense[want_rows, want_cols])
-    again = saes._from_dir(tmp_path / "saes" / trained.source.removeprefix("local:"), [1], tiny_lm)
+    again = sae_set.from_dir(tmp_path / "saes" / trained.source.removeprefix("local:"), [1], tiny_lm)
     assert torch.equal(again.layers[1].sae.threshold, layer.sae.threshold)
 
 

@@ -28,7 +28,7 @@ from toolkit.capture import iter_batches
 from toolkit.config import AlignConfig, Config, ExtractConfig, ModelConfig, RunConfig
 from toolkit.corpus import Corpus
 from toolkit.models import LoadedModel
-from toolkit.saes import SAESet, measure_quality
+from toolkit.sae_set import SAESet, measure_quality
 
 GUARD_ENGLISH_KL = 0.02  # nats per English token, KL(base || adapted): the adapter leaves English's predictions
 GUARD_RETENTION = (95.0, 105.0)  # English retention %, over the weighted layers: English's activation stays

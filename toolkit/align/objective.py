@@ -15,7 +15,7 @@ from toolkit.capture import ResidualCapture, TokenBatch
 from toolkit.config import AlignConfig
 from toolkit.errors import UserError
 from toolkit.models import LoadedModel
-from toolkit.saes import LayerSAE, SAESet, plain_threshold
+from toolkit.sae_set import LayerSAE, SAESet, plain_threshold
 
 TERMS = ("ce", "align", "keep", "total")
 KL_CHUNK_CPU = 1 << 20  # logits per chunk of the KL term: 4 MiB of fp32 stays in a CPU's cache

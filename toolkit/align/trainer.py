@@ -30,7 +30,7 @@ from toolkit.config import Config
 from toolkit.corpus import Corpus
 from toolkit.errors import UserError
 from toolkit.models import LoadedModel
-from toolkit.saes import SAESet
+from toolkit.sae_set import SAESet
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from toolkit.capture import iter_batches
 from toolkit.config import Config
 from toolkit.corpus import Corpus
 from toolkit.models import LoadedModel
-from toolkit.saes import SAESet
+from toolkit.sae_set import SAESet
 
 GAP_SENTENCES = 64  # training sentences per language when no gaps were measured before
 

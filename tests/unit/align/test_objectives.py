@@ -11,7 +11,7 @@ import torch
 from toolkit import align
 from toolkit.capture import ResidualCapture, hook_name, iter_batches
 from toolkit.errors import UserError
-from toolkit.saes import LayerSAE, SAESet
+from toolkit.sae_set import LayerSAE, SAESet
 
 WIDTH = 128
 L0 = 12  # active features per token the calibrated SAEs aim at (about 10 % of WIDTH, as trained ones)
