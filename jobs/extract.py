@@ -15,7 +15,7 @@ from rich.table import Table
 
 from jobs.progress import Stopwatch, extraction_bar
 from toolkit import corpus as corpora
-from toolkit import models, sae_training
+from toolkit import models, sae_training, stages
 from toolkit import saes as sae_sources
 from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
@@ -30,7 +30,7 @@ from toolkit.extraction import (
     shard_ids,
 )
 from toolkit.locks import WriterLock
-from toolkit.plan import check_corpus, disk_needed, free_bytes, human_bytes
+from toolkit.plan import disk_needed, free_bytes, human_bytes
 from toolkit.rundir import RunDir
 from toolkit.stages import Task
 from toolkit.store import StoreError, identity_diff, portable, recorded_identity, shard_name, verify
@@ -50,7 +50,7 @@ def run(cfg: Config, task: Task | None = None) -> list[Summary]:
     fixed_mmap_threshold()
     todo = all_units(cfg) if task is None or task.units is None else [ExtractionUnit(*u) for u in task.units]
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
-    check_corpus(cfg, corpus)
+    stages.check_shards(cfg.extract.shards, len(corpus.ids))
     run_dir = RunDir(cfg.run_dir)
     run_dir.check()
     with ExitStack() as locks:

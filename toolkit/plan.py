@@ -15,7 +15,6 @@ from rich.table import Table
 from toolkit import corpus as corpora
 from toolkit import stages
 from toolkit.config import Config, cache_dir
-from toolkit.errors import UserError
 from toolkit.layers import parse_layers
 
 KNOWN_LAYERS = {"embedded": (18, 640), "tiny": (26, 64), "google/gemma-2-2b": (26, 2304)}
@@ -54,7 +53,7 @@ def show(cfg: Config, stage: str, console: Console) -> None:
                         title=f"resolved config ({stage}, preset {cfg.run.preset})"))
     if stage == "evaluate":
         show_estimate(console, *evaluate_plan(cfg))
-    if stage != "pipeline" and not stages.get(stage).reads_corpus:
+    if stage != "pipeline" and (stage not in stages.job_stages() or not stages.get(stage).reads_corpus):
         return  # the plans below are about the corpus a stage reads
     if stage == "align":
         show_estimate(console, *align_plan(cfg))
@@ -68,7 +67,7 @@ def show_extract_table(cfg: Config, console: Console) -> None:
     """Sentences, tokens, jobs and disk per language, and the facts they derive from."""
     langs = cfg.lang_codes
     corpus = corpora.load(cfg.run.corpus, langs, cfg.run.max_sentences)
-    check_corpus(cfg, corpus)
+    stages.check_shards(cfg.extract.shards, len(corpus.ids))
     shape = model_shape(cfg)
     tokenizer = _tokenizer(cfg)
     table = Table(title=f"plan: {corpus.name}, {len(corpus.ids):,} parallel sentences")
@@ -119,13 +118,6 @@ def disk_estimate(cfg: Config) -> int | None:
         return sum(disk_needed(cfg, corpus.texts[lang], tokenizer, layers, shape[1]) for lang in cfg.lang_codes)
     except Exception:  # only ever called to word another error: an estimate that fails is left out
         return None
-
-
-def check_corpus(cfg: Config, corpus: corpora.Corpus) -> None:
-    """What the config asks of the corpus, checked before any job starts."""
-    if cfg.extract.shards > len(corpus.ids):
-        raise UserError(f"extract.shards: {cfg.extract.shards} shards for {len(corpus.ids)} sentences per language; "
-                        f"pass --shards {max(1, len(corpus.ids))} or fewer")
 
 
 def count_tokens(cfg: Config, texts: list[str], tokenizer=None) -> int:

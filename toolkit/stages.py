@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from toolkit import corpus as corpora
 from toolkit import sweep
 from toolkit.config import Config
 from toolkit.errors import UserError
+from toolkit.locks import WriterLock
+from toolkit.rundir import RunDir
+from toolkit.store import shard_name
 from toolkit.sweep import Point
 
 
@@ -43,22 +47,24 @@ def first(tasks: list[Task]) -> Task:
     return tasks[0]
 
 
+def nothing_to_check(cfg: Config, run_dir: RunDir) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     help: str
     sections: tuple[str, ...]  # config sections whose flags the stage takes (besides `run`)
-    body: str = ""  # "module:function" of the job body, imported when the stage runs; "" = not a job
+    body: str  # "module:function" of the job body, imported when the stage runs
     split: Callable[[Config], list[Task]] = whole  # the array tasks of a job
     merge: Callable[[list[Task]], Task] = first  # those tasks as one in-process call
     resumable: bool = False  # requeued on preemption/timeout; resumes from its own committed files
     reads_corpus: bool = False
     uses_saes: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_job(self) -> bool:
-        return bool(self.body)
+    needs_run: bool = False  # reads a run folder that must exist when a command starts with this stage
+    # checks made before anything runs or is submitted, so that a refused command leaves no trace
+    preflight: Callable[[Config, RunDir], None] = nothing_to_check
 
     def job_body(self) -> Callable[..., Any]:
         module, _, name = self.body.partition(":")
@@ -87,8 +93,8 @@ def all_stages() -> list[Stage]:
 
 
 def job_stages() -> tuple[str, ...]:
-    """The stages that run as jobs, in pipeline order (what `--stages` may list)."""
-    return tuple(s.name for s in _REGISTRY.values() if s.is_job)
+    """The stages in pipeline order (what `--stages` may list)."""
+    return tuple(_REGISTRY)
 
 
 def pipeline_stages(spec: str) -> list[str]:
@@ -103,10 +109,7 @@ def pipeline_stages(spec: str) -> list[str]:
 
 def run(cfg: Config, stage: str, task: Task | None = None) -> Any:
     """Run one stage's job body in this process."""
-    st = get(stage)
-    if not st.is_job:
-        raise UserError(f"stage {stage!r} cannot run as a job")
-    return st.job_body()(cfg, task)
+    return get(stage).job_body()(cfg, task)
 
 
 # ---------------------------------------------------------------------------------- registrations ---
@@ -154,19 +157,40 @@ def _align_merge(tasks: list[Task]) -> Task:
     return Task(f"{','.join(units)} x {len(points)} sweep points", langs=None, points=points)
 
 
+def _extract_preflight(cfg: Config, run_dir: RunDir) -> None:
+    """No live writer on the files (a second submission is refused before a job loads anything), and no more
+    shards than sentences."""
+    n = cfg.extract.shards
+    for lang in cfg.lang_codes:
+        for k in range(n):
+            WriterLock(run_dir.activations / shard_name(lang, k, n)).check_free()
+    if n > 1:
+        check_shards(n, len(corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences).ids))
+
+
+def check_shards(shards: int, sentences: int) -> None:
+    """Every shard of an extraction gets at least one sentence."""
+    if shards > sentences:
+        raise UserError(f"extract.shards: {shards} shards for {sentences} sentences per language; "
+                        f"pass --shards {max(1, sentences)} or fewer")
+
+
+def _align_preflight(cfg: Config, run_dir: RunDir) -> None:
+    """A sweep's grid is read and every point's folder checked (it holds no other point's checkpoint)."""
+    if cfg.align.sweep:
+        for task in _align_tasks(cfg):
+            sweep.check_folder(run_dir.root, task.label, task.points[0])
+
+
 register(Stage("train-saes", "train (or reuse) one SAE per layer on the model's activations",
                ("model", "sae", "extract"), body="jobs.train_saes:run", reads_corpus=True, uses_saes=True))
 register(Stage("extract", "stream every layer's SAE codes into RUN/activations/{lang}.h5",
                ("model", "sae", "extract"), body="jobs.extract:run", split=_extract_tasks, merge=_extract_merge,
-               resumable=True, reads_corpus=True, uses_saes=True))
+               resumable=True, reads_corpus=True, uses_saes=True, preflight=_extract_preflight))
 register(Stage("report", "per-language, per-layer activation gaps vs English: tables, figures, JSON/CSV",
-               ("report",), body="jobs.report:run"))
+               ("report",), body="jobs.report:run", needs_run=True))
 register(Stage("align", "train activation-aware LoRA adapters for the target languages",
                ("model", "sae", "extract", "align"), body="jobs.align:run", split=_align_tasks, merge=_align_merge,
-               resumable=True, reads_corpus=True, uses_saes=True))
+               resumable=True, reads_corpus=True, uses_saes=True, preflight=_align_preflight))
 register(Stage("evaluate", "ARC-Challenge, MMLU, HellaSwag per language through lm-eval, base vs adapted",
                ("model", "eval"), body="jobs.evaluate:run"))
-register(Stage("pipeline", "submit extract -> report (-> align -> evaluate) as one dependent chain",
-               ("model", "sae", "extract", "report", "align", "eval")))
-register(Stage("status", "show the jobs of a run: stage, language, job id, state, elapsed, log, last error", ()))
-register(Stage("cancel", "cancel a run's queued or running jobs", ()))

@@ -1,8 +1,9 @@
 """The command line: `python -m toolkit.submit STAGE [flags]` (also installed as `lingogap`).
 
 This module parses, plans and submits; the work itself lives in `jobs/`. Flags are generated from
-the `toolkit.config` dataclasses, so `--help`, YAML keys and the Python API never disagree; the stages
-(sub-commands) and the config sections each takes come from the stage registry, `toolkit.stages`.
+the `toolkit.config` dataclasses, so `--help`, YAML keys and the Python API never disagree; the
+sub-commands and the config sections each takes come from `toolkit.commands` (one per stage of the
+registry, `toolkit.stages`, plus `pipeline`, `status` and `cancel`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from toolkit import __version__, stages
+from toolkit import __version__, cluster, commands
 from toolkit.config import SECTIONS, Config
 from toolkit.errors import UserError
 from toolkit.output import quiet_libraries
@@ -33,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lingogap {__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for stage in stages.all_stages():
-        p = sub.add_parser(stage.name, help=stage.help, description=stage.help,
+    for command in commands.COMMANDS.values():
+        p = sub.add_parser(command.name, help=command.help, description=command.help,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
         p.add_argument("--config", metavar="YAML", help="YAML config file (CLI flags override it)")
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, run nothing")
         p.add_argument("--debug", action="store_true", help="show tracebacks; run jobs in-process")
-        for section in ("run", *stage.sections):
+        for section in ("run", *command.sections):
             _add_section(p.add_argument_group(section), section)
     return parser
 
@@ -78,17 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if debug:
             cfg.run.executor = "debug" if cfg.run.executor == "local" else cfg.run.executor
-        from toolkit import cluster
-
-        if args.stage not in cluster.COMMANDS:
-            preflight(cfg, args.stage)
+        command = commands.get(args.stage)
+        commands.preflight(cfg, command)
         if getattr(args, "dry_run", False):
             from toolkit import plan
 
             plan.show(cfg, args.stage, Console())
-            cluster.describe(cfg, args.stage, Console())
+            if command.stages:
+                cluster.describe(cfg, args.stage, Console())
             return 0
-        return cluster.dispatch(cfg, args.stage, console)
+        return command.run(cfg, console)
     except UserError as exc:
         if debug:
             raise
@@ -108,37 +108,6 @@ def main(argv: list[str] | None = None) -> int:
             return 143
         console.print("[yellow]interrupted[/]; rerun the same command to resume")
         return 130
-
-
-def preflight(cfg: Config, stage: str) -> None:
-    """Checks before any job is run or submitted, so that a refused command leaves no trace: the run folder
-    (writable, its records readable; `report` needs one), no live writer on its files, and what the config
-    asks of the corpus."""
-    from toolkit.cluster.chain import stage_list
-    from toolkit.rundir import RunDir
-
-    if stage == "pipeline":
-        stages.pipeline_stages(cfg.run.stages)
-    run_dir = RunDir(cfg.run_dir)
-    run_dir.check(must_exist=stage == "report", saes=stage == "pipeline" or stages.get(stage).uses_saes)
-    if stage in ("extract", "pipeline"):
-        from toolkit.locks import WriterLock
-        from toolkit.store import shard_name
-
-        n = cfg.extract.shards  # a second submission is refused here, before a job loads anything
-        for lang in cfg.lang_codes:
-            for k in range(n):
-                WriterLock(run_dir.activations / shard_name(lang, k, n)).check_free()
-    if cfg.align.sweep and "align" in stage_list(cfg, stage):
-        from toolkit import sweep
-
-        for task in stages.get("align").split(cfg):  # the grid is read and every point's folder checked
-            sweep.check_folder(cfg.run_dir, task.label, task.points[0])
-    if stage in ("extract", "pipeline") and cfg.extract.shards > 1:
-        from toolkit import corpus as corpora
-        from toolkit import plan
-
-        plan.check_corpus(cfg, corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences))
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from toolkit import stages
+from toolkit import commands
 from toolkit.submit import build_parser, main
 
 
@@ -27,7 +27,7 @@ def test_a_stage_takes_the_flags_of_its_registered_sections(capsys):
     assert "--n-boot" in text and "--bands" in text and "--sae-width" not in text and "--lora-r" not in text
 
 
-@pytest.mark.parametrize("stage", [s.name for s in stages.all_stages()])
+@pytest.mark.parametrize("stage", list(commands.COMMANDS))
 def test_every_stage_has_help_and_the_common_flags(stage, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([stage, "--help"])

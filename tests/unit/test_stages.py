@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-from toolkit import stages
+from toolkit import commands, stages
 from toolkit.config import Config
 from toolkit.errors import UserError
 from toolkit.stages import Stage, Task
@@ -16,23 +16,33 @@ def test_an_unknown_stage_names_the_known_ones():
     with pytest.raises(UserError) as err:
         stages.get("extrakt")
     assert "'extrakt'" in str(err.value)
-    for name in ("train-saes", "extract", "report", "align", "evaluate", "pipeline", "status", "cancel"):
+    for name in ("train-saes", "extract", "report", "align", "evaluate"):
         assert name in str(err.value)
 
 
 def test_job_stages_are_in_pipeline_order():
     assert stages.job_stages() == ("train-saes", "extract", "report", "align", "evaluate")
-    assert not any(stages.get(name).is_job for name in ("pipeline", "status", "cancel"))
+    for name in ("pipeline", "status", "cancel"):  # commands, not stages
+        with pytest.raises(UserError, match="unknown stage"):
+            stages.get(name)
+        assert commands.get(name).name == name
 
 
 def test_a_stage_is_registered_once():
     with pytest.raises(ValueError, match="registered twice"):
-        stages.register(Stage("extract", "again", ()))
+        stages.register(Stage("extract", "again", (), body="jobs.extract:run"))
 
 
 def test_a_command_cannot_run_as_a_job():
-    with pytest.raises(UserError, match="cannot run as a job"):
+    with pytest.raises(UserError, match="unknown stage 'status'"):
         stages.run(Config.build(), "status")
+
+
+def test_every_stage_is_a_command_and_commands_are_apart():
+    assert list(commands.COMMANDS) == [*stages.job_stages(), "pipeline", "status", "cancel"]
+    assert commands.get("status").stages is None and commands.get("extract").stages is not None
+    with pytest.raises(UserError, match="known commands: train-saes"):
+        commands.get("statsu")
 
 
 @pytest.mark.parametrize("name", stages.job_stages())

@@ -25,26 +25,17 @@ from toolkit.cluster.states import states
 from toolkit.cluster.status import cancel, show_status, wait
 from toolkit.config import Config
 
-COMMANDS = ("status", "cancel")  # stages that read RUN/jobs.json instead of running jobs
-
-__all__ = ["Executor", "JobLog", "Step", "absolute", "describe", "dispatch", "get_executor", "plan", "stage_list",
-           "states"]
+__all__ = ["Executor", "JobLog", "Step", "absolute", "cancel", "describe", "dispatch", "get_executor", "plan",
+           "show_status", "stage_list", "states", "wait"]
 
 
 def describe(cfg: Config, stage: str, console: Console) -> None:
     """`--dry-run`: the jobs a command would run or submit, their chain and (for Slurm) resources."""
-    if stage in COMMANDS:
-        return
     steps = plan(cfg, stage)
     get_executor(cfg, console).describe(steps)
 
 
 def dispatch(cfg: Config, stage: str, console: Console) -> int:
-    """Run or submit a stage with the configured executor; `status` and `cancel` read RUN/jobs.json."""
-    if stage == "status":
-        records, _ = show_status(cfg.run_dir, console)
-        return wait(cfg.run_dir, records, console) if cfg.run.wait else 0
-    if stage == "cancel":
-        return cancel(cfg.run_dir, console)
+    """Run or submit a stage (or `pipeline`, its chain) with the configured executor."""
     steps = plan(cfg, stage)
     return get_executor(cfg, console).run(steps)

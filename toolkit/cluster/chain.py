@@ -13,7 +13,6 @@ from pathlib import Path
 from toolkit import stages
 from toolkit.config import Config
 from toolkit.corpus import CorpusSpec
-from toolkit.errors import UserError
 from toolkit.sae_source import SAESource
 from toolkit.stages import Task
 
@@ -39,8 +38,6 @@ def stage_list(cfg: Config, stage: str) -> list[str]:
 
 def plan(cfg: Config, stage: str) -> list[Step]:
     """The steps of `stage` (a job stage, or `pipeline`: the chain `--stages` names)."""
-    if stage != "pipeline" and not stages.get(stage).is_job:
-        raise UserError(f"stage {stage!r} cannot run as a job")
     return [Step(s, stages.get(s).split(cfg)) for s in stage_list(cfg, stage)]
 
 
