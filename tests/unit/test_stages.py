@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -90,3 +94,21 @@ def test_other_stages_are_one_task():
     for name in ("train-saes", "report", "evaluate"):
         stage = stages.get(name)
         assert stage.split(cfg) == [Task()] and stage.merge(stage.split(cfg)) == Task()
+
+
+def test_a_command_checks_only_the_stages_it_runs(tmp_path):
+    """A live extraction writer refuses `extract` (and a pipeline that extracts), not `pipeline --stages report`."""
+    run = tmp_path / "run"
+    (run / "activations").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = run / "activations" / "en.h5.lock"
+        lock.write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "command": "lingogap extract"}))
+        cfg = Config.build({"run": {"preset": "tiny", "run": str(run), "langs": "en,hi", "stages": "report"}})
+        commands.preflight(cfg, commands.get("pipeline"))
+        for name in ("extract", "pipeline"):
+            with pytest.raises(UserError, match=f"pid {holder.pid}"):
+                commands.preflight(cfg.merged({"run": {"stages": "extract,report"}}), commands.get(name))
+    finally:
+        holder.kill()
+        holder.wait()
