@@ -56,11 +56,13 @@ def get(name: str) -> Command:
 
 
 def preflight(cfg: Config, command: Command) -> None:
-    """Before any job is run or submitted: the run folder (writable, its records readable; it must exist when
-    the first stage reads one), then each stage's own checks, so that a refused command leaves no trace."""
+    """Before any job is run or submitted: the executor is known, the run folder (writable, its records
+    readable; it must exist when the first stage reads one), then each stage's own checks, so that a refused
+    command leaves no trace."""
     names = command.stages(cfg) if command.stages else []
     if not names:
         return
+    cluster.executor_class(cfg.run.executor)
     run_dir = RunDir(cfg.run_dir)
     run_dir.check(must_exist=stages.get(names[0]).needs_run, saes=any(stages.get(n).uses_saes for n in names))
     for name in names:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from toolkit.errors import UserError
+from toolkit.evaluation.tasks import BENCHMARKS, parse_tasks
 from toolkit.layers import band_ranges
 from toolkit.layers import parse_layers as parse_layers  # re-exported: the jobs import it from here
 
@@ -35,7 +36,7 @@ class RunConfig:
     corpus: str = opt("embedded", "embedded | ntrex:DIR | flores | text:DIR | jsonl:FILE")
     max_sentences: int = opt(0, "use the first N sentence ids in every language (0: all)")
     layers: str = opt("all", "layers: all, ranges and ids such as 0-5,12, or a stride such as 0-25:2")
-    executor: str = opt("local", "where jobs run", choices=("local", "debug", "slurm"))
+    executor: str = opt("local", "where jobs run: an executor registered in toolkit/cluster")
     cluster: str = opt("", "cluster profile name in slurm/profiles/ or a YAML path (with --executor slurm)")
     container: str = opt("", "Apptainer image (.sif) that jobs run their Python in")
     wait: bool = opt(False, "wait for submitted jobs and exit non-zero if one fails")
@@ -161,7 +162,7 @@ class AlignConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: str = opt("arc,mmlu", "benchmarks: arc, mmlu, hellaswag")
+    tasks: str = opt("arc,mmlu", f"benchmarks: {', '.join(BENCHMARKS)}")
     limit: int = opt(0, "items per task and language (0: all)")
     shots: int = opt(0, "few-shot examples")
     bench_data: str = opt("", "Okapi-format JSON folder for offline tasks (default: the hub's tasks)")
@@ -302,10 +303,7 @@ class Config:
                 band_ranges(self.report.bands)
             except UserError as exc:
                 raise UserError(f"report.{exc}") from None
-        unknown = {t.strip() for t in self.eval.tasks.split(",")} - {"arc", "mmlu", "hellaswag"}
-        if unknown:
-            raise UserError(f"eval.tasks: unknown task(s) {', '.join(sorted(unknown))}; "
-                            "choose from arc, mmlu, hellaswag")
+        parse_tasks(self.eval.tasks)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}

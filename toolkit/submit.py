@@ -22,6 +22,8 @@ from toolkit.errors import UserError
 from toolkit.output import quiet_libraries
 
 PREFIX = {"sae": "sae-"}
+# choices that registries hold rather than the config (which imports no executor)
+REGISTERED_CHOICES = {"run.executor": cluster.executor_names}
 
 
 def flag_of(section: str, f: dataclasses.Field) -> str:
@@ -55,8 +57,12 @@ def _add_section(group: argparse._ArgumentGroup, section: str) -> None:
         else:
             kwargs["type"] = type(f.default)
             kwargs["metavar"] = f.name.upper()
-            if f.metadata.get("choices"):
-                kwargs["choices"] = f.metadata["choices"]
+            choices = f.metadata.get("choices")
+            if kwargs["dest"] in REGISTERED_CHOICES:
+                choices = REGISTERED_CHOICES[kwargs["dest"]]()
+                kwargs["help"] += f" ({', '.join(choices)})"
+            if choices:
+                kwargs["choices"] = choices
         group.add_argument(flag_of(section, f), **kwargs)
 
 

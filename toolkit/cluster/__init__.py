@@ -18,15 +18,15 @@ from __future__ import annotations
 from rich.console import Console
 
 from toolkit.cluster import debug, local, slurm  # noqa: F401  (they register their executors)
-from toolkit.cluster.base import Executor, get_executor
+from toolkit.cluster.base import Executor, executor_class, executor_names, get_executor
 from toolkit.cluster.chain import Step, absolute, plan, stage_list
 from toolkit.cluster.joblog import JobLog
 from toolkit.cluster.states import states
 from toolkit.cluster.status import cancel, show_status, wait
 from toolkit.config import Config
 
-__all__ = ["Executor", "JobLog", "Step", "absolute", "cancel", "describe", "dispatch", "get_executor", "plan",
-           "show_status", "stage_list", "states", "wait"]
+__all__ = ["Executor", "JobLog", "Step", "absolute", "cancel", "describe", "dispatch", "executor_class",
+           "executor_names", "get_executor", "plan", "show_status", "stage_list", "states", "wait"]
 
 
 def describe(cfg: Config, stage: str, console: Console) -> None:

@@ -63,11 +63,18 @@ def register_executor(cls: type[Executor]) -> type[Executor]:
     return cls
 
 
+def executor_names() -> tuple[str, ...]:
+    return tuple(_EXECUTORS)
+
+
+def executor_class(name: str) -> type[Executor]:
+    """The executor registered as `name`; an unknown name lists the known ones."""
+    try:
+        return _EXECUTORS[name]
+    except KeyError:
+        raise UserError(f"run.executor: unknown executor {name!r}; known: {', '.join(_EXECUTORS)}") from None
+
+
 def get_executor(cfg: Config, console: Console) -> Executor:
     """The executor `run.executor` names, ready to run a chain for `cfg`."""
-    try:
-        cls = _EXECUTORS[cfg.run.executor]
-    except KeyError:
-        raise UserError(f"run.executor: unknown executor {cfg.run.executor!r}; known: {', '.join(_EXECUTORS)}"
-                        ) from None
-    return cls(cfg, console)
+    return executor_class(cfg.run.executor)(cfg, console)

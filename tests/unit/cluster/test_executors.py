@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from tests.unit.cluster.common import HERE, TINY, cfg_of
-from toolkit.cluster import get_executor, plan
+from toolkit.cluster import executor_names, get_executor, plan
 from toolkit.cluster.base import Executor
 from toolkit.cluster.debug import DebugExecutor
 from toolkit.cluster.job import ResumableStageJob
@@ -22,7 +22,7 @@ from toolkit.cluster.local import LocalExecutor
 from toolkit.cluster.slurm import SlurmExecutor
 from toolkit.cluster.states import result_of
 from toolkit.errors import UserError
-from toolkit.submit import main
+from toolkit.submit import build_parser, main
 
 
 def _datasets(path: Path) -> dict[str, np.ndarray]:
@@ -153,3 +153,14 @@ def test_local_merges_a_stage_into_one_call_and_debug_keeps_the_tasks(tmp_path, 
     cfg.run.executor = "local"
     assert [t.label for t in get_executor(cfg, console).tasks(step)] == ["en,hi"]
     assert isinstance(get_executor(cfg, console), Executor)
+
+
+def test_executor_names_come_from_the_registry(tmp_path, capsys):
+    assert executor_names() == ("local", "debug", "slurm")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["extract", "--executor", "cloud"])
+    assert "choose from 'local', 'debug', 'slurm'" in capsys.readouterr().err
+    config = tmp_path / "run.yaml"
+    config.write_text("executor: cloud\n")  # YAML and the Python API do not pass argparse's choices
+    assert main(["extract", *TINY, "--config", str(config), "--run", str(tmp_path / "run"), "--dry-run"]) == 2
+    assert "unknown executor 'cloud'" in capsys.readouterr().err and not (tmp_path / "run").exists()
