@@ -584,7 +584,7 @@ def test_an_interrupt_during_consolidation_is_never_lost_and_the_run_resumes_ide
                                                                                         signum, code):
     """A signal whose handler runs inside a destructor (an h5py handle, a weakref callback) cannot raise there:
     it must still stop the run, as everywhere else, and not be printed as "Exception ignored"."""
-    for trial in range(4):
+    for trial in range(2):  # before the fix, 4 of 10 interrupts landing here were lost
         run = tmp_path / f"t{trial}"
         proc = start("extract", *FULL_ARGS, "--run", str(run))
         if not stop_at_consolidation(proc, run / "activations"):
