@@ -199,11 +199,7 @@ def _mean_tokens(cfg: Config, texts: list[str], tokenizer) -> float:
 
 def sae_width(cfg: Config) -> int:
     """Features per layer the stage will encode with: local training's width, else Gemma Scope's 16k."""
-    from toolkit.sae_training import STANDARD_WIDTH
-
-    if cfg.sae.source in ("auto", "train"):
-        return max(cfg.sae.width, STANDARD_WIDTH) if cfg.sae.budget == "standard" else cfg.sae.width
-    return 16384
+    return cfg.sae.trained_width() if cfg.sae.source in ("auto", "train") else 16384
 
 
 def extract_plan(cfg: Config, stage: str) -> Plan:

@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from toolkit.capture import ResidualCapture, hook_name, iter_batches, tokenize
-from toolkit.config import QUICK_L0, STANDARD_L0, STANDARD_WIDTH, SAEConfig, SAESetup  # noqa: F401 (re-exported)
+from toolkit.config import SAEConfig, SAESetup
 from toolkit.corpus import Corpus, is_heldout
 from toolkit.errors import UserError
 from toolkit.files import atomic_write, remove, staged, stale_staging

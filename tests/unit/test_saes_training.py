@@ -10,7 +10,7 @@ from rich.console import Console
 from toolkit import corpus as corpora
 from toolkit import sae_set, sae_training, saes
 from toolkit.capture import ResidualCapture, iter_batches
-from toolkit.config import Config
+from toolkit.config import QUICK_L0, STANDARD_L0, STANDARD_WIDTH, Config
 from toolkit.rundir import RunDir
 
 QUIET = Console(quiet=True)
@@ -115,7 +115,7 @@ def test_standard_budget_takes_every_token_and_a_wider_sae(tmp_path):
     standard = sae_training.sizes(tiny_cfg(tmp_path, budget="standard").sae, 10_000)
     assert (quick.distinct, quick.samples) == (3000, 3000)
     assert standard.distinct == 10_000 and standard.samples == sae_training.STANDARD_PASSES * 10_000
-    assert standard.width == sae_training.STANDARD_WIDTH
+    assert standard.width == STANDARD_WIDTH
 
 
 def test_target_l0_defaults_to_the_budgets_and_an_explicit_one_wins(tmp_path, tiny_lm):
@@ -124,9 +124,9 @@ def test_target_l0_defaults_to_the_budgets_and_an_explicit_one_wins(tmp_path, ti
     def l0(**sae) -> float:
         return sae_training.recipe(tiny_cfg(tmp_path, **sae).sae_setup, tiny_lm, corpus)["target_l0"]
 
-    assert l0() == sae_training.QUICK_L0 and l0(budget="standard") == sae_training.STANDARD_L0
+    assert l0() == QUICK_L0 and l0(budget="standard") == STANDARD_L0
     assert l0(budget="standard", target_l0=16) == 16
-    assert l0(target_l0=sae_training.QUICK_L0) == l0()  # the same recipe keys the same set
+    assert l0(target_l0=QUICK_L0) == l0()  # the same recipe keys the same set
 
 
 def test_a_named_training_corpus_is_read_whole_and_the_runs_is_limited(tmp_path):
