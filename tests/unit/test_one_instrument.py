@@ -66,6 +66,7 @@ def test_a_moved_run_finds_its_sets(extracted, tmp_path, tiny_lm):
     loaded = saes.load(cfg.sae_setup, tiny_lm, [0, 1], _corpus(cfg), RunDir(cfg.run_dir), Console(quiet=True))
     (key,) = sae_sets(moved)
     assert loaded.source == f"local:{key}" and saes.local_root(RunDir(moved), loaded.source) == moved / "saes" / key
+    assert loaded.root == moved / "saes" / key and loaded.recipe == (loaded.root / "training.json").read_text()
 
 
 def test_old_absolute_records_still_resolve(extracted, tmp_path):
