@@ -82,9 +82,7 @@ def load(run: str | Path) -> list[SweepRow]:
             f"`python -m toolkit.submit align --run {run} --sweep grid.yaml` first"
         )
     rows = [
-        SweepRow(name, summary)
-        for name, adapter in points.items()
-        if (summary := read_summary(adapter.parent / "before_after.json")) is not None
+        SweepRow(name, summary) for name in points if (summary := read_summary(run_dir.gain_report(name))) is not None
     ]
     if not rows:
         raise UserError(

@@ -30,6 +30,7 @@ from analysis.stats import cluster_bootstrap_means, nanmean, percentile_ci, quie
 from analysis.terminal import render
 from toolkit.errors import UserError
 from toolkit.files import atomic_write
+from toolkit.rundir import RunDir
 from toolkit.store import SAE_STATS, STATS
 
 LOW_LANGS = ("id", "ca", "mr", "ml", "hi")
@@ -137,7 +138,7 @@ def run_report(
     """The `report` stage: analyse RUN/activations, write RUN/reports/ (or out_dir), print to `console` if given."""
     report = analyse(run_dir, stat=stat, bands=bands, n_boot=n_boot, seed=seed, reference=reference,
                      low_langs=low_langs, allow_id_mismatch=allow_id_mismatch)
-    write_report(report, out_dir if out_dir is not None else Path(run_dir) / "reports")
+    write_report(report, out_dir if out_dir is not None else RunDir(run_dir).reports)
     if console is not None:
         render(report, console)
     return report
@@ -369,10 +370,7 @@ def _with_attrs(path: Path) -> dict:
 
 
 def _default_out(paths: Sequence[str]) -> Path:
-    first = Path(paths[0])
-    if first.is_dir():
-        return (first.parent if first.name == "activations" else first) / "reports"
-    return (first.parent.parent if first.parent.name == "activations" else first.parent) / "reports"
+    return RunDir.holding(paths[0]).reports
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -78,8 +78,9 @@ def render_text(summary: dict, width: int = 80) -> str:
 
 def _alignment(run: Path) -> list[dict]:
     out = []
-    for name, adapter in RunDir(run).adapters(points=False).items():
-        path = adapter.parent / "before_after.json"
+    run_dir = RunDir(run)
+    for name in run_dir.adapters(points=False):
+        path = run_dir.gain_report(name)
         if not path.is_file():
             out.append({"adapter": name, "error": f"not measured: no {path} (align.heldout 0, or align stopped "
                                                   "before its before/after measurement; rerun align)"})
@@ -107,7 +108,7 @@ def _sweep_points(run: Path) -> int:
 
 
 def _evaluation(run: Path) -> dict | None:
-    path = run / "eval" / "results.json"
+    path = RunDir(run).eval_results
     if not path.is_file():
         return None
     try:

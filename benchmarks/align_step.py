@@ -96,6 +96,7 @@ def main() -> None:
     from toolkit import corpus as corpora
     from toolkit import models
     from toolkit import saes as sae_sources
+    from toolkit.rundir import RunDir
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="embedded")
@@ -124,7 +125,7 @@ def main() -> None:
         if args.sae == "jumprelu":
             sae_set = jumprelu_saes(lm, layers, args.sae_width, 64, calibration_batches(plan(cfg, lm, corpus)))
         else:
-            sae_set = sae_sources.load(cfg, lm, layers, corpus)
+            sae_set = sae_sources.load(cfg.sae_setup, lm, layers, corpus, RunDir(run))
         r = align_step_ratio(cfg, lm, sae_set, corpus, args.target, args.repeats,
                              None if args.kl == "auto" else args.kl == "summary")
     kl = "summarised" if r["kl_summarised"] else "recomputed"

@@ -7,7 +7,6 @@ every rung; each rung is timed as the median of `repeats` runs after one warm-up
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import statistics
 import tempfile
@@ -20,8 +19,9 @@ import torch
 from toolkit.capture import ResidualCapture, TokenBatch, hook_name, iter_batches
 from toolkit.config import Config
 from toolkit.corpus import Corpus
-from toolkit.extraction import ExtractionUnit, controls, extract_unit
+from toolkit.extraction import Extraction, ExtractionUnit, controls, extract_unit
 from toolkit.models import LoadedModel
+from toolkit.rundir import RunDir
 from toolkit.sae_set import LayerSAE, SAESet
 
 CALIBRATION_TOKENS = 1024  # per batch and layer: enough for the quantiles, small on a GPU at 26 x 2304
@@ -130,9 +130,9 @@ def run_ladder(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, layer
 
     def pipeline() -> None:
         run = work_dir / f"rep{next(reps)}"
-        rep_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run=str(run)))
+        job = Extraction(cfg.extract, RunDir(run).activations, cfg.run.preset, cfg.model.adapter)
         for lang in batches:
-            extract_unit(rep_cfg, lm, saes, corpus, ExtractionUnit(lang), layers)
+            extract_unit(job, lm, saes, corpus, ExtractionUnit(lang), layers)
 
     a = tokens / median_seconds(forward, repeats, lm.device)
     b = tokens / median_seconds(capture, repeats, lm.device)

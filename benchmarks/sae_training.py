@@ -17,8 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from toolkit import corpus as corpora
-from toolkit import models, sae_set, sae_training, saes
+from toolkit import models, sae_set, sae_training
 from toolkit.config import Config, parse_layers
+from toolkit.corpus import is_heldout
+from toolkit.rundir import RunDir
 
 
 def measure(arch: str, mix: str, budget: str, layers: str, langs: str, corpus: str, max_sentences: int,
@@ -31,9 +33,9 @@ def measure(arch: str, mix: str, budget: str, layers: str, langs: str, corpus: s
         data = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
         chosen = parse_layers(cfg.run.layers, lm.n_layers)
         start = time.perf_counter()
-        trained = sae_training.train(cfg, lm, chosen, data, console)
+        trained = sae_training.train(cfg.sae_setup, lm, chosen, data, RunDir(run).saes, console)
         seconds = time.perf_counter() - start
-        heldout = data.subset([sid for sid in data.ids if saes.is_heldout(sid)])
+        heldout = data.subset([sid for sid in data.ids if is_heldout(sid)])
         per_lang = {}
         for lang in heldout.langs:
             sae_set.measure_quality(trained, lm, heldout.sentences(lang), cfg.extract.batch_tokens,

@@ -36,7 +36,6 @@ from toolkit.align import metrics as am
 from toolkit.align.trainer import grad_text
 from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
-from toolkit.extraction import sae_recipe
 from toolkit.locks import WriterLock
 from toolkit.rundir import RunDir
 from toolkit.sae_set import SAESet
@@ -68,10 +67,10 @@ def run(cfg: Config, task: Task | None = None) -> list[dict]:
     lm = models.load(cfg.model)
     measured = parse_layers(cfg.run.layers, lm.n_layers)
     aligned = sorted({i for c, _ in units for i in parse_layers(c.align.align_layers, lm.n_layers)})
-    saes = sae_sources.load(cfg, lm, sorted(set(measured) | set(aligned)), corpus, console)
+    saes = sae_sources.load(cfg.sae_setup, lm, sorted(set(measured) | set(aligned)), corpus, RunDir(cfg.run_dir),
+                            console, fresh=cfg.extract.overwrite)
     for objective in dict.fromkeys(c.align.objective for c, _ in units):  # pre needs pre-activations
         align.make_term(objective).check(saes)
-    saes.recipe = sae_recipe(cfg, saes)  # the after-measurement's files, written elsewhere, keep it
     split = split_of(cfg, corpus)
     show_plan(cfg, [t for _, t in units], split, engine, dist, aligned, console)
     if dist.main:  # what runs, once the model, the SAEs and the targets have been checked

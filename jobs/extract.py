@@ -21,6 +21,7 @@ from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
 from toolkit.errors import UserError
 from toolkit.extraction import (
+    Extraction,
     ExtractionUnit,
     Summary,
     all_units,
@@ -32,8 +33,9 @@ from toolkit.extraction import (
 from toolkit.locks import WriterLock
 from toolkit.plan import disk_needed, free_bytes, human_bytes
 from toolkit.rundir import RunDir
+from toolkit.sae_source import SAESource
 from toolkit.stages import Task
-from toolkit.store import StoreError, identity_diff, portable, recorded_identity, shard_name, verify
+from toolkit.store import StoreError, identity_diff, portable, recorded_identity, verify
 
 FINDING_BOOT = 200  # the ending's intervals: enough to show their width, a fraction of the report's time
 
@@ -48,14 +50,15 @@ def run(cfg: Config, task: Task | None = None) -> list[Summary]:
     console = Console(stderr=True)
     clock = Stopwatch()
     fixed_mmap_threshold()
-    todo = all_units(cfg) if task is None or task.units is None else [ExtractionUnit(*u) for u in task.units]
+    todo = whole_run(cfg) if task is None or task.units is None else [ExtractionUnit(*u) for u in task.units]
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     stages.check_shards(cfg.extract.shards, len(corpus.ids))
     run_dir = RunDir(cfg.run_dir)
     run_dir.check()
+    job = extraction_of(cfg)
     with ExitStack() as locks:
         for unit in todo:
-            locks.enter_context(WriterLock(unit_path(cfg, unit)))
+            locks.enter_context(WriterLock(job.path(unit)))
         with clock("model assembly and load" if models.needs_assembly(cfg.model) else "model load"):
             lm = models.load(cfg.model)
         layers = parse_layers(cfg.run.layers, lm.n_layers)
@@ -63,11 +66,11 @@ def run(cfg: Config, task: Task | None = None) -> list[Summary]:
         check_space(cfg, lm, corpus, left, layers)
         run_dir.write_manifest(cfg, "extract", corpus.hash)
         with clock("SAEs"):  # trained here on first use
-            saes = sae_sources.load(cfg, lm, layers, corpus, console)
+            saes = sae_sources.load(cfg.sae_setup, lm, layers, corpus, run_dir, console, fresh=cfg.extract.overwrite)
             saes.own_memory()
         bar = extraction_bar(console)
         with clock("extraction"):
-            summaries = [extract_unit(cfg, lm, saes, corpus, unit, layers, bar) for unit in todo]
+            summaries = [extract_unit(job, lm, saes, corpus, unit, layers, bar) for unit in todo]
     print_summary(summaries, console)
     if is_whole_run(cfg, todo):
         with clock("finding"):
@@ -76,8 +79,17 @@ def run(cfg: Config, task: Task | None = None) -> list[Summary]:
     return summaries
 
 
+def extraction_of(cfg: Config) -> Extraction:
+    """The run's extraction: its options, into RUN/activations, recording its preset and adapter."""
+    return Extraction(cfg.extract, RunDir(cfg.run_dir).activations, cfg.run.preset, cfg.model.adapter)
+
+
+def whole_run(cfg: Config) -> list[ExtractionUnit]:
+    return all_units(cfg.lang_codes, cfg.extract.shards)
+
+
 def unit_path(cfg: Config, unit: ExtractionUnit) -> Path:
-    return RunDir(cfg.run_dir).activations / shard_name(unit.lang, unit.shard, unit.n_shards)
+    return extraction_of(cfg).path(unit)
 
 
 def check_existing(cfg: Config, lm: models.LoadedModel, corpus: Corpus, units: list[ExtractionUnit],
@@ -90,7 +102,7 @@ def check_existing(cfg: Config, lm: models.LoadedModel, corpus: Corpus, units: l
         path = unit_path(cfg, unit)
         old = None if cfg.extract.overwrite else recorded_identity(path)
         if old is not None:
-            new = {**base_identity(cfg, lm, corpus, unit, layers), **sae_source}
+            new = {**base_identity(extraction_of(cfg), lm, corpus, unit, layers), **sae_source}
             old = {k: portable(old).get(k) for k in new}
             if old != new:
                 where = path if path.exists() else path.with_name(path.name + ".parts")
@@ -106,9 +118,9 @@ def check_existing(cfg: Config, lm: models.LoadedModel, corpus: Corpus, units: l
 def planned_sae_source(cfg: Config, lm: models.LoadedModel, corpus: Corpus) -> dict:
     """`--sae train` names its SAE set (`local:KEY`, the recipe's hash) before training it: an SAE recipe
     that differs from the files' is refused without training another set."""
-    if cfg.sae.source != "train":
+    if SAESource.parse(cfg.sae.source).kind != "train":
         return {}
-    key = sae_training.training_key(cfg, lm, sae_sources.training_corpus(cfg, corpus))
+    key = sae_training.training_key(cfg.sae_setup, lm, sae_sources.training_corpus(cfg.sae, corpus))
     return {"sae_source": f"local:{key}"}
 
 
@@ -142,7 +154,7 @@ def print_summary(summaries: list[Summary], console: Console) -> None:
 def is_whole_run(cfg: Config, done: list[ExtractionUnit]) -> bool:
     """This call extracted every file of the config, English and another language among them: a gap exists."""
     langs = {u.lang for u in done}
-    return {(u.lang, u.shard) for u in done} == {(u.lang, u.shard) for u in all_units(cfg)} and "en" in langs \
+    return {(u.lang, u.shard) for u in done} == {(u.lang, u.shard) for u in whole_run(cfg)} and "en" in langs \
         and len(langs) > 1
 
 

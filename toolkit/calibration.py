@@ -142,5 +142,5 @@ def _sae_samples_per_second(cfg: Config, lm) -> float:
     acts = torch.randn(batch * 8, lm.d_model, generator=torch.Generator().manual_seed(1))
     size = sae_training.Sizes(cfg.sae.width, len(acts), batch * SAE_CAL_STEPS)
     start = time.perf_counter()
-    sae_training._train_one(cfg, lm, 0, acts, size)
+    sae_training.train_one(cfg.sae_setup, lm, 0, acts, size)
     return size.samples / (time.perf_counter() - start)

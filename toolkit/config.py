@@ -21,6 +21,7 @@ from toolkit.errors import UserError
 from toolkit.evaluation.tasks import BENCHMARKS, parse_tasks
 from toolkit.layers import band_ranges
 from toolkit.layers import parse_layers as parse_layers  # re-exported: the jobs import it from here
+from toolkit.sae_source import SAESource
 
 
 def opt(default, help: str, flag: str | None = None, choices: tuple | None = None):
@@ -211,6 +212,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+@dataclass(frozen=True)
+class SAESetup:
+    """What resolving and training a run's SAEs read: the `sae` section, and the token length, batch size and
+    seed they share with extraction."""
+
+    sae: SAEConfig
+    max_length: int
+    batch_tokens: int
+    seed: int
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -288,11 +300,12 @@ class Config:
             _check_layer_syntax(name, spec)
         if self.align.zero_stage not in (0, 1, 2):
             raise UserError(f"align.zero_stage must be 0, 1 or 2 (got {self.align.zero_stage})")
-        if not re.fullmatch(r"auto|train|random|pretrained:.+|dir:.+", self.sae.source):
+        source = SAESource.parse(self.sae.source)
+        if not source.well_formed or str(source) != self.sae.source:
             raise UserError(
                 f"sae.source: {self.sae.source!r} is not one of auto, train, random, pretrained:RELEASE, dir:PATH"
             )
-        if self.sae.source.startswith("pretrained:") and "{i}" not in self.sae.id_template:
+        if source.kind == "pretrained" and "{i}" not in self.sae.id_template:
             raise UserError("sae.id_template must contain {i} (the layer) for a pretrained SAE release")
         if self.run.executor == "slurm" and not self.run.cluster:
             raise UserError("run.cluster: --executor slurm needs --cluster NAME (a profile in slurm/profiles/)")
@@ -311,6 +324,10 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.run)
+
+    @property
+    def sae_setup(self) -> SAESetup:
+        return SAESetup(self.sae, self.extract.max_length, self.extract.batch_tokens, self.run.seed)
 
     @property
     def lang_codes(self) -> list[str]:

@@ -8,6 +8,7 @@ module prints nothing (`jobs/extract.py` draws the bars and the summary table).
 from __future__ import annotations
 
 import ctypes
+import functools
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +20,10 @@ import numpy as np
 import torch
 
 from toolkit import __version__, models
-from toolkit import saes as sae_sources
 from toolkit.capture import HOOK_TEMPLATE, ResidualCapture, TokenBatch, count_truncated, iter_batches
-from toolkit.config import Config
+from toolkit.config import ExtractConfig
 from toolkit.corpus import Corpus
 from toolkit.errors import UserError
-from toolkit.rundir import RunDir
 from toolkit.sae_set import LayerSAE, SAESet
 from toolkit.store import ActivationFile, ActivationWriter, Batch, LayerBatch, portable, shard_name
 
@@ -33,6 +32,20 @@ Advance = Callable[[int, float], None]
 # progress(lang, total sentences, sentences already committed) -> a context yielding `advance`;
 # entered only when a unit has batches left to compute.
 ProgressFactory = Callable[[str, int, int], AbstractContextManager[Advance]]
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """How and where units are extracted: the `extract` options, the folder the files go to (a run's
+    `RunDir.activations`), and what the files record of the run (its preset, the adapter applied to the model)."""
+
+    options: ExtractConfig
+    folder: Path
+    preset: str
+    adapter: str = ""
+
+    def path(self, unit: ExtractionUnit) -> Path:
+        return self.folder / shard_name(unit.lang, unit.shard, unit.n_shards)
 
 
 @dataclass
@@ -54,9 +67,9 @@ class Summary:
     truncated: int | None = None  # sentences cut at max_length (None: a file from before it was counted)
 
 
-def all_units(cfg: Config) -> list[ExtractionUnit]:
-    """Every language and shard of the config."""
-    return [ExtractionUnit(lang, k, cfg.extract.shards) for lang in cfg.lang_codes for k in range(cfg.extract.shards)]
+def all_units(langs: list[str], shards: int) -> list[ExtractionUnit]:
+    """Every language and shard (`extract.shards`) of a run."""
+    return [ExtractionUnit(lang, k, shards) for lang in langs for k in range(shards)]
 
 
 def fixed_mmap_threshold(size: int = 4 << 20) -> bool:
@@ -80,28 +93,29 @@ def shard_ids(ids: list[str], shard: int, n_shards: int) -> list[str]:
     return ids[bounds[shard]:bounds[shard + 1]]
 
 
-def base_identity(cfg: Config, lm: models.LoadedModel, corpus: Corpus, unit: ExtractionUnit,
+def base_identity(job: Extraction, lm: models.LoadedModel, corpus: Corpus, unit: ExtractionUnit,
                   layers: list[int]) -> dict:
     """The identity known before any SAE is loaded or trained: a mismatch there is refused first."""
+    opts = job.options
     return {
         "language": unit.lang, "shard": unit.shard, "n_shards": unit.n_shards,
         "corpus_name": corpus.name, "corpus_hash": corpus.lang_hash(unit.lang), "n_corpus": len(corpus.ids),
-        "model_id": lm.model_id, "model_revision": lm.revision, "preset": cfg.run.preset,
-        "adapter": cfg.model.adapter, "compute_dtype": str(lm.dtype).removeprefix("torch."),
+        "model_id": lm.model_id, "model_revision": lm.revision, "preset": job.preset,
+        "adapter": job.adapter, "compute_dtype": str(lm.dtype).removeprefix("torch."),
         "d_model": lm.d_model, "layers": layers, "hook_point": HOOK_TEMPLATE,
-        "code_dtype": cfg.extract.code_dtype, "max_length": cfg.extract.max_length,
-        "batch_tokens": cfg.extract.batch_tokens, "save_resid": cfg.extract.save_resid,
+        "code_dtype": opts.code_dtype, "max_length": opts.max_length,
+        "batch_tokens": opts.batch_tokens, "save_resid": opts.save_resid,
     }
 
 
-def identity(cfg: Config, lm: models.LoadedModel, saes: SAESet, corpus: Corpus, unit: ExtractionUnit,
+def identity(job: Extraction, lm: models.LoadedModel, saes: SAESet, corpus: Corpus, unit: ExtractionUnit,
              layers: list[int]) -> dict:
     """What makes a file this extraction's: a writer refuses to resume a file with another identity.
 
     It holds what determines the numbers, never where the run folder lives (a copied run resumes).
     """
     return portable({
-        **base_identity(cfg, lm, corpus, unit, layers),
+        **base_identity(job, lm, corpus, unit, layers),
         "sae_source": saes.source, "sae_ids": saes.ids, "d_sae": [saes.layers[i].d_sae for i in layers],
     })
 
@@ -111,37 +125,39 @@ def no_progress(lang: str, total: int, completed: int) -> Iterator[Advance]:
     yield lambda sentences, rate: None
 
 
-def extract_unit(cfg: Config, lm: models.LoadedModel, saes: SAESet, corpus: Corpus,
+def extract_unit(job: Extraction, lm: models.LoadedModel, saes: SAESet, corpus: Corpus,
                  unit: ExtractionUnit, layers: list[int], progress: ProgressFactory = no_progress) -> Summary:
-    """Extract one unit into RUN/activations, resuming from its committed parts; skip a finished file."""
-    path = RunDir(cfg.run_dir).activations / shard_name(unit.lang, unit.shard, unit.n_shards)
-    with ActivationWriter(path, identity(cfg, lm, saes, corpus, unit, layers), layers,
-                          cfg.extract.code_dtype, overwrite=cfg.extract.overwrite) as writer:
+    """Extract one unit into `job.folder`, resuming from its committed parts; skip a finished file."""
+    path = job.path(unit)
+    with ActivationWriter(path, identity(job, lm, saes, corpus, unit, layers), layers,
+                          job.options.code_dtype, overwrite=job.options.overwrite) as writer:
         if writer.complete:  # and read back once: a damaged file is refused with the fix
             return summary_of(path, skipped=True)
-        return _extract_into(writer, cfg, lm, saes, corpus, unit, layers, progress)
+        sentences = corpus.subset(shard_ids(corpus.ids, unit.shard, unit.n_shards)).sentences(unit.lang)
+        return _extract_into(writer, job.options, lm, saes, sentences, layers, functools.partial(progress, unit.lang))
 
 
-def _extract_into(writer: ActivationWriter, cfg: Config, lm: models.LoadedModel, saes: SAESet,
-                  corpus: Corpus, unit: ExtractionUnit, layers: list[int], progress: ProgressFactory) -> Summary:
-    sentences = corpus.subset(shard_ids(corpus.ids, unit.shard, unit.n_shards)).sentences(unit.lang)
+def _extract_into(writer: ActivationWriter, opts: ExtractConfig, lm: models.LoadedModel, saes: SAESet,
+                  sentences: list[tuple[str, str]], layers: list[int],
+                  progress: Callable[[int, int], AbstractContextManager[Advance]]) -> Summary:
+    """Encode the sentences' batches not yet committed to `writer`, then finalize it with the set's record."""
     # The plan depends only on the text and the config, so a resumed run skips exactly the batches
     # already committed and its file equals an uninterrupted run's.
-    batches = list(iter_batches(sentences, lm.tokenizer, cfg.extract.batch_tokens, cfg.extract.max_length))
+    batches = list(iter_batches(sentences, lm.tokenizer, opts.batch_tokens, opts.max_length))
     committed = writer.n_parts
     done_ids = [sid for b in batches[:committed] for sid in b.sentence_ids]
     if set(done_ids) != writer.done_sentence_ids():
         raise UserError(f"{writer.parts} does not match the current batch plan; rerun with --overwrite")
-    truncated = count_truncated(lm.tokenizer, [text for _, text in sentences], cfg.extract.max_length)
+    truncated = count_truncated(lm.tokenizer, [text for _, text in sentences], opts.max_length)
     started = time.perf_counter()
     n_tokens = sum(b.n_real - len(b.sentence_ids) for b in batches[committed:])
-    with progress(unit.lang, len(sentences), len(done_ids)) as advance:
-        _encode_and_write(lm, saes, batches[committed:], layers, cfg.extract.save_resid, writer, started, advance)
+    with progress(len(sentences), len(done_ids)) as advance:
+        _encode_and_write(lm, saes, batches[committed:], layers, opts.save_resid, writer, advance)
     seconds = time.perf_counter() - started
     writer.finalize(
         {"lingogap_version": __version__, "seconds": seconds, "sae_quality": saes.quality(),
          "tokens_per_second": n_tokens / max(seconds, 1e-9), "n_truncated": truncated,
-         "sae_recipe": sae_recipe(cfg, saes)},
+         "sae_recipe": saes.recipe},
         {i: {"sae_id": saes.layers[i].sae_id, "d_sae": saes.layers[i].d_sae, "fve": saes.layers[i].fve,
              "l0": saes.layers[i].l0, "mean_source": saes.layers[i].mean_source} for i in layers},
     )
@@ -149,8 +165,8 @@ def _extract_into(writer: ActivationWriter, cfg: Config, lm: models.LoadedModel,
 
 
 def _encode_and_write(lm: models.LoadedModel, saes: SAESet, batches: list[TokenBatch],
-                      layers: list[int], save_resid: bool, writer: ActivationWriter, started: float,
-                      advance: Advance) -> None:
+                      layers: list[int], save_resid: bool, writer: ActivationWriter, advance: Advance) -> None:
+    started = time.perf_counter()  # for the rate `advance` reports
     # Batch k is written (and fsynced) by one I/O thread while batch k+1 is computed; parts stay in order.
     with ThreadPoolExecutor(1, thread_name_prefix="hdf5-parts") as io:
         done_tokens = 0
@@ -222,17 +238,6 @@ def controls(layer_sae: LayerSAE, x: torch.Tensor, rows: torch.Tensor, cols: tor
     err = (xf - layer_sae.decode_sparse(rows, cols, values, len(x))).square().sum(1)
     dev = (xf - layer_sae.mean.to(xf)).square().sum(1)
     return {"norm": xf.norm(dim=1), "err": err, "dev": dev, "ratio": err / dev.clamp_min(torch.finfo(dev.dtype).tiny)}
-
-
-def sae_recipe(cfg: Config, saes: SAESet) -> str:
-    """The training recipe (architecture, width, mix, budget, ...) of a locally trained set, as JSON; "" else.
-    The set's own `recipe` when it carries one (files written outside the run folder, such as alignment's)."""
-    if saes.recipe:
-        return saes.recipe
-    if not saes.source.startswith("local:"):
-        return ""
-    file = sae_sources.local_root(cfg.run_dir, saes.source) / "training.json"
-    return file.read_text() if file.is_file() else ""
 
 
 def summary_of(path: Path, seconds: float | None = None, skipped: bool = False) -> Summary:

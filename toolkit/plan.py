@@ -191,11 +191,7 @@ def _mean_tokens(cfg: Config, texts: list[str], tokenizer) -> float:
 
 def sae_width(cfg: Config) -> int:
     """Features per layer the stage will encode with: local training's width, else Gemma Scope's 16k."""
-    from toolkit.sae_training import STANDARD_WIDTH
-
-    if cfg.sae.source in ("auto", "train"):
-        return max(cfg.sae.width, STANDARD_WIDTH) if cfg.sae.budget == "standard" else cfg.sae.width
-    return 16384
+    return cfg.sae.trained_width() if cfg.sae.source in ("auto", "train") else 16384
 
 
 def extract_plan(cfg: Config, stage: str) -> Plan:
@@ -216,7 +212,7 @@ def extract_plan(cfg: Config, stage: str) -> Plan:
         train_on = corpus if not cfg.sae.train_corpus else corpora.load(cfg.sae.train_corpus, cfg.lang_codes, 0)
         available = sum(s.n_tokens for s in sae_training.training_sample(
             train_on, cfg.sae.train_mix, tokenizer, 2**62, cfg.extract.max_length))
-        size = sae_training.sizes(cfg, available)
+        size = sae_training.sizes(cfg.sae, available)
         held = sum(count_tokens(cfg, train_on.subset([i for i in train_on.ids if is_heldout(i)] or train_on.ids[:1])
                                 .texts[lang], tokenizer) for lang in train_on.langs)
         lines.append(f"SAE training ({cfg.sae.arch}, {cfg.sae.budget} budget, mix {cfg.sae.train_mix}): "

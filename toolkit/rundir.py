@@ -23,13 +23,15 @@ JOBS_FIX = "delete it (it only lists submitted jobs; no output depends on it) an
 SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key)$")  # not `batch_tokens`
 SWEEP_SEP = "@"  # RUN/align/{unit}@{tag}: a sweep point's adapter (toolkit.sweep)
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a (finished) peft adapter
+ACTIVATIONS = "activations"
+GAIN_REPORT = "before_after.json"  # an adapter's before/after measurement, beside it in RUN/align/{name}
 
 
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    activations = property(lambda self: self.root / "activations")
+    activations = property(lambda self: self.root / ACTIVATIONS)
     saes = property(lambda self: self.root / "saes")
     reports = property(lambda self: self.root / "reports")
     gaps_json = property(lambda self: self.reports / "gaps.json")
@@ -38,6 +40,18 @@ class RunDir:
     logs = property(lambda self: self.root / "logs")
     jobs_file = property(lambda self: self.root / "jobs.json")
     manifest = property(lambda self: self.root / "manifest.json")
+    eval_results = property(lambda self: self.eval / "results.json")
+
+    @classmethod
+    def holding(cls, path: str | Path) -> RunDir:
+        """The run of `path`: a run folder, its activations folder, or a file in either."""
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        return cls(folder.parent if folder.name == ACTIVATIONS else folder)
+
+    def sae_set(self, key: str) -> Path:
+        """A locally trained SAE set's folder (`local:KEY` in the activation files' `sae_source`)."""
+        return self.saes / key
 
     def align(self, lang: str) -> Path:
         """An alignment unit's folder: a language, `joint`, or a sweep point `{unit}@{tag}`."""
@@ -45,6 +59,9 @@ class RunDir:
 
     def align_point(self, unit: str, tag: str) -> Path:
         return self.align(point_name(unit, tag))
+
+    def gain_report(self, name: str) -> Path:
+        return self.align(name) / GAIN_REPORT
 
     def point_record(self, name: str) -> Path:
         """A sweep point's values, in its folder RUN/align/{name}, written before training starts (toolkit.sweep)."""

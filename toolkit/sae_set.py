@@ -24,6 +24,7 @@ from toolkit.errors import UserError
 from toolkit.models import LoadedModel
 
 QUALITY_CHUNK_TOKENS = 256
+RECIPE_FILE = "training.json"  # a locally trained set's recipe (toolkit.sae_training), in the set's folder
 # decode_sparse's CSR product is stable for our use (tested against sae-lens's decode); its beta notice is noise
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -114,9 +115,10 @@ def plain_threshold(sae: torch.nn.Module) -> torch.Tensor | float | None:
 
 @dataclass
 class SAESet:
-    source: str  # resolved source, e.g. "local:RUN/saes/ab12" or "pretrained:gemma-scope-..."
+    source: str  # resolved source, e.g. "local:ab12" or "pretrained:gemma-scope-..."
     layers: dict[int, LayerSAE]
-    recipe: str = ""  # training recipe (JSON) of a local set once read: files written elsewhere keep it
+    root: Path | None = None  # where a local set lives (RUN/saes/KEY); None for hub and random sets
+    recipe: str = ""  # a local set's training recipe (its training.json, as JSON text); every file it writes keeps it
 
     @property
     def ids(self) -> list[str]:
@@ -146,8 +148,12 @@ def check(sae: torch.nn.Module, layer: int, d_model: int, where: str) -> None:
 
 
 def local_set(root: Path, layers: list[int], lm: LoadedModel, source: str) -> SAESet:
+    """A set trained by `toolkit.sae_training` in `root`, recorded as `source`: it carries its folder and recipe."""
     saes = from_dir(root, layers, lm)
     saes.source = source
+    saes.root = root
+    recipe = root / RECIPE_FILE
+    saes.recipe = recipe.read_text() if recipe.is_file() else ""
     for layer in layers:
         saes.layers[layer].sae_id = f"local:{root.name}/layer_{layer}"
     return saes

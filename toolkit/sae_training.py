@@ -27,12 +27,12 @@ import torch
 from rich.console import Console
 
 from toolkit.capture import ResidualCapture, hook_name, iter_batches, tokenize
-from toolkit.config import QUICK_L0, STANDARD_L0, STANDARD_WIDTH, Config, SAEConfig  # noqa: F401 (re-exported)
+from toolkit.config import SAEConfig, SAESetup
 from toolkit.corpus import Corpus, is_heldout
 from toolkit.errors import UserError
 from toolkit.files import atomic_write, remove, staged, stale_staging
 from toolkit.models import LoadedModel
-from toolkit.sae_set import SAESet, heldout_sentences, local_set, measure_quality, print_quality, read_meta
+from toolkit.sae_set import RECIPE_FILE, SAESet, heldout_sentences, local_set, measure_quality, print_quality, read_meta
 
 
 @dataclass(frozen=True)
@@ -93,15 +93,15 @@ def tokens_per_language(samples: list[Sample], budget: int) -> dict[str, int]:
     return counts
 
 
-def recipe(cfg: Config, lm: LoadedModel, corpus: Corpus | None) -> dict:
+def recipe(setup: SAESetup, lm: LoadedModel, corpus: Corpus | None) -> dict:
     """Everything that makes a locally trained SAE set what it is; its hash is the set's cache key."""
-    s = cfg.sae
+    s = setup.sae
     return {
         "model": lm.model_id, "revision": lm.revision, "arch": s.arch, "width": s.width,
         "l1": s.l1 if s.arch == "relu" else None, "l1_warmup": s.l1_warmup,
         "target_l0": target_l0(s) if s.arch != "relu" else None, "train_tokens": s.train_tokens, "lr": s.lr,
-        "batch": s.batch, "train_mix": s.train_mix, "budget": s.budget, "max_length": cfg.extract.max_length,
-        "seed": cfg.run.seed, "corpus": corpus.hash if corpus is not None else None,
+        "batch": s.batch, "train_mix": s.train_mix, "budget": s.budget, "max_length": setup.max_length,
+        "seed": setup.seed, "corpus": corpus.hash if corpus is not None else None,
     }
 
 
@@ -114,8 +114,8 @@ def target_l0(s: SAEConfig) -> float:
     return s.trained_l0()
 
 
-def training_key(cfg: Config, lm: LoadedModel, corpus: Corpus) -> str:
-    return hashlib.sha256(json.dumps(recipe(cfg, lm, corpus), sort_keys=True).encode()).hexdigest()[:12]
+def training_key(setup: SAESetup, lm: LoadedModel, corpus: Corpus) -> str:
+    return hashlib.sha256(json.dumps(recipe(setup, lm, corpus), sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -125,35 +125,36 @@ class Sizes:
     samples: int  # training samples per layer (the buffer is repeated when smaller)
 
 
-def sizes(cfg: Config, available: int) -> Sizes:
+def sizes(s: SAEConfig, available: int) -> Sizes:
     """quick: the configured width and tokens; standard: every available token, several passes, a wider SAE."""
-    s = cfg.sae
     if s.budget == "standard":
         return Sizes(s.trained_width(), available, max(s.train_tokens, STANDARD_PASSES * available))
     return Sizes(s.width, min(s.train_tokens, available), s.train_tokens)
 
 
-def train(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, console: Console) -> SAESet:
-    """Train (or reuse) one SAE per layer; layers are saved one by one, so a killed training resumes."""
+def train(setup: SAESetup, lm: LoadedModel, layers: list[int], corpus: Corpus, saes_dir: Path,
+          console: Console) -> SAESet:
+    """Train (or reuse) one SAE per layer into `saes_dir/{key}` (a run's `RunDir.saes`); layers are saved one by
+    one, so a killed training resumes."""
     from filelock import FileLock
 
-    root = cfg.run_dir / "saes" / training_key(cfg, lm, corpus)
+    root = saes_dir / training_key(setup, lm, corpus)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):  # array tasks starting together train once
-        return _train_locked(cfg, lm, layers, corpus, console, root)
+        return _train_locked(setup, lm, layers, corpus, console, root)
 
 
-def _train_locked(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, console: Console,
+def _train_locked(setup: SAESetup, lm: LoadedModel, layers: list[int], corpus: Corpus, console: Console,
                   root: Path) -> SAESet:
-    atomic_write(root / "training.json", json.dumps(recipe(cfg, lm, corpus), indent=1))
+    atomic_write(root / RECIPE_FILE, json.dumps(recipe(setup, lm, corpus), indent=1))
     for leftover in stale_staging(root):  # a layer whose save was killed: trained again below
         remove(leftover)
     todo = [i for i in layers if not (root / f"layer_{i}" / "cfg.json").is_file()]
     if todo:
-        _train_layers(cfg, lm, todo, corpus, console, root)
+        _train_layers(setup, lm, todo, corpus, console, root)
     saes = local_set(root, layers, lm, f"local:{root.name}")
     if todo:
-        measure_quality(saes, lm, heldout_sentences(corpus), cfg.extract.batch_tokens, cfg.extract.max_length)
+        measure_quality(saes, lm, heldout_sentences(corpus), setup.batch_tokens, setup.max_length)
         for layer in layers:
             path = root / f"layer_{layer}" / "lingogap.json"
             meta = read_meta(path.parent) | {"fve": saes.layers[layer].fve, "l0": saes.layers[layer].l0}
@@ -164,19 +165,20 @@ def _train_locked(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpu
     return saes
 
 
-def _train_layers(cfg: Config, lm: LoadedModel, todo: list[int], corpus: Corpus, console: Console,
+def _train_layers(setup: SAESetup, lm: LoadedModel, todo: list[int], corpus: Corpus, console: Console,
                   root: Path) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    everything = training_sample(corpus, cfg.sae.train_mix, lm.tokenizer, 2**62, cfg.extract.max_length)
-    size = sizes(cfg, sum(s.n_tokens for s in everything))
-    sample = training_sample(corpus, cfg.sae.train_mix, lm.tokenizer, size.distinct, cfg.extract.max_length)
+    s = setup.sae
+    everything = training_sample(corpus, s.train_mix, lm.tokenizer, 2**62, setup.max_length)
+    size = sizes(s, sum(x.n_tokens for x in everything))
+    sample = training_sample(corpus, s.train_mix, lm.tokenizer, size.distinct, setup.max_length)
     counts = tokens_per_language(sample, size.distinct)
     group = max(1, BUFFER_BYTES // (size.distinct * lm.d_model * 4))
     done = len(_all_layers(root))
     console.print(
-        f"[bold]Training {len(todo)} {cfg.sae.arch} SAE(s)[/] ({cfg.sae.budget} budget: width {size.width}, "
-        f"{size.samples:,} samples from {sum(counts.values()):,} tokens each, mix {cfg.sae.train_mix}: "
+        f"[bold]Training {len(todo)} {s.arch} SAE(s)[/] ({s.budget} budget: width {size.width}, "
+        f"{size.samples:,} samples from {sum(counts.values()):,} tokens each, mix {s.train_mix}: "
         f"{', '.join(f'{k} {v:,}' for k, v in counts.items())}; {done} layer(s) already saved) -> {root}"
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -186,14 +188,14 @@ def _train_layers(cfg: Config, lm: LoadedModel, todo: list[int], corpus: Corpus,
             chunk = todo[start:start + group]
             progress.update(task, description=f"collecting activations ({len(chunk)} layers)")
             # quiet: a second live progress display cannot run inside this one
-            buffers = collect_activations(lm, chunk, [(s.sid, s.text) for s in sample], size.distinct,
-                                          cfg.extract.batch_tokens, cfg.extract.max_length, Console(quiet=True))
+            buffers = collect_activations(lm, chunk, [(x.sid, x.text) for x in sample], size.distinct,
+                                          setup.batch_tokens, setup.max_length, Console(quiet=True))
             for layer in chunk:
                 progress.update(task, description=f"SAE layer {layer}")
                 acts = buffers.pop(layer)
                 start = time.perf_counter()
-                sae = _train_one(cfg, lm, layer, acts, size, _advance(progress, task, size.samples))
-                _save_layer(root, layer, sae, acts, {"train_tokens_per_language": counts, **_meta_of(cfg, size)})
+                sae = train_one(setup, lm, layer, acts, size, _advance(progress, task, size.samples))
+                _save_layer(root, layer, sae, acts, {"train_tokens_per_language": counts, **_meta_of(s, size)})
                 del acts
                 if not console.is_terminal:  # a log gets one line per layer; a terminal has the bar
                     console.print(f"SAE layer {layer}: trained on {size.samples:,} samples in "
@@ -216,8 +218,7 @@ def _all_layers(root: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in root.glob("layer_*") if (p / "cfg.json").is_file())
 
 
-def _meta_of(cfg: Config, size: Sizes) -> dict:
-    s = cfg.sae
+def _meta_of(s: SAEConfig, size: Sizes) -> dict:
     return {"arch": s.arch, "train_mix": s.train_mix, "budget": s.budget, "width": size.width,
             "train_samples": size.samples, "distinct_tokens": size.distinct}
 
@@ -264,12 +265,11 @@ def collect_activations(
     return {i: b[:filled] for i, b in buffers.items()}
 
 
-def _training_sae(cfg: Config, lm: LoadedModel, width: int, steps: int):
-    """The sae-lens training SAE of `cfg.sae.arch`, normalising activations in training (folded back after):
+def _training_sae(s: SAEConfig, lm: LoadedModel, width: int, steps: int):
+    """The sae-lens training SAE of `s.arch`, normalising activations in training (folded back after):
     Gemma's residual norm grows ~1000x with depth."""
     import sae_lens
 
-    s = cfg.sae
     common = {"d_in": lm.d_model, "d_sae": width, "device": str(lm.device),
               "normalize_activations": "expected_average_only_in"}
     if s.arch == "jumprelu":  # Gemma Scope 2's quadratic penalty around a target L0: no coefficient to tune
@@ -285,20 +285,22 @@ def _training_sae(cfg: Config, lm: LoadedModel, width: int, steps: int):
     return sae_lens.StandardTrainingSAE(sae_cfg)
 
 
-def _train_one(cfg: Config, lm: LoadedModel, layer: int, acts: torch.Tensor, size: Sizes,
-               advance: Callable[[int], None] | None = None):
+def train_one(setup: SAESetup, lm: LoadedModel, layer: int, acts: torch.Tensor, size: Sizes,
+              advance: Callable[[int], None] | None = None):
+    """One layer's SAE trained on its activation buffer `acts` (also what calibration times)."""
     from sae_lens import SAETrainer
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
-    torch.manual_seed(cfg.run.seed * 1000 + layer)
-    batch = min(cfg.sae.batch, len(acts))
+    s = setup.sae
+    torch.manual_seed(setup.seed * 1000 + layer)
+    batch = min(s.batch, len(acts))
     total = max(size.samples, batch)
-    sae = _training_sae(cfg, lm, size.width, total // batch)
+    sae = _training_sae(s, lm, size.width, total // batch)
     sae.cfg.metadata.hook_name = hook_name(layer)
     sae.cfg.metadata.model_name = lm.model_id
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=total, train_batch_size_samples=batch, lr=cfg.sae.lr,
-        lr_end=cfg.sae.lr / 10, lr_scheduler_name="cosineannealing", device=str(lm.device),
+        total_training_samples=total, train_batch_size_samples=batch, lr=s.lr,
+        lr_end=s.lr / 10, lr_scheduler_name="cosineannealing", device=str(lm.device),
         n_batches_for_norm_estimate=max(1, min(50, len(acts) // batch)), logger=LoggingConfig(log_to_wandb=False),
     )
     # Gemma's residual stream has a large mean (a few huge dimensions); starting the decoder bias

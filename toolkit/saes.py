@@ -23,13 +23,16 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from toolkit import corpus as corpora
 from toolkit import hub
 from toolkit.capture import hook_name
-from toolkit.config import Config
-from toolkit.corpus import HELDOUT_FRACTION, Corpus, is_heldout  # noqa: F401 (re-exported)
+from toolkit.config import SAEConfig, SAESetup
+from toolkit.corpus import Corpus
 from toolkit.errors import HubUnreachable, UserError
 from toolkit.models import LoadedModel
+from toolkit.rundir import RunDir
 from toolkit.sae_set import (
+    RECIPE_FILE,
     LayerSAE,
     SAESet,
     check,
@@ -38,53 +41,52 @@ from toolkit.sae_set import (
     local_set,
     measure_quality,
 )
-from toolkit.sae_source import SAESource as SAESource  # re-exported: `--sae` parsed, torch-free
+from toolkit.sae_source import SAESource
 from toolkit.sae_training import CORPUS_FIELDS, recipe, train, training_key
+from toolkit.store import ActivationFile, activation_files
 
 
-def training_corpus(cfg: Config, run_corpus: Corpus | None = None) -> Corpus:
-    """The run's corpus (with its --max-sentences), or `sae.train_corpus` whole when one is named: naming a
-    training corpus is how SAEs learn from more than the run measures. Held-out ids stay out either way."""
-    from toolkit import corpus as corpora
-
-    if cfg.sae.train_corpus:
-        return corpora.load(cfg.sae.train_corpus, cfg.lang_codes, 0)
-    if run_corpus is not None:
-        return run_corpus
-    return corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
+def training_corpus(sae: SAEConfig, run_corpus: Corpus) -> Corpus:
+    """The run's corpus (with its --max-sentences), or `sae.train_corpus` whole, in the run's languages, when one
+    is named: naming a training corpus is how SAEs learn from more than the run measures. Held-out ids stay out
+    either way."""
+    return corpora.load(sae.train_corpus, run_corpus.langs, 0) if sae.train_corpus else run_corpus
 
 
-def load(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, console: Console | None = None) -> SAESet:
-    """Resolve `cfg.sae.source` into one checked SAE per layer, with quality figures measured.
+def load(setup: SAESetup, lm: LoadedModel, layers: list[int], corpus: Corpus, run: RunDir,
+         console: Console | None = None, fresh: bool = False) -> SAESet:
+    """Resolve `setup.sae.source` into one checked SAE per layer, with quality figures measured.
 
-    `corpus` is the run's corpus: its held-out ids measure quality; training uses `training_corpus`.
+    `corpus` is the run's corpus: its held-out ids measure quality; training uses `training_corpus`. `run` is where
+    the run's activation files record its SAE set and where local sets live; `fresh` (extract --overwrite)
+    ignores the recorded set.
     """
     console = console or Console(stderr=True)
-    source = cfg.sae.source
-    recorded = recorded_source(cfg.run_dir) if source in ("auto", "train") and not cfg.extract.overwrite else None
+    source = SAESource.parse(setup.sae.source)
+    recorded = recorded_source(run) if source.kind in ("auto", "train") and not fresh else None
     if recorded is not None:
-        saes = _recorded(cfg, lm, layers, corpus, recorded, console)
-    elif source == "auto":
+        saes = _recorded(setup, lm, layers, corpus, run, recorded, console)
+    elif source.kind == "auto":
         reason = hub.offline_reason()  # offline mode set before sae-lens asks: no retry loop
         try:
-            saes = _pretrained(cfg.sae.release, cfg.sae.id_template, layers, lm)
+            saes = _pretrained(setup.sae.release, setup.sae.id_template, layers, lm)
         except HubUnreachable as exc:
-            why = f"{reason}; {cfg.sae.release} is not in the local cache" if reason else str(exc)
+            why = f"{reason}; {setup.sae.release} is not in the local cache" if reason else str(exc)
             console.print(f"[yellow]SAEs:[/] {why}: training small SAEs locally instead (cached in the run)",
                           highlight=False)
-            saes = train(cfg, lm, layers, training_corpus(cfg, corpus), console)
-    elif source.startswith("pretrained:"):
-        saes = _pretrained(source.split(":", 1)[1], cfg.sae.id_template, layers, lm)
-    elif source.startswith("dir:"):
-        saes = from_dir(Path(source.split(":", 1)[1]), layers, lm)
-    elif source == "train":
-        saes = train(cfg, lm, layers, training_corpus(cfg, corpus), console)
+            saes = train(setup, lm, layers, training_corpus(setup.sae, corpus), run.saes, console)
+    elif source.kind == "pretrained":
+        saes = _pretrained(source.arg, setup.sae.id_template, layers, lm)
+    elif source.kind == "dir":
+        saes = from_dir(Path(source.arg), layers, lm)
+    elif source.kind == "train":
+        saes = train(setup, lm, layers, training_corpus(setup.sae, corpus), run.saes, console)
     else:
-        saes = _random(cfg.sae.width, layers, lm, cfg.run.seed)
+        saes = _random(setup.sae.width, layers, lm, setup.seed)
     # x_bar (the FVE's reference point) of an SAE that recorded none comes from the same held-out pass
     missing = [i for i in layers if not math.isfinite(saes.layers[i].fve) or saes.layers[i].mean is None]
     if missing:
-        measure_quality(saes, lm, heldout_sentences(corpus), cfg.extract.batch_tokens, cfg.extract.max_length)
+        measure_quality(saes, lm, heldout_sentences(corpus), setup.batch_tokens, setup.max_length)
     return saes
 
 
@@ -94,71 +96,69 @@ class Recorded:
     ids: tuple[str, ...]
 
 
-def recorded_source(run_dir: str | Path) -> Recorded | None:
+def recorded_source(run: RunDir) -> Recorded | None:
     """The SAE set the run's extraction recorded (HDF5 attributes `sae_source`, `sae_ids`), or None before one."""
-    from toolkit.store import ActivationFile, activation_files
-
     found = set()
-    for paths in activation_files(run_dir).values():
+    for paths in activation_files(run.root).values():
         for path in paths:
             with ActivationFile(path) as f:
                 attrs = f.attrs
             found.add(Recorded(str(attrs["sae_source"]), tuple(attrs.get("sae_ids") or ())))
     sources = sorted({r.source for r in found})
     if len(sources) > 1:
-        raise UserError(f"{run_dir}/activations was measured with {len(sources)} SAE sets ({', '.join(sources)}); "
+        raise UserError(f"{run.activations} was measured with {len(sources)} SAE sets ({', '.join(sources)}); "
                         "extract again with --overwrite so that the run has one instrument")
     return max(found, key=lambda r: len(r.ids)) if found else None
 
 
-def local_root(run_dir: str | Path, recorded: str) -> Path:
+def local_root(run: RunDir, recorded: str) -> Path:
     """The folder of a `local:` SAE set: `local:KEY` lives in RUN/saes/KEY, so a moved run still finds it;
     older runs recorded an absolute path, which is tried first, then its KEY under this run."""
-    path = Path(recorded.removeprefix("local:"))
+    path = Path(SAESource.parse(recorded).arg)
     if not path.is_absolute():
-        return Path(run_dir) / "saes" / path
-    moved = Path(run_dir) / "saes" / path.name
+        return run.sae_set(str(path))
+    moved = run.sae_set(path.name)
     return path if path.is_dir() or not moved.is_dir() else moved
 
 
-def _recorded(cfg: Config, lm: LoadedModel, layers: list[int], corpus: Corpus, recorded: Recorded,
+def _recorded(setup: SAESetup, lm: LoadedModel, layers: list[int], corpus: Corpus, run: RunDir, recorded: Recorded,
               console: Console) -> SAESet:
     """The SAE set of the run's extraction, for every later stage; a stage that would need another one stops."""
-    source = recorded.source
-    console.print(f"[bold]SAEs:[/] the set this run's extraction used ({source})")
-    if source.startswith("local:"):
-        root = local_root(cfg.run_dir, source)
-        _check_recipe(cfg, lm, root, source)
+    source = SAESource.parse(recorded.source)
+    console.print(f"[bold]SAEs:[/] the set this run's extraction used ({recorded.source})")
+    if source.kind == "local":
+        root = local_root(run, recorded.source)
+        _check_recipe(setup, lm, root, recorded.source)
         missing = [i for i in layers if not (root / f"layer_{i}" / "cfg.json").is_file()]
         if not missing:
-            return local_set(root, layers, lm, source)
-        train_on = training_corpus(cfg, corpus)
-        if training_key(cfg, lm, train_on) == root.name:  # same recipe, same corpus: the same instrument
-            return _with_source(train(cfg, lm, layers, train_on, console), source)
-        raise UserError(f"the run's SAE set {source} has no SAE for layer(s) {missing}, and this command would "
-                        "train them on another corpus (its languages differ from the extraction's): run it with the "
-                        "extraction's --langs and --corpus, or use a new --run")
-    if source.startswith("pretrained:"):
+            return local_set(root, layers, lm, recorded.source)
+        train_on = training_corpus(setup.sae, corpus)
+        if training_key(setup, lm, train_on) == root.name:  # same recipe, same corpus: the same instrument
+            return _with_source(train(setup, lm, layers, train_on, run.saes, console), recorded.source)
+        raise UserError(f"the run's SAE set {recorded.source} has no SAE for layer(s) {missing}, and this command "
+                        "would train them on another corpus (its languages differ from the extraction's): run it "
+                        "with the extraction's --langs and --corpus, or use a new --run")
+    if source.kind == "pretrained":
         try:
-            return _pretrained(source.split(":", 1)[1], cfg.sae.id_template, layers, lm)
+            return _pretrained(source.arg, setup.sae.id_template, layers, lm)
         except HubUnreachable as exc:
             raise UserError(f"{exc}; this run's activations were measured with {source}, and SAEs trained locally "
                             "instead would be a second instrument: retry with the hub reachable") from None
-    if source.startswith("dir:"):
-        return from_dir(Path(source.split(":", 1)[1]), layers, lm)
-    if source.startswith("random:seed"):
-        return _random(cfg.sae.width, layers, lm, int(source.removeprefix("random:seed")))
+    if source.kind == "dir":
+        return from_dir(Path(source.arg), layers, lm)
+    if source.kind == "random" and source.arg.startswith("seed"):
+        return _random(setup.sae.width, layers, lm, int(source.arg.removeprefix("seed")))
     raise UserError(f"this run's activations name an SAE set this lingogap cannot load ({source}); pass --sae")
 
 
-def _check_recipe(cfg: Config, lm: LoadedModel, root: Path, source: str) -> None:
+def _check_recipe(setup: SAESetup, lm: LoadedModel, root: Path, source: str) -> None:
     """Stop when the command asks for SAEs trained another way than the run's; the training corpus may differ
     (a command's languages do), since the run's set is what measured every language."""
-    file = root / "training.json"
+    file = root / RECIPE_FILE
     if not file.is_file():
         return  # sets trained before the recipe was written: the record is all there is
     saved = json.loads(file.read_text())
-    wanted = recipe(cfg, lm, None)
+    wanted = recipe(setup, lm, None)
     differ = [f"{k}={saved.get(k)!r} (asked: {v!r})" for k, v in wanted.items()
               if k not in CORPUS_FIELDS and saved.get(k) != v]
     if differ:

@@ -31,6 +31,7 @@ import numpy as np
 from toolkit.errors import UserError
 from toolkit.files import atomic_write, staged, stale_staging
 from toolkit.locks import WriterLock
+from toolkit.rundir import RunDir
 
 LAYOUT_VERSION = 2
 FORMAT = "lingogap-activations"
@@ -790,7 +791,7 @@ def _first_line(exc: BaseException) -> str:
 
 def activation_files(run_dir: str | Path) -> dict[str, list[Path]]:
     """Finished activation files of a run, by language (shards of one language together)."""
-    folder = Path(run_dir) / "activations"
+    folder = RunDir(run_dir).activations
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.glob("*.h5")):
         found.setdefault(path.name.split(".")[0], []).append(path)

@@ -200,7 +200,7 @@ def none_arm(run_dir: str | Path, name: str) -> Path | None:
         theirs = read_json(record, f"move {record.parent} aside and rerun the sweep").get("values", {})
         same = all(theirs.get(k) == mine.get(k) for k in {*mine, *theirs} - set(IGNORED_BY_NONE))
         if theirs.get(NONE_KEY) == NONE and same:
-            return record.parent / "before_after.json"
+            return run.gain_report(record.parent.name)
     return None
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from jobs import align as align_job
 from toolkit.config import Config
+from toolkit.rundir import RunDir
 
 
 @pytest.mark.integration
@@ -61,7 +62,7 @@ def test_the_summarised_kl_equals_the_recomputed_one_on_gemma3(ntrex, tmp_path):
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     lm = models.load(cfg.model)
     layers = [0, 8, 16]
-    saes = sae_sources.load(cfg, lm, layers, corpus)
+    saes = sae_sources.load(cfg.sae_setup, lm, layers, corpus, RunDir(cfg.run_dir))
     ids = corpus.ids[:3]
     target, english = (align.collate(lm.tokenizer, [(s, dict(corpus.sentences(lang))[s]) for s in ids], 48)
                        for lang in ("hi", "en"))

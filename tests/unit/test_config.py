@@ -40,6 +40,7 @@ def test_falsy_cli_values_are_kept(tmp_path):
     [
         ({"extract": {"batch_tokens": 0}}, "extract.batch_tokens must be at least 1"),
         ({"sae": {"source": "hub"}}, "sae.source"),
+        *(({"sae": {"source": bad}}, "sae.source") for bad in ("pretrained:", "dir:", "auto:x", "local:ab12")),
         ({"run": {"langs": "en,xx"}}, "unknown language code 'xx'"),
         ({"run": {"executor": "slurm"}}, "run.cluster"),
         ({"report": {"bands": "0-3,4-8"}}, "report.bands"),

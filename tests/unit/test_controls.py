@@ -4,18 +4,20 @@ model's hidden_states and sae-lens's own encode/decode; truncation counting."""
 import numpy as np
 import torch
 
+from jobs.extract import extraction_of
 from toolkit import corpus as corpora
 from toolkit import saes as sae_sources
 from toolkit.capture import count_truncated, iter_batches, tokenize
 from toolkit.config import Config
 from toolkit.extraction import encode_batch
+from toolkit.rundir import RunDir
 
 
 def test_controls_equal_a_direct_computation_from_hidden_states(tiny_lm):
     cfg = Config.build({"run": {"langs": "en,hi", "max_sentences": 10}, "sae": {"source": "random"}}, preset="tiny")
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     layers = [0, 7, 24]  # hidden_states[l + 1] is block l's output except the last block's (final norm)
-    saes = sae_sources.load(cfg, tiny_lm, layers, corpus)
+    saes = sae_sources.load(cfg.sae_setup, tiny_lm, layers, corpus, RunDir(cfg.run_dir))
     batch = next(iter_batches(corpus.sentences("hi"), tiny_lm.tokenizer, 4096, cfg.extract.max_length))
     encoded = encode_batch(tiny_lm, saes, batch, layers, save_resid=False)
     with torch.inference_mode():
@@ -44,7 +46,7 @@ def test_controls_equal_a_direct_computation_from_hidden_states(tiny_lm):
 def test_the_mean_of_an_sae_without_one_is_measured_on_held_out_sentences(tiny_lm):
     cfg = Config.build({"run": {"langs": "en,hi"}, "sae": {"source": "random"}}, preset="tiny")
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
-    saes = sae_sources.load(cfg, tiny_lm, [3], corpus)
+    saes = sae_sources.load(cfg.sae_setup, tiny_lm, [3], corpus, RunDir(cfg.run_dir))
     layer = saes.layers[3]
     assert layer.mean.shape == (tiny_lm.d_model,) and "held-out" in layer.mean_source
 
@@ -65,8 +67,8 @@ def test_extraction_records_how_many_sentences_it_cut(tmp_path, tiny_lm):
     cfg = Config.build({"run": {"run": str(tmp_path), "langs": "en,hi", "max_sentences": 8},
                         "sae": {"source": "random"}, "extract": {"max_length": 12}}, preset="tiny")
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
-    saes = sae_sources.load(cfg, tiny_lm, [0], corpus)
-    summary = extraction.extract_unit(cfg, tiny_lm, saes, corpus, extraction.ExtractionUnit("hi"), [0])
+    saes = sae_sources.load(cfg.sae_setup, tiny_lm, [0], corpus, RunDir(cfg.run_dir))
+    summary = extraction.extract_unit(extraction_of(cfg), tiny_lm, saes, corpus, extraction.ExtractionUnit("hi"), [0])
     expected = count_truncated(tiny_lm.tokenizer, [t for _, t in corpus.sentences("hi")], 12)
     assert 0 < expected and summary.truncated == expected
     with ActivationFile(summary.path) as f:

@@ -7,10 +7,12 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
+from jobs.extract import extraction_of
 from toolkit import corpus as corpora
 from toolkit import extraction, models
 from toolkit import saes as sae_sources
 from toolkit.config import Config, parse_layers
+from toolkit.rundir import RunDir
 from toolkit.store import ActivationFile, activation_files
 
 
@@ -40,7 +42,7 @@ def open_run(cfg: Config):
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     lm = models.load(cfg.model)
     layers = parse_layers(cfg.run.layers, lm.n_layers)
-    saes = sae_sources.load(cfg, lm, layers, corpus)
+    saes = sae_sources.load(cfg.sae_setup, lm, layers, corpus, RunDir(cfg.run_dir))
     saes.own_memory()
     return lm, saes, corpus, layers
 
@@ -50,8 +52,8 @@ def tiny_run(tmp_path_factory):
     cfg = tiny_cfg(tmp_path_factory.mktemp("tiny_run"), layers="0-3,25")
     lm, saes, corpus, layers = opened = open_run(cfg)
     recorder = Recorder()
-    summaries = [extraction.extract_unit(cfg, lm, saes, corpus, unit, layers, recorder)
-                 for unit in extraction.all_units(cfg)]
+    summaries = [extraction.extract_unit(extraction_of(cfg), lm, saes, corpus, unit, layers, recorder)
+                 for unit in extraction.all_units(cfg.lang_codes, cfg.extract.shards)]
     return cfg, summaries, recorder, opened
 
 
@@ -117,17 +119,31 @@ def test_progress_reports_every_sentence_through_the_callback(tiny_run):
 def test_a_finished_unit_is_skipped_without_progress(tiny_run):
     cfg, _, _, (lm, saes, corpus, layers) = tiny_run
     recorder = Recorder()
-    summary = extraction.extract_unit(cfg, lm, saes, corpus, extraction.ExtractionUnit("hi"), layers, recorder)
+    job = extraction_of(cfg)
+    summary = extraction.extract_unit(job, lm, saes, corpus, extraction.ExtractionUnit("hi"), layers, recorder)
     assert summary.skipped and summary.sentences == 12 and recorder.calls == {}
 
 
 def test_identity_names_what_defines_the_content(tiny_run):
     cfg, summaries, _, (lm, saes, corpus, layers) = tiny_run
-    ident = extraction.identity(cfg, lm, saes, corpus, extraction.ExtractionUnit("ml", 1, 3), layers)
+    ident = extraction.identity(extraction_of(cfg), lm, saes, corpus, extraction.ExtractionUnit("ml", 1, 3), layers)
     assert ident["language"] == "ml" and (ident["shard"], ident["n_shards"]) == (1, 3)
     assert ident["layers"] == [0, 1, 2, 3, 25] and ident["hook_point"] == "blocks.{layer}.hook_resid_post"
     with ActivationFile(summaries[0].path) as f:
-        assert f.identity == extraction.identity(cfg, lm, saes, corpus, extraction.ExtractionUnit(f.language), layers)
+        unit = extraction.ExtractionUnit(f.language)
+        assert f.identity == extraction.identity(extraction_of(cfg), lm, saes, corpus, unit, layers)
+
+
+def test_the_set_carries_its_folder_and_recipe_into_every_shard(tiny_run, tmp_path):
+    cfg, _, _, (lm, saes, corpus, layers) = tiny_run
+    root = RunDir(cfg.run_dir).sae_set(saes.source.removeprefix("local:"))
+    assert saes.root == root and saes.recipe == (root / "training.json").read_text() != ""
+    job = extraction.Extraction(cfg.extract, tmp_path / "activations", cfg.run.preset)  # outside the run folder
+    for k in range(2):
+        summary = extraction.extract_unit(job, lm, saes, corpus, extraction.ExtractionUnit("hi", k, 2), layers)
+        assert summary.path == tmp_path / "activations" / f"hi.shard{k:03d}-of-002.h5"
+        with ActivationFile(summary.path) as f:
+            assert f.attrs["sae_recipe"] == saes.recipe
 
 
 def test_shards_are_contiguous_blocks_in_corpus_order():
@@ -140,7 +156,7 @@ def test_shards_are_contiguous_blocks_in_corpus_order():
 def test_all_units_cover_every_language_and_shard(tmp_path):
     cfg = tiny_cfg(tmp_path)
     cfg.extract.shards = 2
-    units = extraction.all_units(cfg)
+    units = extraction.all_units(cfg.lang_codes, cfg.extract.shards)
     assert [(u.lang, u.shard, u.n_shards) for u in units] == [(lang, k, 2) for lang in cfg.lang_codes for k in (0, 1)]
 
 

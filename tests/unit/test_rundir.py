@@ -52,3 +52,13 @@ def test_the_runs_adapters_are_every_unit_with_a_trained_adapter(tmp_path):
     assert adapters_line(tmp_path) == (
         f"adapters: hi, joint, ml; sweep points: 2 (python -m analysis.align_sweep {tmp_path})"
     )
+
+
+def test_the_run_of_a_path_is_found_from_its_folder_its_activations_or_a_file(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.activations.mkdir(parents=True)
+    (run.activations / "en.h5").write_bytes(b"")
+    for given in (run.root, run.activations, run.activations / "en.h5"):
+        assert RunDir.holding(given).reports == run.root / "reports", given
+    assert run.gain_report("hi") == run.root / "align" / "hi" / "before_after.json"
+    assert run.sae_set("ab12") == run.root / "saes" / "ab12" and run.eval_results == run.root / "eval" / "results.json"

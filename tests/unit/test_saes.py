@@ -6,6 +6,7 @@ import torch
 from toolkit import sae_set, saes
 from toolkit.config import Config
 from toolkit.errors import UserError
+from toolkit.rundir import RunDir
 
 
 def test_sae_with_wrong_width_or_hook_is_refused(tiny_lm):
@@ -93,6 +94,6 @@ def test_sae_dir_source_checks_each_layer(tmp_path, tiny_lm):
     StandardSAE(StandardSAEConfig(d_in=48, d_sae=16)).save_model(tmp_path / "layer_0")
     cfg = Config.build({"sae": {"source": f"dir:{tmp_path}"}}, preset="tiny")
     with pytest.raises(UserError, match="d_in=48"):
-        saes.load(cfg, tiny_lm, [0], None)
+        saes.load(cfg.sae_setup, tiny_lm, [0], None, RunDir(cfg.run_dir))
     with pytest.raises(UserError, match="no SAE for layer 1"):
-        saes.load(cfg, tiny_lm, [1], None)
+        saes.load(cfg.sae_setup, tiny_lm, [1], None, RunDir(cfg.run_dir))

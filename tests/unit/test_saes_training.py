@@ -10,7 +10,8 @@ from rich.console import Console
 from toolkit import corpus as corpora
 from toolkit import sae_set, sae_training, saes
 from toolkit.capture import ResidualCapture, iter_batches
-from toolkit.config import Config
+from toolkit.config import QUICK_L0, STANDARD_L0, STANDARD_WIDTH, Config
+from toolkit.rundir import RunDir
 
 QUIET = Console(quiet=True)
 
@@ -40,7 +41,7 @@ def test_trained_sae_loads_as_jumprelu_and_sparse_encode_equals_saelens(arch, tm
 
     cfg = tiny_cfg(tmp_path, arch=arch, target_l0=8)
     corpus = corpus_of(cfg)
-    trained = sae_training.train(cfg, tiny_lm, [1], corpus, QUIET)
+    trained = sae_training.train(cfg.sae_setup, tiny_lm, [1], corpus, RunDir(cfg.run_dir).saes, QUIET)
     layer = trained.layers[1]
     assert type(layer.sae) is JumpReLUSAE and sae_set.plain_threshold(layer.sae) is not None
     x = residuals(tiny_lm, corpus, 1)
@@ -56,7 +57,7 @@ def test_trained_sae_loads_as_jumprelu_and_sparse_encode_equals_saelens(arch, tm
 
 def test_saved_layer_carries_its_training_mean_and_metadata(tmp_path, tiny_lm):
     cfg = tiny_cfg(tmp_path, train_mix="balanced")
-    trained = sae_training.train(cfg, tiny_lm, [1, 2], corpus_of(cfg), QUIET)
+    trained = sae_training.train(cfg.sae_setup, tiny_lm, [1, 2], corpus_of(cfg), RunDir(cfg.run_dir).saes, QUIET)
     folder = tmp_path / "saes" / trained.source.removeprefix("local:") / "layer_2"
     mean = np.load(folder / "mean.npy", allow_pickle=False)
     assert mean.dtype == np.float32 and mean.shape == (tiny_lm.d_model,)
@@ -91,7 +92,7 @@ def test_the_mix_changes_the_tokens_per_language_as_stated(tiny_lm):
 
 def test_the_mix_and_arch_key_different_sets(tmp_path, tiny_lm):
     corpus = corpus_of(tiny_cfg(tmp_path))
-    keys = {sae_training.training_key(tiny_cfg(tmp_path, **opts), tiny_lm, corpus)
+    keys = {sae_training.training_key(tiny_cfg(tmp_path, **opts).sae_setup, tiny_lm, corpus)
             for opts in ({}, {"train_mix": "english"}, {"arch": "jumprelu"}, {"budget": "standard"})}
     assert len(keys) == 4
 
@@ -99,39 +100,39 @@ def test_the_mix_and_arch_key_different_sets(tmp_path, tiny_lm):
 def test_a_killed_training_resumes_at_the_first_unfinished_layer(tmp_path, tiny_lm):
     cfg = tiny_cfg(tmp_path)
     corpus = corpus_of(cfg)
-    first = sae_training.train(cfg, tiny_lm, [1], corpus, QUIET)
+    first = sae_training.train(cfg.sae_setup, tiny_lm, [1], corpus, RunDir(cfg.run_dir).saes, QUIET)
     root = tmp_path / "saes" / first.source.removeprefix("local:")
     weights = (root / "layer_1" / "sae_weights.safetensors").read_bytes()
     (root / ".layer_2.999999999.tmp").mkdir()  # what a kill during the save of layer 2 leaves (a dead pid)
-    both = sae_training.train(cfg, tiny_lm, [1, 2], corpus, QUIET)
+    both = sae_training.train(cfg.sae_setup, tiny_lm, [1, 2], corpus, RunDir(cfg.run_dir).saes, QUIET)
     assert (root / "layer_1" / "sae_weights.safetensors").read_bytes() == weights
     assert (root / "layer_2" / "cfg.json").is_file() and not (root / ".layer_2.999999999.tmp").exists()
     assert both.source == first.source
 
 
 def test_standard_budget_takes_every_token_and_a_wider_sae(tmp_path):
-    quick = sae_training.sizes(tiny_cfg(tmp_path), 10_000)
-    standard = sae_training.sizes(tiny_cfg(tmp_path, budget="standard"), 10_000)
+    quick = sae_training.sizes(tiny_cfg(tmp_path).sae, 10_000)
+    standard = sae_training.sizes(tiny_cfg(tmp_path, budget="standard").sae, 10_000)
     assert (quick.distinct, quick.samples) == (3000, 3000)
     assert standard.distinct == 10_000 and standard.samples == sae_training.STANDARD_PASSES * 10_000
-    assert standard.width == sae_training.STANDARD_WIDTH
+    assert standard.width == STANDARD_WIDTH
 
 
 def test_target_l0_defaults_to_the_budgets_and_an_explicit_one_wins(tmp_path, tiny_lm):
     corpus = corpus_of(tiny_cfg(tmp_path))
 
     def l0(**sae) -> float:
-        return sae_training.recipe(tiny_cfg(tmp_path, **sae), tiny_lm, corpus)["target_l0"]
+        return sae_training.recipe(tiny_cfg(tmp_path, **sae).sae_setup, tiny_lm, corpus)["target_l0"]
 
-    assert l0() == sae_training.QUICK_L0 and l0(budget="standard") == sae_training.STANDARD_L0
+    assert l0() == QUICK_L0 and l0(budget="standard") == STANDARD_L0
     assert l0(budget="standard", target_l0=16) == 16
-    assert l0(target_l0=sae_training.QUICK_L0) == l0()  # the same recipe keys the same set
+    assert l0(target_l0=QUICK_L0) == l0()  # the same recipe keys the same set
 
 
 def test_a_named_training_corpus_is_read_whole_and_the_runs_is_limited(tmp_path):
     cfg = tiny_cfg(tmp_path)
     run_corpus = corpus_of(cfg)
-    assert saes.training_corpus(cfg, run_corpus) is run_corpus
-    named = saes.training_corpus(tiny_cfg(tmp_path, train_corpus=cfg.run.corpus), run_corpus)
+    assert saes.training_corpus(cfg.sae, run_corpus) is run_corpus
+    named = saes.training_corpus(tiny_cfg(tmp_path, train_corpus=cfg.run.corpus).sae, run_corpus)
     assert len(run_corpus.ids) == 30 and len(named.ids) > 30  # --max-sentences limits only the run's corpus
     assert named.ids[:30] == run_corpus.ids  # held-out ids are the same sentences in both

@@ -52,12 +52,6 @@ def test_sae_sources(spec, kind, arg, paths):
     assert (parsed.kind, parsed.arg, parsed.paths, str(parsed)) == (kind, arg, paths, spec)
 
 
-def test_the_sae_module_re_exports_the_source():
-    from toolkit import saes
-
-    assert saes.SAESource is SAESource
-
-
 def test_sae_directories_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert SAESource.parse("dir:saes").absolute() == SAESource("dir", str(tmp_path / "saes"))

@@ -25,9 +25,10 @@ from analysis.stats import bootstrap_ci, paired_bootstrap
 from toolkit.align.checkpoints import read_json, save_json
 from toolkit.align.data import REFERENCE
 from toolkit.capture import iter_batches
-from toolkit.config import AlignConfig, Config, ExtractConfig, ModelConfig, RunConfig
+from toolkit.config import AlignConfig, ExtractConfig
 from toolkit.corpus import Corpus
 from toolkit.models import LoadedModel
+from toolkit.rundir import RunDir
 from toolkit.sae_set import SAESet, measure_quality
 
 GUARD_ENGLISH_KL = 0.02  # nats per English token, KL(base || adapted): the adapter leaves English's predictions
@@ -139,7 +140,7 @@ def measure(lm: LoadedModel, saes: SAESet, held: Corpus, spec: MeasureSpec, fold
     the residual norm per layer, NLL and bytes; for the `quality` languages also the SAEs' FVE and L0 and the
     mean code per feature. `adapter` is (path, sha, progress factory), ("", "", ...) for the base model.
     Cached in `folder/measure.json`, for the same adapter only."""
-    from toolkit.extraction import ExtractionUnit, extract_unit, no_progress
+    from toolkit.extraction import Extraction, ExtractionUnit, extract_unit, no_progress
     from toolkit.store import ActivationFile
 
     path, sha, bar = adapter
@@ -150,11 +151,11 @@ def measure(lm: LoadedModel, saes: SAESet, held: Corpus, spec: MeasureSpec, fold
             return cached["languages"]
     fresh = bool(sha)
     # float32 codes: an adapter may push activations past float16's range, and these files are small
-    cfg = Config(run=RunConfig(run=str(folder), preset=spec.preset), model=ModelConfig(adapter=path),
-                 extract=dataclasses.replace(spec.extract, shards=1, overwrite=fresh, code_dtype="float32"))
+    job = Extraction(dataclasses.replace(spec.extract, shards=1, overwrite=fresh, code_dtype="float32"),
+                     RunDir(folder).activations, spec.preset, path)
     out: dict[str, dict] = {}
     for lang in held.langs:
-        summary = extract_unit(cfg, lm, saes, held, ExtractionUnit(lang), spec.layers, bar or no_progress)
+        summary = extract_unit(job, lm, saes, held, ExtractionUnit(lang), spec.layers, bar or no_progress)
         with ActivationFile(summary.path) as f:
             row = {sid: k for k, sid in enumerate(f.sentence_ids)}
             order = [row[sid] for sid in held.ids]  # the corpus's order in every language, so sentences pair up

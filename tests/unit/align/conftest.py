@@ -9,6 +9,7 @@ from toolkit import align, models
 from toolkit import corpus as corpora
 from toolkit import saes as sae_sources
 from toolkit.config import Config, parse_layers
+from toolkit.rundir import RunDir
 
 CLI_OPTS = {"langs": "hi,es", "targets": "hi", "sae": "random", "max-sentences": "40", "max-length": "48",
             "layers": "0-25:5", "steps": "6", "checkpoint-every": "2", "lr": "0.002", "align-layers": "0-25:5",
@@ -53,6 +54,6 @@ def tiny(tmp_path_factory):
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     lm = models.load(cfg.model)
     layers = parse_layers(cfg.align.align_layers, lm.n_layers)
-    saes = sae_sources.load(cfg, lm, layers, corpus)
+    saes = sae_sources.load(cfg.sae_setup, lm, layers, corpus, RunDir(cfg.run_dir))
     split = align.split_ids(corpus.ids, cfg.align.heldout, cfg.align.val_fraction, cfg.run.seed)
     return cfg, lm, saes, corpus, split, layers

@@ -8,6 +8,7 @@ from toolkit import corpus as corpora
 from toolkit import models
 from toolkit import saes as sae_sources
 from toolkit.config import Config, parse_layers
+from toolkit.rundir import RunDir
 
 
 def test_align_step_ratio_times_both_steps_and_leaves_the_base_model(tmp_path):
@@ -17,7 +18,7 @@ def test_align_step_ratio_times_both_steps_and_leaves_the_base_model(tmp_path):
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     lm = models.load(cfg.model)
     layers = parse_layers(cfg.align.align_layers, lm.n_layers)
-    saes = sae_sources.load(cfg, lm, layers, corpus)
+    saes = sae_sources.load(cfg.sae_setup, lm, layers, corpus, RunDir(cfg.run_dir))
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     r = align_step_ratio(cfg, lm, saes, corpus, "hi", repeats=1)
     assert {"align_step_s", "lm_step_s", "align_step_ratio", "batch_size", "tokens", "align_layers",

@@ -22,6 +22,7 @@ from toolkit import corpus as corpora
 from toolkit import saes as sae_sources
 from toolkit.config import ModelConfig, parse_layers
 from toolkit.errors import UserError
+from toolkit.rundir import RunDir
 
 
 def test_loss_falls_and_every_term_is_finite(reference):
@@ -145,7 +146,7 @@ def _rank(rank: int, port: int, out: Path) -> None:
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     lm = models.load(cfg.model)
     layers = parse_layers(cfg.align.align_layers, lm.n_layers)
-    saes = sae_sources.load(cfg, lm, layers, corpus)
+    saes = sae_sources.load(cfg.sae_setup, lm, layers, corpus, RunDir(cfg.run_dir))
     split = align.split_ids(corpus.ids, 0.2, 0.1, 0)
     result = align.Trainer(cfg, lm, saes, corpus, ["hi"], split, {"hi": align.weights_from_gaps(None, layers)},
                            out / "hi", dist, "deepspeed").fit()
