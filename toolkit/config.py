@@ -288,7 +288,8 @@ class Config:
                 raise UserError(f"{name} must be in [0, 1) (got {value})")
         if not self.sae.target_l0 >= 0:
             raise UserError(f"sae.target_l0 must be positive, or 0 for the budget's default (got {self.sae.target_l0})")
-        if self.sae.arch != "relu" and self.sae.trained_l0() > self.sae.trained_width():
+        trains = SAESource.parse(self.sae.source).kind in ("train", "auto")  # only a trained set has a target L0
+        if trains and self.sae.arch != "relu" and self.sae.trained_l0() > self.sae.trained_width():
             given = (f"{self.sae.target_l0:g}" if self.sae.target_l0
                      else f"0, the {self.sae.budget} budget's {self.sae.trained_l0():g}")
             raise UserError(f"sae.target_l0 ({given}) asks for more active features per token than the SAE has "
