@@ -120,7 +120,7 @@ def before_after(lm: LoadedModel, saes: SAESet, held: Corpus, adapter: Path, spe
         after = measure(adapted, saes, held, spec, paths.after, quality, (str(adapter), sha, bar))
         if "english_kl" not in after.get(REFERENCE, {}):
             after[REFERENCE]["english_kl"] = english_kl(adapted, held.sentences(REFERENCE), spec.extract.max_length)
-            save_json(paths.after / "measure.json", after)
+            save_json(paths.after / "measure.json", {"adapter_sha256": sha, "languages": after})
     finally:
         lm.model = peft_model.unload()
     none = read_json(paths.none) if paths.none and paths.none.is_file() else None
@@ -139,39 +139,47 @@ def measure(lm: LoadedModel, saes: SAESet, held: Corpus, spec: MeasureSpec, fold
     """Extract every language of `held` into `folder/activations` and read back, per language and sentence, A and
     the residual norm per layer, NLL and bytes; for the `quality` languages also the SAEs' FVE and L0 and the
     mean code per feature. `adapter` is (path, sha, progress factory), ("", "", ...) for the base model.
-    Cached in `folder/measure.json`, for the same adapter only."""
+    Cached in `folder/measure.json` per language, for the same adapter only; a language measured without the
+    quality figures it now needs (another target's run wrote it) is completed."""
     from toolkit.extraction import Extraction, ExtractionUnit, extract_unit, no_progress
-    from toolkit.store import ActivationFile
 
     path, sha, bar = adapter
     cache = folder / "measure.json"
-    if cache.is_file():
-        cached = read_json(cache)
-        if cached.get("adapter_sha256", "") == sha and set(cached["languages"]) == set(held.langs):
-            return cached["languages"]
-    fresh = bool(sha)
+    cached = read_json(cache) if cache.is_file() else {}
+    done = cached.get("languages", {}) if cached.get("adapter_sha256", "") == sha else {}
     # float32 codes: an adapter may push activations past float16's range, and these files are small
-    job = Extraction(dataclasses.replace(spec.extract, shards=1, overwrite=fresh, code_dtype="float32"),
+    job = Extraction(dataclasses.replace(spec.extract, shards=1, overwrite=bool(sha), code_dtype="float32"),
                      RunDir(folder).activations, spec.preset, path)
     out: dict[str, dict] = {}
     for lang in held.langs:
-        summary = extract_unit(job, lm, saes, held, ExtractionUnit(lang), spec.layers, bar or no_progress)
-        with ActivationFile(summary.path) as f:
-            row = {sid: k for k, sid in enumerate(f.sentence_ids)}
-            order = [row[sid] for sid in held.ids]  # the corpus's order in every language, so sentences pair up
-            rec = {"ids": list(held.ids),
-                   "mass": {str(i): f.stats(i, "mass")[order].tolist() for i in spec.layers},
-                   "norm": {str(i): f.stats(i, "resid_norm")[order].tolist() for i in spec.layers}}
-            if lang in quality:
-                rec["features"] = {str(i): _feature_means(f, i, saes.layers[i].d_sae) for i in spec.layers}
-        nll, tokens = sentence_nll(lm, held.sentences(lang), spec.extract.max_length)
-        rec["nll"], rec["tokens"] = [nll[sid] for sid in held.ids], [tokens[sid] for sid in held.ids]
-        rec["bytes"] = [len(text.encode("utf-8")) for _, text in held.sentences(lang)]
-        if lang in quality:
-            rec["fve"], rec["l0"] = sae_quality(lm, saes, held.sentences(lang), spec)
+        rec = done.get(lang)
+        if rec is None or (lang in quality and "fve" not in rec):  # another target's run measured less
+            summary = extract_unit(job, lm, saes, held, ExtractionUnit(lang), spec.layers, bar or no_progress)
+            rec = _statistics(lm, saes, held, spec, summary.path, lang, lang in quality)
         out[lang] = rec
-    save_json(cache, {"adapter_sha256": sha, "languages": out})
+        save_json(cache, {"adapter_sha256": sha, "languages": {**done, **out}})
     return out
+
+
+def _statistics(lm: LoadedModel, saes: SAESet, held: Corpus, spec: MeasureSpec, path: Path, lang: str,
+                quality: bool) -> dict:
+    """One language's per-sentence statistics from its activation file and an LM pass (see `measure`)."""
+    from toolkit.store import ActivationFile
+
+    with ActivationFile(path) as f:
+        row = {sid: k for k, sid in enumerate(f.sentence_ids)}
+        order = [row[sid] for sid in held.ids]  # the corpus's order in every language, so sentences pair up
+        rec = {"ids": list(held.ids),
+               "mass": {str(i): f.stats(i, "mass")[order].tolist() for i in spec.layers},
+               "norm": {str(i): f.stats(i, "resid_norm")[order].tolist() for i in spec.layers}}
+        if quality:
+            rec["features"] = {str(i): _feature_means(f, i, saes.layers[i].d_sae) for i in spec.layers}
+    nll, tokens = sentence_nll(lm, held.sentences(lang), spec.extract.max_length)
+    rec["nll"], rec["tokens"] = [nll[sid] for sid in held.ids], [tokens[sid] for sid in held.ids]
+    rec["bytes"] = [len(text.encode("utf-8")) for _, text in held.sentences(lang)]
+    if quality:
+        rec["fve"], rec["l0"] = sae_quality(lm, saes, held.sentences(lang), spec)
+    return rec
 
 
 def _feature_means(f, layer: int, d_sae: int) -> list[float]:

@@ -120,3 +120,18 @@ def test_numbers_are_differences_from_the_none_arm_when_it_measured_the_same_sen
     other = dict(none)
     other["alignment"] = {"hi": {**none["alignment"]["hi"], "per_sentence": {"ids": ["x"] * 4}}}
     assert am.compare(before, after, SPEC, other)["alignment"]["hi"]["vs_none"] is None  # other sentences
+
+
+def test_a_later_targets_run_completes_the_shared_base_measurement(tiny, tmp_path):
+    """The base measurement is shared by every target of a split: the second target's run adds the quality
+    figures its target needs and reuses the rest (the first target's file is not written again)."""
+    cfg, lm, saes, corpus, split, layers = tiny
+    held = corpus.subset(split.heldout[:3])
+    spec = am.MeasureSpec(layers[:2], {"hi": dict.fromkeys(layers[:2], 1.0)}, cfg.extract, cfg.align, "tiny", 0)
+    first = am.measure(lm, saes, held, spec, tmp_path, ["hi", "en"], ("", "", None))
+    assert "fve" in first["hi"] and "fve" not in first["es"]
+    stamp = (tmp_path / "activations" / "hi.h5").stat().st_mtime_ns
+    second = am.measure(lm, saes, held, spec, tmp_path, ["es", "en"], ("", "", None))
+    assert "fve" in second["es"] and second["hi"] == first["hi"]
+    assert (tmp_path / "activations" / "hi.h5").stat().st_mtime_ns == stamp
+    assert second["es"]["ids"] == held.ids and len(second["es"]["mass"][str(layers[0])]) == 3
