@@ -30,6 +30,7 @@ from analysis.stats import cluster_bootstrap_means, nanmean, percentile_ci, quie
 from analysis.terminal import render
 from toolkit.errors import UserError
 from toolkit.files import atomic_write
+from toolkit.languages import REFERENCE
 from toolkit.rundir import RunDir
 from toolkit.store import SAE_STATS, STATS
 
@@ -45,7 +46,7 @@ def analyse(
     bands: str | Sequence[tuple[int, int]] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
-    reference: str = "en",
+    reference: str = REFERENCE,
     low_langs: Sequence[str] = LOW_LANGS,
     allow_id_mismatch: bool = False,
 ) -> GapReport:
@@ -131,7 +132,7 @@ def run_report(
     seed: int = 0,
     console: Console | None = None,
     *,
-    reference: str = "en",
+    reference: str = REFERENCE,
     low_langs: Sequence[str] = LOW_LANGS,
     allow_id_mismatch: bool = False,
 ) -> GapReport:
@@ -149,7 +150,8 @@ def _order(sources: dict[str, LanguageSource], reference: str, low_langs: Sequen
     return [reference, *others, *(lang for lang in low_langs if lang in sources and lang != reference)]
 
 
-def read_gaps_csv(path: Pathish, statistic: str | None = None, reference: str = "en") -> dict[str, dict[int, float]]:
+def read_gaps_csv(path: Pathish, statistic: str | None = None,
+                  reference: str = REFERENCE) -> dict[str, dict[int, float]]:
     """gap_pct per language and layer from a tidy gaps.csv written by `report` (reference excluded).
 
     With several statistics in the file, `statistic` picks one (default: "mass" when present, else the
@@ -184,7 +186,7 @@ def read_gaps_csv(path: Pathish, statistic: str | None = None, reference: str = 
 
 def language_gaps(
     paths: Pathish | Sequence[Pathish], lang: str, layers: Sequence[int], stat: str = "mass",
-    ids: Sequence[str] | None = None, reference: str = "en",
+    ids: Sequence[str] | None = None, reference: str = REFERENCE,
 ) -> dict[int, float] | None:
     """gap_pct per layer of `lang` straight from activation files: A = mean per-sentence statistic over the
     sentences both languages have (restricted to `ids` when given). None when a language, a layer or

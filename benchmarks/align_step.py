@@ -24,6 +24,7 @@ from toolkit import align
 from toolkit.capture import TokenBatch
 from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
+from toolkit.languages import REFERENCE
 from toolkit.models import LoadedModel
 from toolkit.sae_set import SAESet
 
@@ -56,9 +57,9 @@ def align_step_ratio(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus,
     layers = [layer for layer in parse_layers(a.align_layers, lm.n_layers) if layer in saes.layers]
     split = align.split_ids(corpus.ids, a.heldout, a.val_fraction, cfg.run.seed)
     ids = align.batch_ids(split.train, 0, a.batch_size, cfg.run.seed, target)
-    texts = {lang: dict(corpus.sentences(lang)) for lang in (target, align.REFERENCE)}
+    texts = {lang: dict(corpus.sentences(lang)) for lang in (target, REFERENCE)}
     micro = [(*(align.collate(lm.tokenizer, [(s, texts[lang][s]) for s in ids], cfg.extract.max_length)
-                for lang in (target, align.REFERENCE)), target)]
+                for lang in (target, REFERENCE)), target)]
     torch.manual_seed(cfg.run.seed)
     base = lm.model
     model = align.attach_lora(base, a, lm.n_layers)

@@ -41,8 +41,6 @@ from toolkit.rundir import RunDir
 from toolkit.sae_set import SAESet
 from toolkit.stages import Task
 
-REFERENCE = align.REFERENCE
-
 
 @dataclass
 class AlignTarget:

@@ -232,7 +232,8 @@ def extract_plan(cfg: Config, stage: str) -> Plan:
 
 def align_plan(cfg: Config) -> Plan:
     """align: training pairs, steps, held-out ids per target, and the time of training and measuring."""
-    from toolkit.align.data import REFERENCE, ids_hash, split_ids
+    from toolkit.align.data import ids_hash, split_ids
+    from toolkit.languages import REFERENCE
     from toolkit.stages import align_targets
 
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)

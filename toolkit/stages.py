@@ -18,6 +18,7 @@ from toolkit import corpus as corpora
 from toolkit import sweep
 from toolkit.config import Config
 from toolkit.errors import UserError
+from toolkit.languages import REFERENCE
 from toolkit.locks import WriterLock
 from toolkit.rundir import RunDir
 from toolkit.store import shard_name
@@ -128,8 +129,8 @@ def _extract_merge(tasks: list[Task]) -> Task:
 def align_targets(cfg: Config) -> list[str]:
     """--targets, else the run's non-English languages; checked before anything is submitted."""
     chosen = [t.strip() for t in cfg.align.targets.split(",") if t.strip()]
-    chosen = chosen or [lang for lang in cfg.lang_codes if lang != "en"]
-    bad = [t for t in chosen if t == "en" or t not in cfg.lang_codes]
+    chosen = chosen or [lang for lang in cfg.lang_codes if lang != REFERENCE]
+    bad = [t for t in chosen if t == REFERENCE or t not in cfg.lang_codes]
     if bad or not chosen:
         raise UserError(f"align.targets: {', '.join(bad) or 'none'}: targets must be non-English languages of the "
                         f"run ({','.join(cfg.lang_codes)})")

@@ -39,7 +39,7 @@ from toolkit.align.checkpoints import (
     save_json,
     saved_checkpoints,
 )
-from toolkit.align.data import REFERENCE, Split, batch_ids, collate, ids_hash, split_ids
+from toolkit.align.data import Split, batch_ids, collate, ids_hash, split_ids
 from toolkit.align.distributed import Dist, resolve_engine, setup_distributed
 from toolkit.align.engines import DeepSpeedEngine, TorchEngine, make_engine, optimizer_step
 from toolkit.align.objective import (
@@ -56,7 +56,7 @@ from toolkit.align.trainer import LogProgress, Trainer, TrainingProgress, TrainR
 from toolkit.align.weights import GAP_SENTENCES, layer_gaps, mean_mass, weights_from_gaps
 
 __all__ = [
-    "GAP_SENTENCES", "KEEP_CHECKPOINTS", "OBJECTIVES", "REFERENCE", "SUMMARY_USES", "TERMS", "DeepSpeedEngine", "Dist",
+    "GAP_SENTENCES", "KEEP_CHECKPOINTS", "OBJECTIVES", "SUMMARY_USES", "TERMS", "DeepSpeedEngine", "Dist",
     "EnglishReference", "LogProgress", "Objective", "Split", "TorchEngine", "TrainResult", "Trainer",
     "TrainingProgress", "adapter_sha", "attach_lora", "batch_ids", "collate", "fingerprint",
     "ids_hash", "latest_state", "layer_gaps", "load_tensors", "make_engine", "make_term", "mean_mass",

@@ -11,8 +11,6 @@ import torch
 from toolkit.capture import TokenBatch, tokenize
 from toolkit.errors import UserError
 
-REFERENCE = "en"
-
 
 @dataclass
 class Split:

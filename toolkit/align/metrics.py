@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from analysis.bands import default_bands
 from analysis.stats import bootstrap_ci, paired_bootstrap
 from toolkit.align.checkpoints import read_json, save_json
-from toolkit.align.data import REFERENCE
 from toolkit.capture import iter_batches
 from toolkit.config import AlignConfig, ExtractConfig
 from toolkit.corpus import Corpus
+from toolkit.languages import REFERENCE
 from toolkit.models import LoadedModel
 from toolkit.rundir import RunDir
 from toolkit.sae_set import SAESet, measure_quality

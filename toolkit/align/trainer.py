@@ -21,7 +21,7 @@ import torch
 
 from toolkit.align import checkpoints as ckpt
 from toolkit.align.adapter import adapter_sha, attach_lora, save_adapter, state_digest
-from toolkit.align.data import REFERENCE, Split, batch_ids, collate
+from toolkit.align.data import Split, batch_ids, collate
 from toolkit.align.distributed import Dist, resolve_engine
 from toolkit.align.engines import make_engine, optimizer_step
 from toolkit.align.objective import SUMMARY_USES, TERMS, Objective, reference_uses
@@ -29,6 +29,7 @@ from toolkit.capture import TokenBatch, iter_batches
 from toolkit.config import Config
 from toolkit.corpus import Corpus
 from toolkit.errors import UserError
+from toolkit.languages import REFERENCE
 from toolkit.models import LoadedModel
 from toolkit.sae_set import SAESet
 

@@ -10,11 +10,12 @@ import math
 
 import numpy as np
 
-from toolkit.align.data import REFERENCE, Split
+from toolkit.align.data import Split
 from toolkit.align.distributed import Dist
 from toolkit.capture import iter_batches
 from toolkit.config import Config
 from toolkit.corpus import Corpus
+from toolkit.languages import REFERENCE
 from toolkit.models import LoadedModel
 from toolkit.sae_set import SAESet
 
