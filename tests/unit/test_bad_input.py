@@ -7,22 +7,17 @@ loading as a real run, so it suffices where the error is raised there.
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import cli
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
 ) + "langs: *i\n"
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "toolkit.submit", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

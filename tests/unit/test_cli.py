@@ -1,16 +1,9 @@
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import cli
 from toolkit import commands
 from toolkit.submit import build_parser, main
-
-
-def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "toolkit.submit", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_help_lists_every_stage():

@@ -7,12 +7,12 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 import pytest
 
 from jobs import extract
 from tests.conftest import ROOT
+from tests.helpers import h5_datasets
 from toolkit.config import Config
 from toolkit.errors import UserError
 from toolkit.stages import Task
@@ -81,11 +81,6 @@ def _job_in_process(run) -> None:
     stages.run(submit.config_from_args(submit.build_parser().parse_args(_job_args(run))), "extract")
 
 
-def _datasets(path):
-    out = {}
-    with h5py.File(path, "r") as h5:
-        h5.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
@@ -106,7 +101,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
 
     _job_in_process(killed)  # resumes after the committed parts
     assert not parts.exists()
-    want, got = _datasets(reference / "activations" / "en.h5"), _datasets(killed / "activations" / "en.h5")
+    want, got = h5_datasets(reference / "activations" / "en.h5"), h5_datasets(killed / "activations" / "en.h5")
     assert want.keys() == got.keys()
     for name in want:
         np.testing.assert_array_equal(want[name], got[name], err_msg=name)

@@ -5,6 +5,7 @@ Each refused command exits 2 with one `error:` line naming the problem (and the 
 leaves what was already in the run folder untouched. One small run is made once and copied per case.
 """
 
+import functools
 import json
 import os
 import re
@@ -24,16 +25,16 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import cli as run_cli
+from tests.helpers import h5_datasets
 from tests.unit.test_bad_input import snapshot
 
 ARGS = ["--preset", "tiny", "--langs", "en,hi", "--max-sentences", "8", "--layers", "0-1"]
 ENV = {**os.environ, "COLUMNS": "200"}  # the summary table unabridged
+cli = functools.partial(run_cli, env=ENV)
 IS_ROOT = os.geteuid() == 0 and shutil.which("mount") is not None
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "toolkit.submit", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=ENV)
 
 
 def start(*args: str) -> subprocess.Popen:
@@ -50,16 +51,11 @@ def one_clear_error(out: subprocess.CompletedProcess, *fragments: str) -> None:
         assert fragment in text, out.stderr
 
 
-def datasets(path: Path) -> dict[str, np.ndarray]:
-    out = {}
-    with h5py.File(path, "r") as h5:
-        h5.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
 
 
 def assert_same_files(a: Path, b: Path) -> None:
     for lang in ("en", "hi"):
-        left, right = datasets(a / "activations" / f"{lang}.h5"), datasets(b / "activations" / f"{lang}.h5")
+        left, right = h5_datasets(a / "activations" / f"{lang}.h5"), h5_datasets(b / "activations" / f"{lang}.h5")
         assert left.keys() == right.keys()
         for name in left:
             np.testing.assert_array_equal(left[name], right[name], err_msg=name)
@@ -465,7 +461,7 @@ def full_reference(tmp_path_factory) -> Path:
 
 
 def assert_same_file(a: Path, b: Path) -> None:
-    left, right = datasets(a), datasets(b)
+    left, right = h5_datasets(a), h5_datasets(b)
     assert left.keys() == right.keys()
     for name in left:
         np.testing.assert_array_equal(left[name], right[name], err_msg=name)

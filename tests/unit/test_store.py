@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.helpers import h5_datasets
 from tests.unit.analysis_fixtures import write_activations
 from toolkit.store import (
     FORMAT,
@@ -57,11 +58,6 @@ def write(path, batches=BATCHES, identity=IDENTITY, **kwargs):
     return writer
 
 
-def datasets(path) -> dict[str, np.ndarray]:
-    out = {}
-    with h5py.File(path, "r") as h5:
-        h5.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
 
 
 def test_names_shapes_dtypes_and_attributes_follow_the_documented_layout(tmp_path):
@@ -127,7 +123,7 @@ def test_a_resumed_writer_appends_after_its_committed_parts(tmp_path):
     resumed.write_batch(BATCHES[1])
     resumed.finalize({"seconds": 1.5, "lingogap_version": "test"}, {i: {"fve": 0.5, "l0": 2.0} for i in LAYERS})
     write(tmp_path / "ref" / "hi.h5")
-    want, got = datasets(tmp_path / "ref" / "hi.h5"), datasets(tmp_path / "hi.h5")
+    want, got = h5_datasets(tmp_path / "ref" / "hi.h5"), h5_datasets(tmp_path / "hi.h5")
     assert want.keys() == got.keys()
     for name in want:
         np.testing.assert_array_equal(want[name], got[name], err_msg=name)

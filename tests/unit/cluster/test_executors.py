@@ -8,11 +8,11 @@ import os
 import shlex
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from rich.console import Console
 
+from tests.helpers import h5_datasets
 from tests.unit.cluster.common import HERE, TINY, cfg_of
 from toolkit.cluster import executor_names, get_executor, plan
 from toolkit.cluster.base import Executor
@@ -25,13 +25,6 @@ from toolkit.errors import UserError
 from toolkit.submit import build_parser, main
 
 
-def _datasets(path: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    with h5py.File(path) as f:
-        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
-    return out
-
-
 def test_local_and_debug_executors_record_their_jobs(tmp_path, capsys):
     local, debug = tmp_path / "local", tmp_path / "debug"
     assert main(["extract", *TINY, "--run", str(local)]) == 0  # local is the default
@@ -41,7 +34,7 @@ def test_local_and_debug_executors_record_their_jobs(tmp_path, capsys):
     per_task = json.loads((debug / "jobs.json").read_text())["jobs"]
     assert [(r["language"], r["state"]) for r in per_task] == [("en", "COMPLETED"), ("hi", "COMPLETED")]
     for lang in ("en", "hi"):  # the pickled per-language jobs write what the in-process run writes
-        a, b = _datasets(local / "activations" / f"{lang}.h5"), _datasets(debug / "activations" / f"{lang}.h5")
+        a, b = h5_datasets(local / "activations" / f"{lang}.h5"), h5_datasets(debug / "activations" / f"{lang}.h5")
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     capsys.readouterr()
     assert main(["status", "--run", str(local)]) == 0
