@@ -72,12 +72,15 @@ def litter(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in found)
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("faults") / "template"
-    out = cli("extract", *ARGS, "--run", str(run))
+def extracted(run: Path, args: list[str]) -> Path:
+    out = cli("extract", *args, "--run", str(run))
     assert out.returncode == 0, out.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    return extracted(tmp_path_factory.mktemp("faults") / "template", ARGS)
 
 
 def copy_run(template: Path, dest: Path, only_saes: bool = False) -> Path:
@@ -454,10 +457,7 @@ def stop_at_consolidation(proc: subprocess.Popen, folder: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def full_reference(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("full") / "reference"
-    out = cli("extract", *FULL_ARGS, "--run", str(run))
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run
+    return extracted(tmp_path_factory.mktemp("full") / "reference", FULL_ARGS)
 
 
 def assert_same_file(a: Path, b: Path) -> None:
