@@ -8,9 +8,9 @@ names the holder. A lock is stale, and taken over, when its holder is gone:
 - any host: it names this Slurm job (and array task) at an earlier restart count: a requeue meets its own lock.
 A holder on another host cannot be asked; the message says which file to delete once that job is gone.
 A lock file is parsed defensively: one whose holder cannot be read as a host and a process id is refused with
-the file to delete, never guessed stale. Breaking a stale lock is itself exclusive (a lock on the lock,
-`{lock}.break`, held with flock, which the kernel releases when its holder dies): of several processes breaking
-the same lock, one removes it and every other finds the new holder.
+the file to delete, never guessed stale. Breaking a stale lock is itself exclusive (a flock on the lock's
+folder, which the kernel releases when its holder dies): of several processes breaking the same lock, one
+removes it and every other finds the new holder.
 Locks are re-entrant within one process: a job may lock its units up front and the writer again.
 torch-free.
 """
@@ -34,7 +34,6 @@ from toolkit.files import pid_alive
 LOCK_SUFFIX = ".lock"
 UNWRITTEN_GRACE_S = 60.0  # an empty lock file younger than this is a writer between create and write
 BREAK_WAIT_S = 10.0  # breaking a stale lock takes milliseconds; a breaker holding on this long is stuck
-BREAK_SUFFIX = ".break"
 
 _held: dict[Path, int] = {}  # this process's locks and their nesting depth
 
@@ -178,40 +177,36 @@ def _break(path: Path, holder: dict) -> None:
     """Remove a stale lock, under the lock on the lock: only if it still holds the stale `holder`, so a lock
     another breaker has meanwhile replaced by its own is never removed."""
     with _breaking(path):
-        if read_holder(path) == holder:
+        # A lock that is gone is not broken: read_holder's {} for a missing file would otherwise match an
+        # unwritten stale lock's {}, and the unlink could remove a lock a writer created in the meantime.
+        if path.exists() and read_holder(path) == holder:
             path.unlink(missing_ok=True)
 
 
 @contextmanager
 def _breaking(path: Path) -> Iterator[None]:
-    """Hold `{lock}.break` exclusively. It is removed while held, so a waiter that then gets the flock on the
-    removed file sees that the name now points elsewhere and tries again."""
-    guard = path.with_name(path.name + BREAK_SUFFIX)
-    deadline = time.monotonic() + BREAK_WAIT_S
-    while True:
-        fd = os.open(guard, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_ino == os.stat(guard).st_ino:
-                break
-        except (BlockingIOError, FileNotFoundError):
-            pass
-        except OSError as exc:  # a filesystem without flock: break as before, unguarded
-            os.close(fd)
-            if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
-                raise
-            yield
-            return
-        os.close(fd)
-        if time.monotonic() > deadline:
-            raise LockHeld(f"another process has been breaking the stale lock {path} for {BREAK_WAIT_S:.0f} s; "
-                           f"if none runs, delete {guard} and {path}")
-        time.sleep(0.01)
+    """Hold an exclusive flock on the lock's folder while breaking a lock in it: breakers take turns, the kernel
+    releases the flock when its holder dies, and no guard file is left behind. (A guard file removed while held
+    let two breakers in once the file system reused its inode number for the next guard.)"""
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
+        deadline = time.monotonic() + BREAK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockHeld(f"another process has been breaking a stale lock in {path.parent} for "
+                                   f"{BREAK_WAIT_S:.0f} s; if none runs, delete {path}") from None
+                time.sleep(0.01)
+            except OSError as exc:  # a filesystem without flock: break as before, unguarded
+                if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                    raise
+                break
         yield
     finally:
-        guard.unlink(missing_ok=True)
-        os.close(fd)
+        os.close(fd)  # releases the flock
 
 
 def _restarts(holder: dict) -> int:
