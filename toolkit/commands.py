@@ -24,10 +24,10 @@ class Command:
     stages: Callable[[Config], list[str]] | None = None  # the stages it runs, in order; None: runs no job
 
 
-def _stage_command(stage: stages.Stage) -> Command:
-    return Command(stage.name, stage.help, stage.sections,
-                   lambda cfg, console: cluster.dispatch(cfg, stage.name, console),
-                   lambda cfg: cluster.stage_list(cfg, stage.name))
+def _chain(name: str, help: str, sections: tuple[str, ...]) -> Command:
+    """A command that runs or submits jobs: a stage's own, or `pipeline`'s chain of stages."""
+    return Command(name, help, sections, lambda cfg, console: cluster.dispatch(cfg, name, console),
+                   lambda cfg: cluster.stage_list(cfg, name))
 
 
 def _status(cfg: Config, console: Console) -> int:
@@ -36,16 +36,15 @@ def _status(cfg: Config, console: Console) -> int:
 
 
 _EXTRA = (
-    Command("pipeline", "submit extract -> report (-> align -> evaluate) as one dependent chain",
-            ("model", "sae", "extract", "report", "align", "eval"),
-            lambda cfg, console: cluster.dispatch(cfg, "pipeline", console),
-            lambda cfg: cluster.stage_list(cfg, "pipeline")),
+    _chain("pipeline", "submit extract -> report (-> align -> evaluate) as one dependent chain",
+           ("model", "sae", "extract", "report", "align", "eval")),
     Command("status", "show the jobs of a run: stage, language, job id, state, elapsed, log, last error", (),
             _status),
     Command("cancel", "cancel a run's queued or running jobs", (),
             lambda cfg, console: cluster.cancel(cfg.run_dir, console)),
 )
-COMMANDS: dict[str, Command] = {c.name: c for c in (*map(_stage_command, stages.all_stages()), *_EXTRA)}
+COMMANDS: dict[str, Command] = {c.name: c for c in (*(_chain(s.name, s.help, s.sections) for s in stages.all_stages()),
+                                                     *_EXTRA)}
 
 
 def get(name: str) -> Command:
