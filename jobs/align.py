@@ -36,6 +36,7 @@ from toolkit.align import metrics as am
 from toolkit.align.trainer import grad_text
 from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
+from toolkit.files import write_json
 from toolkit.locks import WriterLock
 from toolkit.rundir import RunDir
 from toolkit.sae_set import SAESet
@@ -230,7 +231,7 @@ def before_after(cfg: Config, lm: models.LoadedModel, saes: SAESet, corpus: Corp
                   f"(once per split: {paths.base}) and with the adapter")
     report = am.before_after(lm, saes, held, folder / "adapter", spec, paths, extraction_bar(console))
     report["unit"] = target.name
-    align.save_json(paths.report, report)
+    write_json(paths.report, report)
     print_before_after(report, console)
     return report
 

@@ -36,7 +36,6 @@ from toolkit.align.checkpoints import (
     latest_state,
     load_tensors,
     read_json,
-    save_json,
     saved_checkpoints,
 )
 from toolkit.align.data import Split, batch_ids, collate, ids_hash, split_ids
@@ -60,7 +59,7 @@ __all__ = [
     "EnglishReference", "LogProgress", "Objective", "Split", "TorchEngine", "TrainResult", "Trainer",
     "TrainingProgress", "adapter_sha", "attach_lora", "batch_ids", "collate", "fingerprint",
     "ids_hash", "latest_state", "layer_gaps", "load_tensors", "make_engine", "make_term", "mean_mass",
-    "optimizer_step", "read_json", "reference_uses", "resolve_engine", "save_adapter", "save_json",
+    "optimizer_step", "read_json", "reference_uses", "resolve_engine", "save_adapter",
     "saved_checkpoints", "setup_distributed", "split_ids", "state_digest", "surrogate_codes", "trainable_state",
     "weights_from_gaps",
 ]

@@ -83,10 +83,6 @@ def _fix(path: Path) -> str:
             "and rerun align")
 
 
-def save_json(path: Path, data: Any) -> None:
-    """Atomic JSON (one helper: toolkit.files); non-finite floats become null, numpy/torch scalars numbers."""
-    files.write_json(path, data)
-
 
 
 @contextmanager

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from analysis.bands import default_bands
 from analysis.stats import bootstrap_ci, paired_bootstrap
-from toolkit.align.checkpoints import read_json, save_json
+from toolkit.align.checkpoints import read_json
 from toolkit.capture import iter_batches
 from toolkit.config import AlignConfig, ExtractConfig
 from toolkit.corpus import Corpus
+from toolkit.files import write_json
 from toolkit.languages import REFERENCE
 from toolkit.models import LoadedModel
 from toolkit.rundir import RunDir
@@ -120,7 +121,7 @@ def before_after(lm: LoadedModel, saes: SAESet, held: Corpus, adapter: Path, spe
         after = measure(adapted, saes, held, spec, paths.after, quality, (str(adapter), sha, bar))
         if "english_kl" not in after.get(REFERENCE, {}):
             after[REFERENCE]["english_kl"] = english_kl(adapted, held.sentences(REFERENCE), spec.extract.max_length)
-            save_json(paths.after / "measure.json", {"adapter_sha256": sha, "languages": after})
+            write_json(paths.after / "measure.json", {"adapter_sha256": sha, "languages": after})
     finally:
         lm.model = peft_model.unload()
     none = read_json(paths.none) if paths.none and paths.none.is_file() else None
@@ -130,7 +131,7 @@ def before_after(lm: LoadedModel, saes: SAESet, held: Corpus, adapter: Path, spe
     report.update(adapter=str(adapter), adapter_sha256=sha, heldout_sentences=len(held.ids),
                   before_dir=str(paths.base), after_dir=str(paths.after), definitions=DEFINITIONS,
                   none_arm=str(paths.none) if none else None)
-    save_json(paths.report, report)
+    write_json(paths.report, report)
     return report
 
 
@@ -157,7 +158,7 @@ def measure(lm: LoadedModel, saes: SAESet, held: Corpus, spec: MeasureSpec, fold
             summary = extract_unit(job, lm, saes, held, ExtractionUnit(lang), spec.layers, bar or no_progress)
             rec = _statistics(lm, saes, held, spec, summary.path, lang, lang in quality)
         out[lang] = rec
-        save_json(cache, {"adapter_sha256": sha, "languages": {**done, **out}})
+        write_json(cache, {"adapter_sha256": sha, "languages": {**done, **out}})
     return out
 
 

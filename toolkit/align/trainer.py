@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 
+from toolkit import files
 from toolkit.align import checkpoints as ckpt
 from toolkit.align.adapter import adapter_sha, attach_lora, save_adapter, state_digest
 from toolkit.align.data import Split, batch_ids, collate
@@ -249,12 +250,12 @@ class Trainer:
             if dist.main:
                 with self.engine.gathered():
                     self.model.save_pretrained(str(tmp / "adapter"))
-                ckpt.save_json(tmp / "state.json", {
+                files.write_json(tmp / "state.json", {
                     "step": step, "fingerprint": self.fingerprint, "weights": self.weights, "info": self.info,
                     "history": self.history, "resumed_from": self.metrics["resumed_from"]})
         if dist.main:
             ckpt.prune(self.folder)
-            ckpt.save_json(self.folder / "metrics.json", {**self.metrics, **self.history, "step": step,
+            files.write_json(self.folder / "metrics.json", {**self.metrics, **self.history, "step": step,
                                                           "complete": False})
         dist.barrier()
 
@@ -275,5 +276,5 @@ class Trainer:
                             train_seconds=self.setup_seconds + sum(r["seconds"] for r in history["steps"]),
                             final_validation=history["validation"][-1] if history["validation"] else None)
         if dist.main:
-            ckpt.save_json(self.folder / "metrics.json", self.metrics)
+            files.write_json(self.folder / "metrics.json", self.metrics)
         return TrainResult(self.model, adapter, self.metrics, saved, self.start if self.state else None)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import align
+from toolkit import align, files
 from toolkit.align import checkpoints as ckpt
 from toolkit.errors import UserError
 
@@ -84,7 +84,7 @@ def test_checkpoints_are_committed_whole_and_pruned(tmp_path):
     for step in (2, 4, 6):
         with ckpt.staged_checkpoint(root / f"step-{step:06d}", align.Dist()) as tmp:
             assert tmp.name.startswith(".") and not (root / f"step-{step:06d}").exists()
-            ckpt.save_json(tmp / "state.json", {"step": step, "loss": float("nan")})
+            files.write_json(tmp / "state.json", {"step": step, "loss": float("nan")})
     stale = root / ".step-000008.999999999.tmp"  # a killed writer's staging folder
     stale.mkdir()
     ckpt.prune(tmp_path)
