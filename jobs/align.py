@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from rich.console import Console
 from rich.panel import Panel
@@ -34,12 +33,11 @@ from toolkit import corpus as corpora
 from toolkit import saes as sae_sources
 from toolkit.align import metrics as am
 from toolkit.align.trainer import grad_text
-from toolkit.config import Config, parse_layers
+from toolkit.config import AlignConfig, Config, parse_layers
 from toolkit.corpus import Corpus
 from toolkit.files import write_json
 from toolkit.locks import WriterLock
-from toolkit.rundir import RunDir
-from toolkit.sae_set import SAESet
+from toolkit.rundir import AlignFolder, RunDir
 from toolkit.stages import Task
 
 
@@ -51,7 +49,7 @@ class AlignTarget:
 
 def align_targets(cfg: Config, langs: list[str] | None = None) -> list[AlignTarget]:
     """One target per language of `langs` (default: the config's targets), or one joint target."""
-    chosen = stages.align_targets(cfg.merged({"align": {"targets": ",".join(langs)}}) if langs else cfg)
+    chosen = stages.align_targets(cfg, langs)
     return [AlignTarget("joint", chosen)] if cfg.align.joint else [AlignTarget(lang, [lang]) for lang in chosen]
 
 
@@ -61,25 +59,34 @@ def run(cfg: Config, task: Task | None = None) -> list[dict]:
     dist = align.setup_distributed(engine, cfg.model.device)
     console = Console(stderr=True) if dist.main else Console(quiet=True)
     todo = align_targets(cfg, list(task.langs) if task and task.langs else None)
-    units = sweep_units(cfg, todo, task, dist)  # (config, target) per adapter; --sweep: per target and grid point
+    points = sweep_units(cfg, todo, task, dist)  # (config, target) per adapter; --sweep: per target and grid point
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     lm = models.load(cfg.model)
     measured = parse_layers(cfg.run.layers, lm.n_layers)
-    aligned = sorted({i for c, _ in units for i in parse_layers(c.align.align_layers, lm.n_layers)})
+    aligned = sorted({i for c, _ in points for i in parse_layers(c.align.align_layers, lm.n_layers)})
     saes = sae_sources.load(cfg.sae_setup, lm, sorted(set(measured) | set(aligned)), corpus, RunDir(cfg.run_dir),
                             console, fresh=cfg.extract.overwrite)
-    for objective in dict.fromkeys(c.align.objective for c, _ in units):  # pre needs pre-activations
+    for objective in dict.fromkeys(c.align.objective for c, _ in points):  # pre needs pre-activations
         align.make_term(objective).check(saes)
-    split = split_of(cfg, corpus)
-    show_plan(cfg, [t for _, t in units], split, engine, dist, aligned, console)
+    inputs = align.AlignInputs(lm, saes, corpus, cfg.extract.max_length, cfg.extract.batch_tokens, dist, engine)
+    # a point's config differs from the job's in its align settings and seed only: that is what a unit takes
+    units = [(t.name, unit_of(c.align, c.run.seed, t, corpus)) for c, t in points]
+    split = align.split_ids(corpus.ids, cfg.align.heldout, cfg.align.val_fraction, cfg.run.seed)
+    show_plan(cfg, [t for _, t in points], split, inputs, aligned, console)
     if dist.main:  # what runs, once the model, the SAEs and the targets have been checked
         RunDir(cfg.run_dir).write_manifest(cfg, "align", corpus.hash)
-    return [align_one(c, lm, saes, corpus, t, split_of(c, corpus), dist, engine, console) for c, t in units]
+    return [align_one(cfg, inputs, name, unit, console) for name, unit in units]
 
 
-def show_plan(cfg: Config, todo: list[AlignTarget], split: align.Split, engine: str, dist: align.Dist,
+def unit_of(settings: AlignConfig, seed: int, target: AlignTarget, corpus: Corpus) -> align.AlignUnit:
+    """One adapter's settings, targets and split: held-out, validation and training ids drawn with its seed."""
+    split = align.split_ids(corpus.ids, settings.heldout, settings.val_fraction, seed)
+    return align.AlignUnit(settings, target.targets, split, seed)
+
+
+def show_plan(cfg: Config, todo: list[AlignTarget], split: align.Split, inputs: align.AlignInputs,
               aligned: list[int], console: Console) -> None:
-    a = cfg.align
+    a, dist, engine = cfg.align, inputs.dist, inputs.engine
     pairs = a.batch_size * a.grad_accum * dist.world
     facts = [
         f"units: {', '.join(u.name for u in todo)}" + (f" (targets {'+'.join(todo[0].targets)})" if a.joint else ""),
@@ -95,60 +102,59 @@ def show_plan(cfg: Config, todo: list[AlignTarget], split: align.Split, engine: 
     console.print(Panel("\n".join(facts), title="align plan"))
 
 
-def align_one(cfg: Config, lm: models.LoadedModel, saes: SAESet, corpus: Corpus, target: AlignTarget,
-              split: align.Split, dist: align.Dist, engine: str, console: Console) -> dict:
-    """Train (or resume, or reuse) one adapter, then measure it against the base model (rank 0)."""
-    folder = RunDir(cfg.run_dir).align(target.name)
-    fingerprint = align.fingerprint(cfg, lm, saes, target.targets, split, engine, dist.world)
+def align_one(cfg: Config, inputs: align.AlignInputs, name: str, unit: align.AlignUnit, console: Console) -> dict:
+    """Train (or resume, or reuse) the adapter `name`, then measure it against the base model (rank 0)."""
+    run, dist = RunDir(cfg.run_dir), inputs.dist
+    folder = run.align_folder(name)
+    fingerprint = align.fingerprint(unit, inputs)
     # one writer per target folder: rank 0 holds it (the ranks of one job write together)
-    with dist.held(WriterLock(folder, f"alignment {folder}")):
-        metrics = _finished(folder, cfg, fingerprint)
+    with dist.held(WriterLock(folder.root, f"alignment {folder.root}")):
+        metrics = _finished(folder, unit, fingerprint)
         if metrics is not None:
-            console.print(f"[bold]{target.name}:[/] adapter already trained ({folder / 'adapter'}); measuring only")
+            console.print(f"[bold]{name}:[/] adapter already trained ({folder.adapter}); measuring only")
         else:
-            metrics = train(cfg, lm, saes, corpus, target, split, dist, engine, console, folder, fingerprint)
-    summary = {"unit": target.name, "targets": target.targets, "adapter": str(folder / "adapter"),
-               "metrics": str(folder / "metrics.json"), "final": metrics.get("final"),
+            metrics = train(run, inputs, unit, folder, fingerprint, console)
+    summary = {"unit": name, "targets": unit.targets, "adapter": str(folder.adapter),
+               "metrics": str(folder.metrics), "final": metrics.get("final"),
                "final_validation": metrics.get("final_validation")}
     if not dist.main:
         return summary
-    if not split.heldout:
-        console.print(f"[yellow]{target.name}:[/] no held-out sentences (align.heldout=0): before/after skipped")
+    if not unit.split.heldout:
+        console.print(f"[yellow]{name}:[/] no held-out sentences (align.heldout=0): before/after skipped")
         return summary
-    report = before_after(cfg, lm, saes, corpus, target, split, console)
-    summary.update(before_after=str(folder / "before_after.json"), summary=report["summary"],
+    report = before_after(cfg, inputs, name, unit, console)
+    summary.update(before_after=str(folder.gain_report), summary=report["summary"],
                    gain_pct={lang: v["gain_pct_mean"] for lang, v in report["languages"].items()},
                    english_retention_pct=report["english_retention_pct"])
     return summary
 
 
-def train(cfg: Config, lm: models.LoadedModel, saes: SAESet, corpus: Corpus, target: AlignTarget,
-          split: align.Split, dist: align.Dist, engine: str, console: Console, folder: Path, fingerprint: str) -> dict:
-    """Layer weights (unless resuming), then `Trainer.fit`; leaves `lm.model` the base model again."""
-    state = align.latest_state(folder)
+def train(run: RunDir, inputs: align.AlignInputs, unit: align.AlignUnit, folder: AlignFolder, fingerprint: str,
+          console: Console) -> dict:
+    """Layer weights (unless resuming), then `Trainer.fit`; leaves `inputs.lm.model` the base model again."""
+    state = align.latest_state(folder.checkpoints)
     if state and state.get("fingerprint") == fingerprint:
         weights, info = state["weights"], {}
     else:
-        aligned = parse_layers(cfg.align.align_layers, lm.n_layers)
+        aligned = parse_layers(unit.align.align_layers, inputs.lm.n_layers)
         gaps, sources = {}, {}
-        for lang in target.targets:
-            gaps[lang], sources[lang] = align.layer_gaps(cfg, lm, saes, corpus, lang, aligned, split, dist)
-        weights = {lang: align.weights_from_gaps(gaps[lang], aligned, cfg.align.layer_weights)
-                   for lang in target.targets}
+        for lang in unit.targets:
+            gaps[lang], sources[lang] = align.layer_gaps(inputs, run, lang, aligned, unit.split)
+        weights = {lang: align.weights_from_gaps(gaps[lang], aligned, unit.align.layer_weights)
+                   for lang in unit.targets}
         info = {"gaps": gaps, "gap_source": sources}
         _print_weights(weights, gaps, sources, console)
-    result = align.Trainer(cfg, lm, saes, corpus, target.targets, split, weights, folder, dist, engine,
-                           RichProgress(console), info).fit()
-    lm.model = result.model.unload()  # the base model again, for the next target and the measurement
+    result = align.Trainer(unit, inputs, weights, folder, RichProgress(console), info).fit()
+    inputs.lm.model = result.model.unload()  # the base model again, for the next target and the measurement
     return result.metrics
 
 
-def _finished(folder: Path, cfg: Config, fingerprint: str) -> dict | None:
-    path = folder / "metrics.json"
-    if not path.is_file() or not (folder / "adapter" / "adapter_model.safetensors").is_file():
+def _finished(folder: AlignFolder, unit: align.AlignUnit, fingerprint: str) -> dict | None:
+    path = folder.metrics
+    if not path.is_file() or not (folder.adapter / "adapter_model.safetensors").is_file():
         return None
     metrics = align.read_json(path)
-    done = metrics.get("complete") and metrics.get("step") == cfg.align.steps
+    done = metrics.get("complete") and metrics.get("step") == unit.align.steps
     return metrics if done and metrics.get("fingerprint") == fingerprint else None
 
 
@@ -212,33 +218,29 @@ def _fields(record: dict | None) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------- before/after
 
 
-def before_after(cfg: Config, lm: models.LoadedModel, saes: SAESet, corpus: Corpus, target: AlignTarget,
-                 split: align.Split, console: Console) -> dict:
+def before_after(cfg: Config, inputs: align.AlignInputs, name: str, unit: align.AlignUnit, console: Console) -> dict:
     """Held-out measurement of every run language, base vs adapted (`toolkit.align.metrics.before_after`);
     printed and written to before_after.json."""
-    held = corpus.subset(split.heldout)
+    lm, saes, split = inputs.lm, inputs.saes, unit.split
+    held = inputs.corpus.subset(split.heldout)
     layers = parse_layers(cfg.run.layers, lm.n_layers)
-    folder = RunDir(cfg.run_dir).align(target.name)
+    run = RunDir(cfg.run_dir)
+    folder = run.align_folder(name)
     key = hashlib.sha256(json.dumps([lm.model_id, saes.ids, layers, align.ids_hash(split.heldout), held.hash,
-                                     cfg.extract.max_length]).encode()).hexdigest()[:12]
-    metrics = align.read_json(folder / "metrics.json")
+                                     inputs.max_length]).encode()).hexdigest()[:12]
+    metrics = align.read_json(folder.metrics)
     weights = {lang: {int(k): float(v) for k, v in w.items()} for lang, w in metrics["weights"].items()}
-    spec = am.MeasureSpec(layers, weights, cfg.extract, cfg.align, cfg.run.preset, cfg.run.seed,
+    spec = am.MeasureSpec(layers, weights, cfg.extract, unit.align, cfg.run.preset, unit.seed,
                           metrics.get("train_seconds", math.nan) / 60)
-    paths = am.MeasurePaths(folder.parent / f"base-{key}", folder / "after", folder / "before_after.json",
-                            none_arm(folder))
-    console.print(f"[bold]{target.name}:[/] measuring {len(held.ids)} held-out sentences per language, base model "
+    paths = am.MeasurePaths(run.base_measurement(key), folder.after, folder.gain_report,
+                            sweep.none_arm(cfg.run_dir, name))
+    console.print(f"[bold]{name}:[/] measuring {len(held.ids)} held-out sentences per language, base model "
                   f"(once per split: {paths.base}) and with the adapter")
-    report = am.before_after(lm, saes, held, folder / "adapter", spec, paths, extraction_bar(console))
-    report["unit"] = target.name
+    report = am.before_after(lm, saes, held, folder.adapter, spec, paths, extraction_bar(console))
+    report["unit"] = name
     write_json(paths.report, report)
     print_before_after(report, console)
     return report
-
-
-def none_arm(folder: Path) -> Path | None:
-    """The before_after.json of a sweep point's `none` arm (toolkit.sweep.none_arm)."""
-    return sweep.none_arm(folder.parent.parent, folder.name)
 
 
 def print_before_after(report: dict, console: Console) -> None:
@@ -319,8 +321,3 @@ def sweep_units(cfg: Config, todo: list[AlignTarget], task: Task | None, dist: a
                 sweep.claim(cfg.run_dir, name, point)
             units.append((sweep.apply(cfg, point), AlignTarget(name, target.targets)))
     return units
-
-
-def split_of(cfg: Config, corpus: Corpus) -> align.Split:
-    """The held-out, validation and training ids of a config (a sweep point's seed draws its own)."""
-    return align.split_ids(corpus.ids, cfg.align.heldout, cfg.align.val_fraction, cfg.run.seed)

@@ -25,6 +25,7 @@ SWEEP_SEP = "@"  # RUN/align/{unit}@{tag}: a sweep point's adapter (toolkit.swee
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a (finished) peft adapter
 ACTIVATIONS = "activations"
 GAIN_REPORT = "before_after.json"  # an adapter's before/after measurement, beside it in RUN/align/{name}
+ADAPTER = "adapter"
 
 
 class RunDir:
@@ -36,11 +37,15 @@ class RunDir:
     reports = property(lambda self: self.root / "reports")
     gaps_json = property(lambda self: self.reports / "gaps.json")
     compare = property(lambda self: self.reports / "compare")
+    align_root = property(lambda self: self.root / "align")
     eval = property(lambda self: self.root / "eval")
     logs = property(lambda self: self.root / "logs")
     jobs_file = property(lambda self: self.root / "jobs.json")
     manifest = property(lambda self: self.root / "manifest.json")
     eval_results = property(lambda self: self.eval / "results.json")
+    # a before/after measurement folder (RunDir.base_measurement, AlignFolder.after) is laid out like a run:
+    # its activations/ and measure.json, the statistics read back from them
+    measure_cache = property(lambda self: self.root / "measure.json")
 
     @classmethod
     def holding(cls, path: str | Path) -> RunDir:
@@ -55,27 +60,34 @@ class RunDir:
 
     def align(self, lang: str) -> Path:
         """An alignment unit's folder: a language, `joint`, or a sweep point `{unit}@{tag}`."""
-        return self.root / "align" / lang
+        return self.align_root / lang
+
+    def align_folder(self, name: str) -> AlignFolder:
+        return AlignFolder(self.align(name))
 
     def align_point(self, unit: str, tag: str) -> Path:
         return self.align(point_name(unit, tag))
 
+    def base_measurement(self, key: str) -> Path:
+        """The base model's held-out measurement, shared by every unit measured on the same split (`key`)."""
+        return self.align_root / f"base-{key}"
+
     def gain_report(self, name: str) -> Path:
-        return self.align(name) / GAIN_REPORT
+        return self.align_folder(name).gain_report
 
     def point_record(self, name: str) -> Path:
         """A sweep point's values, in its folder RUN/align/{name}, written before training starts (toolkit.sweep)."""
-        return self.align(name) / "point.json"
+        return self.align_folder(name).point_record
 
     def point_records(self, unit: str) -> list[Path]:
         """The recorded sweep points of one unit (a language or `joint`), by name."""
-        return sorted(self.root.glob(f"align/{unit}{SWEEP_SEP}*/point.json"))
+        return sorted(self.align_root.glob(f"{unit}{SWEEP_SEP}*/point.json"))
 
     def adapters(self, points: bool = True) -> dict[str, Path]:
         """The run's trained adapters by unit name: every RUN/align/{name}/adapter holding a peft adapter, so
         per-language, `joint` and (with `points`) sweep-point adapters alike; sorted by name. The one rule
         `evaluate`, `report` and `status` use."""
-        found = {p.parent.parent.name: p.parent for p in (self.root / "align").glob(f"*/adapter/{ADAPTER_CONFIG}")}
+        found = {p.parent.parent.name: p.parent for p in self.align_root.glob(f"*/{ADAPTER}/{ADAPTER_CONFIG}")}
         return {name: found[name] for name in sorted(found)  # a staging folder (.name.pid.tmp) is not one yet
                 if not name.startswith(".") and (points or not is_point(name))}
 
@@ -134,6 +146,21 @@ class RunDir:
                     read_json(layer / name, fix)
             for weights in layer.glob("*.safetensors"):
                 check_safetensors(weights, fix)
+
+
+class AlignFolder:
+    """One alignment unit's folder, RUN/align/{name}: what training leaves (the adapter, metrics.json, resumable
+    checkpoints) and what measuring the adapter leaves (its measurement `after/`, the gain report)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    adapter = property(lambda self: self.root / ADAPTER)
+    metrics = property(lambda self: self.root / "metrics.json")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    after = property(lambda self: self.root / "after")
+    gain_report = property(lambda self: self.root / GAIN_REPORT)
+    point_record = property(lambda self: self.root / "point.json")
 
 
 def point_name(unit: str, tag: str) -> str:

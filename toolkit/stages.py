@@ -126,9 +126,10 @@ def _extract_merge(tasks: list[Task]) -> Task:
     return Task(",".join(t.label for t in tasks), units=tuple(u for t in tasks for u in t.units or ()))
 
 
-def align_targets(cfg: Config) -> list[str]:
-    """--targets, else the run's non-English languages; checked before anything is submitted."""
-    chosen = [t.strip() for t in cfg.align.targets.split(",") if t.strip()]
+def align_targets(cfg: Config, langs: list[str] | None = None) -> list[str]:
+    """`langs` (a task's), else --targets, else the run's non-English languages; checked before anything is
+    submitted."""
+    chosen = langs or [t.strip() for t in cfg.align.targets.split(",") if t.strip()]
     chosen = chosen or [lang for lang in cfg.lang_codes if lang != REFERENCE]
     bad = [t for t in chosen if t == REFERENCE or t not in cfg.lang_codes]
     if bad or not chosen:

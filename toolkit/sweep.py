@@ -156,8 +156,8 @@ def default_values() -> dict[str, Any]:
 def check_folder(run_dir: str | Path, name: str, point: Point) -> None:
     """Refuse the folder RUN/align/{name} of `point` when it holds another point's record, or checkpoints or an
     adapter that no record claims."""
-    record = RunDir(run_dir).point_record(name)
-    folder = record.parent
+    unit = RunDir(run_dir).align_folder(name)
+    record, folder = unit.point_record, unit.root
     fix = f"move {folder} aside (or delete it) and rerun the sweep"
     if record.is_file():
         have = read_json(record, fix)
@@ -169,7 +169,7 @@ def check_folder(run_dir: str | Path, name: str, point: Point) -> None:
             raise UserError(
                 f"{folder} holds another sweep point's adapter ({theirs}; it differs in {', '.join(differ)}); {fix}"
             )
-    elif any((folder / "checkpoints").glob("step-*")) or (folder / "adapter").exists():
+    elif any(unit.checkpoints.glob("step-*")) or unit.adapter.exists():
         raise UserError(f"{folder} holds checkpoints of another run, not of this sweep point (no {record.name}); {fix}")
 
 

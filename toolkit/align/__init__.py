@@ -1,6 +1,7 @@
 """Activation-aware LoRA alignment, one module per noun: `data` (split, batches), `weights` (layer weights from
 the gap), `objective` (loss, English reference, KL), `adapter` (LoRA), `distributed`, `engines` (torch,
-DeepSpeed), `checkpoints` (safe save/load), `trainer` (`Trainer.fit`), `metrics` (before/after numbers).
+DeepSpeed), `checkpoints` (safe save/load), `inputs` (what a job hands the library: `AlignInputs`, `AlignUnit`),
+`trainer` (`Trainer.fit`), `metrics` (before/after numbers).
 
 The objective for a target language T and the parallel English sentences (defaults; each weight in
 `AlignConfig`):
@@ -41,6 +42,7 @@ from toolkit.align.checkpoints import (
 from toolkit.align.data import Split, batch_ids, collate, ids_hash, split_ids
 from toolkit.align.distributed import Dist, resolve_engine, setup_distributed
 from toolkit.align.engines import DeepSpeedEngine, TorchEngine, make_engine, optimizer_step
+from toolkit.align.inputs import AlignInputs, AlignUnit
 from toolkit.align.objective import (
     OBJECTIVES,
     SUMMARY_USES,
@@ -51,13 +53,14 @@ from toolkit.align.objective import (
     reference_uses,
     surrogate_codes,
 )
-from toolkit.align.trainer import LogProgress, Trainer, TrainingProgress, TrainResult, fingerprint
+from toolkit.align.trainer import LogProgress, Trainer, TrainingProgress, TrainResult, engine_of, fingerprint
 from toolkit.align.weights import GAP_SENTENCES, layer_gaps, mean_mass, weights_from_gaps
 
 __all__ = [
-    "GAP_SENTENCES", "KEEP_CHECKPOINTS", "OBJECTIVES", "SUMMARY_USES", "TERMS", "DeepSpeedEngine", "Dist",
+    "GAP_SENTENCES", "KEEP_CHECKPOINTS", "OBJECTIVES", "SUMMARY_USES", "TERMS", "AlignInputs", "AlignUnit",
+    "DeepSpeedEngine", "Dist",
     "EnglishReference", "LogProgress", "Objective", "Split", "TorchEngine", "TrainResult", "Trainer",
-    "TrainingProgress", "adapter_sha", "attach_lora", "batch_ids", "collate", "fingerprint",
+    "TrainingProgress", "adapter_sha", "attach_lora", "batch_ids", "collate", "engine_of", "fingerprint",
     "ids_hash", "latest_state", "layer_gaps", "load_tensors", "make_engine", "make_term", "mean_mass",
     "optimizer_step", "read_json", "reference_uses", "resolve_engine", "save_adapter",
     "saved_checkpoints", "setup_distributed", "split_ids", "state_digest", "surrogate_codes", "trainable_state",

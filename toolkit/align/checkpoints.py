@@ -28,14 +28,15 @@ from toolkit.errors import UserError
 KEEP_CHECKPOINTS = 2
 
 
-def saved_checkpoints(folder: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (staging folders start with a dot and are ignored)."""
-    return sorted(p for p in (folder / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+def saved_checkpoints(checkpoints: Path) -> list[Path]:
+    """Finished checkpoints in `checkpoints` (`AlignFolder.checkpoints`), oldest first (staging folders start
+    with a dot and are ignored)."""
+    return sorted(p for p in checkpoints.glob("step-*") if (p / "state.json").is_file())
 
 
-def latest_state(folder: Path) -> dict | None:
-    """state.json of the newest checkpoint in `folder`, or None when there is none."""
-    found = saved_checkpoints(folder)
+def latest_state(checkpoints: Path) -> dict | None:
+    """state.json of the newest checkpoint in `checkpoints`, or None when there is none."""
+    found = saved_checkpoints(checkpoints)
     return read_json(found[-1] / "state.json") if found else None
 
 
@@ -85,6 +86,10 @@ def _fix(path: Path) -> str:
 
 
 
+def step_folder(checkpoints: Path, step: int) -> Path:
+    return checkpoints / f"step-{step:06d}"
+
+
 @contextmanager
 def staged_checkpoint(final: Path, dist: Dist) -> Iterator[Path]:
     """A staging folder every rank writes into, renamed to `final` by rank 0 once all ranks are done."""
@@ -100,9 +105,9 @@ def staged_checkpoint(final: Path, dist: Dist) -> Iterator[Path]:
         dist.barrier()  # every rank's part is in before the rename
 
 
-def prune(folder: Path, keep: int = KEEP_CHECKPOINTS) -> None:
+def prune(checkpoints: Path, keep: int = KEEP_CHECKPOINTS) -> None:
     """Drop all but the `keep` newest checkpoints and the staging folders of killed writers."""
-    for old in saved_checkpoints(folder)[:-keep] + files.stale_staging(folder / "checkpoints"):
+    for old in saved_checkpoints(checkpoints)[:-keep] + files.stale_staging(checkpoints):
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -121,7 +121,7 @@ def before_after(lm: LoadedModel, saes: SAESet, held: Corpus, adapter: Path, spe
         after = measure(adapted, saes, held, spec, paths.after, quality, (str(adapter), sha, bar))
         if "english_kl" not in after.get(REFERENCE, {}):
             after[REFERENCE]["english_kl"] = english_kl(adapted, held.sentences(REFERENCE), spec.extract.max_length)
-            write_json(paths.after / "measure.json", {"adapter_sha256": sha, "languages": after})
+            write_json(RunDir(paths.after).measure_cache, {"adapter_sha256": sha, "languages": after})
     finally:
         lm.model = peft_model.unload()
     none = read_json(paths.none) if paths.none and paths.none.is_file() else None
@@ -145,7 +145,7 @@ def measure(lm: LoadedModel, saes: SAESet, held: Corpus, spec: MeasureSpec, fold
     from toolkit.extraction import Extraction, ExtractionUnit, extract_unit, no_progress
 
     path, sha, bar = adapter
-    cache = folder / "measure.json"
+    cache = RunDir(folder).measure_cache
     cached = read_json(cache) if cache.is_file() else {}
     done = cached.get("languages", {}) if cached.get("adapter_sha256", "") == sha else {}
     # float32 codes: an adapter may push activations past float16's range, and these files are small

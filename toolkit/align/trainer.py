@@ -22,17 +22,15 @@ import torch
 from toolkit import files
 from toolkit.align import checkpoints as ckpt
 from toolkit.align.adapter import adapter_sha, attach_lora, save_adapter, state_digest
-from toolkit.align.data import Split, batch_ids, collate
-from toolkit.align.distributed import Dist, resolve_engine
+from toolkit.align.data import batch_ids, collate
+from toolkit.align.distributed import resolve_engine
 from toolkit.align.engines import make_engine, optimizer_step
+from toolkit.align.inputs import AlignInputs, AlignUnit
 from toolkit.align.objective import SUMMARY_USES, TERMS, Objective, reference_uses
 from toolkit.capture import TokenBatch, iter_batches
-from toolkit.config import Config
-from toolkit.corpus import Corpus
 from toolkit.errors import UserError
 from toolkit.languages import REFERENCE
-from toolkit.models import LoadedModel
-from toolkit.sae_set import SAESet
+from toolkit.rundir import AlignFolder
 
 log = logging.getLogger(__name__)
 
@@ -87,34 +85,38 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-def fingerprint(cfg: Config, lm: LoadedModel, saes: SAESet, targets: list[str], split: Split, engine: str,
-                world: int) -> str:
+def engine_of(unit: AlignUnit, inputs: AlignInputs) -> str:
+    """The engine a unit trains with: the job's resolved one, else the unit's `align.engine` resolved."""
+    return resolve_engine(inputs.engine or unit.align.engine)
+
+
+def fingerprint(unit: AlignUnit, inputs: AlignInputs) -> str:
     """What a checkpoint must share with this run to be resumed: everything but the step count, the
     checkpoint cadence and the unit selection (targets are passed explicitly, the engine resolved)."""
-    a = {k: v for k, v in cfg.to_dict()["align"].items()
+    a = {k: v for k, v in dataclasses.asdict(unit.align).items()
          if k not in ("steps", "checkpoint_every", "targets", "joint", "engine")}
-    spec = [a, lm.model_id, lm.revision, str(lm.dtype), saes.ids, targets, split.to_dict(), engine, world,
-            cfg.run.seed, cfg.extract.max_length]
+    lm = inputs.lm
+    spec = [a, lm.model_id, lm.revision, str(lm.dtype), inputs.saes.ids, unit.targets, unit.split.to_dict(),
+            engine_of(unit, inputs), inputs.dist.world, unit.seed, inputs.max_length]
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Trainer:
-    """Train one LoRA adapter for `targets` (one language, or several for a joint adapter) into `folder`.
+    """Train one LoRA adapter for `unit.targets` (one language, or several for a joint adapter) into `folder`.
 
     Resumes from the latest checkpoint in `folder/checkpoints` when its fingerprint matches; its layer
-    weights win over `weights`, so a resumed run optimises the objective it started with. `lm.model` must
-    be the base model; `fit` returns it wrapped (`TrainResult.model`).
+    weights win over `weights`, so a resumed run optimises the objective it started with. `inputs.lm.model`
+    must be the base model; `fit` returns it wrapped (`TrainResult.model`).
     """
 
-    def __init__(self, cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, targets: list[str],
-                 split: Split, weights: dict[str, dict[int, float]], folder: Path, dist: Dist | None = None,
-                 engine: str | None = None, progress: TrainingProgress | None = None, info: dict | None = None):
-        self.cfg, self.a, self.lm, self.saes, self.corpus = cfg, cfg.align, lm, saes, corpus
-        self.targets, self.split, self.folder = targets, split, folder
-        self.dist = dist or Dist()
+    def __init__(self, unit: AlignUnit, inputs: AlignInputs, weights: dict[str, dict[int, float]], folder: AlignFolder,
+                 progress: TrainingProgress | None = None, info: dict | None = None):
+        self.unit, self.a, self.inputs = unit, unit.align, inputs
+        self.lm, self.saes, self.corpus, self.dist = inputs.lm, inputs.saes, inputs.corpus, inputs.dist
+        self.targets, self.split, self.folder = unit.targets, unit.split, folder
         self.progress = (progress or LogProgress()) if self.dist.main else _Silent()
-        self.engine_name = resolve_engine(engine or self.a.engine)
-        self.fingerprint = fingerprint(cfg, lm, saes, targets, split, self.engine_name, self.dist.world)
+        self.engine_name = engine_of(unit, inputs)
+        self.fingerprint = fingerprint(unit, inputs)
         self.state = self._resumable_state()
         self.weights = weights if not self.state else {
             lang: {int(k): v for k, v in w.items()} for lang, w in self.state["weights"].items()}
@@ -123,15 +125,15 @@ class Trainer:
         self.start = 0
 
     def _resumable_state(self) -> dict | None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        state = ckpt.latest_state(self.folder)
+        self.folder.root.mkdir(parents=True, exist_ok=True)
+        state = ckpt.latest_state(self.folder.checkpoints)
         if state and state.get("fingerprint") != self.fingerprint:
             raise UserError(
-                f"{self.folder / 'checkpoints'} holds checkpoints of a different configuration (align settings, "
+                f"{self.folder.checkpoints} holds checkpoints of a different configuration (align settings, "
                 "model, SAEs, split, engine or number of processes changed); delete that folder to start afresh or "
                 "use another --run")
         if state and state["step"] > self.a.steps:
-            raise UserError(f"{self.folder}: the latest checkpoint is at step {state['step']}, beyond align.steps="
+            raise UserError(f"{self.folder.root}: the latest checkpoint is at step {state['step']}, beyond align.steps="
                             f"{self.a.steps}; raise --steps or delete the checkpoints to retrain")
         return state
 
@@ -140,7 +142,7 @@ class Trainer:
     def _setup(self) -> None:
         """LoRA (same initialisation on every rank and run), engine, objective, resumed state, English reference."""
         a, lm = self.a, self.lm
-        torch.manual_seed(self.cfg.run.seed)
+        torch.manual_seed(self.unit.seed)
         self.model = attach_lora(lm.model, a, lm.n_layers)
         peft_lm = dataclasses.replace(lm, model=self.model)
         n_lora, n_all = (sum(p.numel() for p in self.model.parameters() if p.requires_grad or every)
@@ -154,7 +156,7 @@ class Trainer:
             self.resume()
         self.metrics = {
             "targets": self.targets, "engine": self.engine_name, "world_size": self.dist.world,
-            "fingerprint": self.fingerprint, "config": self.cfg.to_dict()["align"], "weights": self.weights,
+            "fingerprint": self.fingerprint, "config": dataclasses.asdict(a), "weights": self.weights,
             "split": self.split.to_dict(), **(self.info or {}),
             "resumed_from": (self.state or {}).get("resumed_from", []) + ([self.start] if self.state else []),
         }
@@ -163,17 +165,17 @@ class Trainer:
 
     def resume(self) -> None:
         """Engine, adapter and RNG state of the latest checkpoint; every file read without unpickling code."""
-        latest = ckpt.saved_checkpoints(self.folder)[-1]
+        latest = ckpt.saved_checkpoints(self.folder.checkpoints)[-1]
         self.engine.load(latest)
         ckpt.load_rng(latest, self.dist.rank)
         self.history, self.start = self.state["history"], self.state["step"]
         self.progress.note(f"resuming from step {self.start} ({latest})", label="+".join(self.targets))
 
     def _fill_reference(self, uses: float) -> None:
-        began, ex = time.perf_counter(), self.cfg.extract
+        began, inputs = time.perf_counter(), self.inputs
         english = [(sid, self.texts[REFERENCE][sid]) for sid in dict.fromkeys(self.split.train + self.split.val)]
         reference = self.objective.reference
-        reference.fill(iter_batches(english, self.lm.tokenizer, ex.batch_tokens, ex.max_length))
+        reference.fill(iter_batches(english, self.lm.tokenizer, inputs.batch_tokens, inputs.max_length))
         self.progress.note(f"English reference from the base model: {len(reference)} sentences, "
                            f"{reference.nbytes / 2**20:.0f} MiB, {time.perf_counter() - began:.1f} s "
                            f"(KL base {'summarised' if reference.linear else 'recomputed each step'}, "
@@ -204,13 +206,13 @@ class Trainer:
 
     def batch(self, lang: str, ids: list[str]) -> tuple[TokenBatch, TokenBatch]:
         """The target-language batch and its English parallel."""
-        n = self.cfg.extract.max_length
+        n = self.inputs.max_length
         return (collate(self.lm.tokenizer, [(s, self.texts[lang][s]) for s in ids], n),
                 collate(self.lm.tokenizer, [(s, self.texts[REFERENCE][s]) for s in ids], n))
 
     def train_step(self, step: int) -> dict:
         """Optimizer step `step` (0-based): its micro-batches are a pure function of the step and the rank."""
-        a, dist, seed = self.a, self.dist, self.cfg.run.seed
+        a, dist, seed = self.a, self.dist, self.unit.seed
         began, cpu = time.perf_counter(), time.process_time()
         micro = [(*self.batch(lang, batch_ids(self.split.train, (step * a.grad_accum + m) * dist.world + dist.rank,
                                               a.batch_size, seed, lang)), lang)
@@ -244,7 +246,7 @@ class Trainer:
     def save_checkpoint(self, step: int) -> None:
         """checkpoints/step-NNNNNN whole or not at all; the two newest are kept; metrics.json says how far."""
         dist = self.dist
-        with ckpt.staged_checkpoint(self.folder / "checkpoints" / f"step-{step:06d}", dist) as tmp:
+        with ckpt.staged_checkpoint(ckpt.step_folder(self.folder.checkpoints, step), dist) as tmp:
             self.engine.save(tmp)
             ckpt.save_rng(tmp, dist.rank)
             if dist.main:
@@ -254,14 +256,14 @@ class Trainer:
                     "step": step, "fingerprint": self.fingerprint, "weights": self.weights, "info": self.info,
                     "history": self.history, "resumed_from": self.metrics["resumed_from"]})
         if dist.main:
-            ckpt.prune(self.folder)
-            files.write_json(self.folder / "metrics.json", {**self.metrics, **self.history, "step": step,
+            ckpt.prune(self.folder.checkpoints)
+            files.write_json(self.folder.metrics, {**self.metrics, **self.history, "step": step,
                                                           "complete": False})
         dist.barrier()
 
     def _finish(self) -> TrainResult:
         """Save the adapter, check every rank holds the same weights, write the final metrics.json."""
-        dist, adapter = self.dist, self.folder / "adapter"
+        dist, adapter = self.dist, self.folder.adapter
         saved = save_adapter(self.model, self.engine, dist, adapter)
         digests = [state_digest(saved)] * dist.world
         if dist.world > 1:
@@ -276,5 +278,5 @@ class Trainer:
                             train_seconds=self.setup_seconds + sum(r["seconds"] for r in history["steps"]),
                             final_validation=history["validation"][-1] if history["validation"] else None)
         if dist.main:
-            files.write_json(self.folder / "metrics.json", self.metrics)
+            files.write_json(self.folder.metrics, self.metrics)
         return TrainResult(self.model, adapter, self.metrics, saved, self.start if self.state else None)

@@ -11,13 +11,10 @@ import math
 import numpy as np
 
 from toolkit.align.data import Split
-from toolkit.align.distributed import Dist
+from toolkit.align.inputs import AlignInputs
 from toolkit.capture import iter_batches
-from toolkit.config import Config
-from toolkit.corpus import Corpus
 from toolkit.languages import REFERENCE
-from toolkit.models import LoadedModel
-from toolkit.sae_set import SAESet
+from toolkit.rundir import RunDir
 
 GAP_SENTENCES = 64  # training sentences per language when no gaps were measured before
 
@@ -35,41 +32,42 @@ def weights_from_gaps(gaps: dict[int, float] | None, layers: list[int], mode: st
     return {layer: raw[layer] * len(layers) / total for layer in layers}
 
 
-def layer_gaps(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, lang: str, layers: list[int],
-               split: Split, dist: Dist) -> tuple[dict[int, float], str]:
-    """T's mass gap to English per layer and where it came from; rank 0 decides, the others follow."""
+def layer_gaps(inputs: AlignInputs, run: RunDir, lang: str, layers: list[int], split: Split
+               ) -> tuple[dict[int, float], str]:
+    """T's mass gap to English per layer and where it came from; rank 0 decides, the others follow.
+    The run's activation files are read when it has them."""
     found = None
-    if dist.main:
-        found = _gaps_and_source(cfg, lm, saes, corpus, lang, layers, split)
-    return dist.share(found)
+    if inputs.dist.main:
+        found = _gaps_and_source(inputs, run, lang, layers, split)
+    return inputs.dist.share(found)
 
 
-def _gaps_and_source(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus, lang: str, layers: list[int],
-                     split: Split) -> tuple[dict[int, float], str]:
+def _gaps_and_source(inputs: AlignInputs, run: RunDir, lang: str, layers: list[int], split: Split
+                     ) -> tuple[dict[int, float], str]:
     from analysis.gaps import gap_pct, language_gaps
 
     # Never reports/gaps.csv: it averages over every sentence, the held-out ones that measure the gain included.
     gaps = None
-    if (cfg.run_dir / "activations").is_dir():
-        gaps = language_gaps(cfg.run_dir, lang, layers, ids=split.train + split.val, reference=REFERENCE)
+    if run.activations.is_dir():
+        gaps = language_gaps(run.root, lang, layers, ids=split.train + split.val, reference=REFERENCE)
     if gaps is not None:
         return gaps, "activations/*.h5 (training and validation ids)"
     ids = split.train[:GAP_SENTENCES]
-    sub = corpus.subset(ids)
-    a_lang = mean_mass(cfg, lm, saes, sub.sentences(lang), layers)
-    a_ref = mean_mass(cfg, lm, saes, sub.sentences(REFERENCE), layers)
+    sub = inputs.corpus.subset(ids)
+    a_lang = mean_mass(inputs, sub.sentences(lang), layers)
+    a_ref = mean_mass(inputs, sub.sentences(REFERENCE), layers)
     gaps = {layer: gap_pct(a_lang[layer], a_ref[layer]) for layer in layers}
     return gaps, f"measured on {len(ids)} training sentences"
 
 
-def mean_mass(cfg: Config, lm: LoadedModel, saes: SAESet, sentences: list[tuple[str, str]],
-              layers: list[int]) -> dict[int, float]:
+def mean_mass(inputs: AlignInputs, sentences: list[tuple[str, str]], layers: list[int]) -> dict[int, float]:
     """A(L, l) over `sentences`: mean of the per-sentence mean activation mass, as extraction stores it."""
     from toolkit.extraction import encode_batch
 
+    lm = inputs.lm
     per_layer: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-    for batch in iter_batches(sentences, lm.tokenizer, cfg.extract.batch_tokens, cfg.extract.max_length):
-        encoded = encode_batch(lm, saes, batch, layers, save_resid=False)
+    for batch in iter_batches(sentences, lm.tokenizer, inputs.batch_tokens, inputs.max_length):
+        encoded = encode_batch(lm, inputs.saes, batch, layers, save_resid=False)
         for layer in layers:
             per_layer[layer].append(encoded.layers[layer].mass)
     return {layer: float(np.concatenate(v).mean()) for layer, v in per_layer.items()}

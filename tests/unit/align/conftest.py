@@ -1,5 +1,6 @@
 """Shared configuration of the alignment tests: the tiny preset, 40 sentences, six SAE layers, seconds per run."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from toolkit import align, models
 from toolkit import corpus as corpora
 from toolkit import saes as sae_sources
 from toolkit.config import Config, parse_layers
-from toolkit.rundir import RunDir
+from toolkit.rundir import AlignFolder, RunDir
 
 CLI_OPTS = {"langs": "hi,es", "targets": "hi", "sae": "random", "max-sentences": "40", "max-length": "48",
             "layers": "0-25:5", "steps": "6", "checkpoint-every": "2", "lr": "0.002", "align-layers": "0-25:5",
@@ -57,3 +58,13 @@ def tiny(tmp_path_factory):
     saes = sae_sources.load(cfg.sae_setup, lm, layers, corpus, RunDir(cfg.run_dir))
     split = align.split_ids(corpus.ids, cfg.align.heldout, cfg.align.val_fraction, cfg.run.seed)
     return cfg, lm, saes, corpus, split, layers
+
+
+def trainer(tiny, folder, dist: align.Dist | None = None, engine: str = "", **settings) -> align.Trainer:
+    """A trainer of one `hi` adapter into `folder` on the `tiny` fixture, with uniform layer weights and the
+    `align` settings changed by `settings`."""
+    cfg, lm, saes, corpus, split, layers = tiny
+    unit = align.AlignUnit(dataclasses.replace(cfg.align, **settings), ["hi"], split, cfg.run.seed)
+    inputs = align.AlignInputs(lm, saes, corpus, cfg.extract.max_length, cfg.extract.batch_tokens,
+                               dist or align.Dist(), engine)
+    return align.Trainer(unit, inputs, {"hi": align.weights_from_gaps(None, layers)}, AlignFolder(folder))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.unit.align.conftest import trainer
 from toolkit import align, files
 from toolkit.align import checkpoints as ckpt
 from toolkit.errors import UserError
@@ -57,25 +58,22 @@ def test_a_damaged_file_or_state_is_a_user_error(tmp_path):
         ckpt.load_rng(step, 0)
     (step / "state.json").write_text("{")
     with pytest.raises(UserError, match="state.json: unreadable"):
-        align.latest_state(tmp_path)
+        align.latest_state(tmp_path / "checkpoints")
 
 
 def test_resume_refuses_a_planted_rng_state_before_running_it(tiny, tmp_path):
-    cfg, lm, saes, corpus, split, layers = tiny
-    weights = {"hi": align.weights_from_gaps(None, layers)}
-    cfg2 = cfg.merged({"align": {"steps": 2, "checkpoint_every": 2}})
-    result = align.Trainer(cfg2, lm, saes, corpus, ["hi"], split, weights, tmp_path / "hi").fit()
+    lm = tiny[1]
+    result = trainer(tiny, tmp_path / "hi", steps=2, checkpoint_every=2).fit()
     lm.model = result.model.unload()
     step = tmp_path / "hi" / "checkpoints" / "step-000002"
     marker = tmp_path / "pwned"
     torch.save(Exploit(marker), step / "rng-0.pt")
-    trainer = align.Trainer(cfg.merged({"align": {"steps": 3, "checkpoint_every": 2}}), lm, saes, corpus, ["hi"],
-                            split, weights, tmp_path / "hi")
+    resumed = trainer(tiny, tmp_path / "hi", steps=3, checkpoint_every=2)
     try:
         with pytest.raises(UserError, match="rng-0.pt: refused to load.*delete the checkpoint folder"):
-            trainer.fit()
+            resumed.fit()
     finally:
-        lm.model = trainer.model.unload()
+        lm.model = resumed.model.unload()
     assert not marker.exists()
 
 
@@ -87,6 +85,6 @@ def test_checkpoints_are_committed_whole_and_pruned(tmp_path):
             files.write_json(tmp / "state.json", {"step": step, "loss": float("nan")})
     stale = root / ".step-000008.999999999.tmp"  # a killed writer's staging folder
     stale.mkdir()
-    ckpt.prune(tmp_path)
-    assert [p.name for p in align.saved_checkpoints(tmp_path)] == ["step-000004", "step-000006"]
-    assert align.latest_state(tmp_path) == {"step": 6, "loss": None} and not stale.exists()
+    ckpt.prune(root)
+    assert [p.name for p in align.saved_checkpoints(root)] == ["step-000004", "step-000006"]
+    assert align.latest_state(root) == {"step": 6, "loss": None} and not stale.exists()

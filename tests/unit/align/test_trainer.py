@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.unit.align.conftest import cfg_for, cli
+from tests.unit.align.conftest import cfg_for, cli, trainer
 from tests.unit.align.test_checkpoints import Exploit
 from toolkit import align, models, submit
 from toolkit import corpus as corpora
@@ -46,9 +46,7 @@ def test_adapter_round_trips_with_identical_outputs(tiny, tmp_path):
     from safetensors.torch import load_file
 
     cfg, lm, saes, corpus, split, layers = tiny
-    weights = {"hi": align.weights_from_gaps(None, layers)}
-    result = align.Trainer(cfg.merged({"align": {"steps": 2}}), lm, saes, corpus, ["hi"], split, weights,
-                           tmp_path / "hi").fit()
+    result = trainer(tiny, tmp_path / "hi", steps=2).fit()
     try:
         batch = align.collate(lm.tokenizer, corpus.sentences("hi")[:3], 48)
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
@@ -110,9 +108,8 @@ def test_deepspeed_on_cpu_runs_two_steps_without_compiling_ops(tiny, tmp_path):
         started = time.perf_counter()
         dist = align.setup_distributed("deepspeed", "cpu")
         assert ds_comm.cdb.shm_comm_op is None  # the shared-memory op DeepSpeed would JIT-compile for minutes
-        trainer = align.Trainer(cfg.merged({"align": {"steps": 2, "grad_accum": 2}}), lm, saes, corpus, ["hi"], split,
-                                {"hi": align.weights_from_gaps(None, layers)}, tmp_path / "hi", dist, "deepspeed")
-        result = trainer.fit()
+        deepspeed = trainer(tiny, tmp_path / "hi", dist, "deepspeed", steps=2, grad_accum=2)
+        result = deepspeed.fit()
         seconds = time.perf_counter() - started
         print(f"DeepSpeed CPU: init + 2 steps (x2 accumulation) in {seconds:.1f} s")
         assert result.metrics["engine"] == "deepspeed" and len(result.metrics["steps"]) == 2
@@ -122,11 +119,11 @@ def test_deepspeed_on_cpu_runs_two_steps_without_compiling_ops(tiny, tmp_path):
         optim = state / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
         assert optim.is_file()
         # DeepSpeed's own resume path reads its files with weights_only=True; a planted pickle is refused
-        trainer.engine.load(state.parents[1])
+        deepspeed.engine.load(state.parents[1])
         marker = tmp_path / "pwned"
         torch.save(Exploit(marker), optim)
         with pytest.raises(UserError, match=f"{optim}.*refused to load.*delete the checkpoint folder"):
-            trainer.engine.load(state.parents[1])
+            deepspeed.engine.load(state.parents[1])
         assert not marker.exists()
     finally:
         if result is not None:
@@ -148,8 +145,7 @@ def _rank(rank: int, port: int, out: Path) -> None:
     layers = parse_layers(cfg.align.align_layers, lm.n_layers)
     saes = sae_sources.load(cfg.sae_setup, lm, layers, corpus, RunDir(cfg.run_dir))
     split = align.split_ids(corpus.ids, 0.2, 0.1, 0)
-    result = align.Trainer(cfg, lm, saes, corpus, ["hi"], split, {"hi": align.weights_from_gaps(None, layers)},
-                           out / "hi", dist, "deepspeed").fit()
+    result = trainer((cfg, lm, saes, corpus, split, layers), out / "hi", dist, "deepspeed").fit()
     torch.save(align.trainable_state(result.model), out / f"rank{dist.rank}.pt")
 
 

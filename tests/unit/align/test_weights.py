@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from tests.unit.align.conftest import cfg_for
 from tests.unit.analysis_fixtures import write_activations
 from toolkit import align
+from toolkit.rundir import RunDir
 
 
 def test_weights_follow_the_gap_with_mean_one():
@@ -25,13 +25,13 @@ def test_layer_gaps_come_from_training_and_validation_ids_only(tmp_path):
     hi = np.array([[1.0, 4.0], [1.0, 4.0], [1.0, 2.0], [100.0, 100.0]])
     write_activations(tmp_path / "activations" / "en.h5", "en", ids, en, layers=[0, 1])
     write_activations(tmp_path / "activations" / "hi.h5", "hi", ids, hi, layers=[0, 1])
-    cfg = cfg_for(tmp_path)
     split = align.Split(["a", "b"], ["c"], ["d"])
-    gaps, source = align.layer_gaps(cfg, None, None, None, "hi", [0, 1], split, align.Dist())
+    inputs = align.AlignInputs(None, None, None, max_length=48, batch_tokens=1024)  # the files answer: no model
+    gaps, source = align.layer_gaps(inputs, RunDir(tmp_path), "hi", [0, 1], split)
     assert source.startswith("activations")
     assert gaps[0] == pytest.approx(-50.0) and gaps[1] == pytest.approx(100 * (10 / 3 - 4) / 4)
     # a report's gaps.csv (over all ids, the held-out "d" included) is not read
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "gaps.csv").write_text(
         "language,layer,statistic,gap_pct\n" + "".join(f"hi,{layer},mass,-7\n" for layer in (0, 1)))
-    assert align.layer_gaps(cfg, None, None, None, "hi", [0, 1], split, align.Dist()) == (gaps, source)
+    assert align.layer_gaps(inputs, RunDir(tmp_path), "hi", [0, 1], split) == (gaps, source)
