@@ -3,7 +3,7 @@
 Reads HDF5 activation files through toolkit.store; needs h5py, numpy, rich and matplotlib only —
 never torch or a model. Entry points:
 
-    from analysis import analyse, write_report, render, run_report
+    from analysis import GapOptions, analyse, write_report, render, run_report
     python -m analysis.gaps RUN_OR_FILES... [--out DIR]
 
 Exports resolve lazily so that `python -m analysis.gaps` runs the module exactly once.
@@ -15,6 +15,7 @@ import importlib
 
 _EXPORTS = {
     "analyse": "analysis.gaps",
+    "GapOptions": "analysis.gaps",
     "write_report": "analysis.gaps",
     "run_report": "analysis.gaps",
     "LOW_LANGS": "analysis.gaps",

@@ -14,6 +14,7 @@ import argparse
 import io
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from rich.console import Console
 from analysis.arithmetic import gap_pct
 from analysis.bands import compact, parse_bands
 from analysis.figures import write_figures
-from analysis.instrument import build_panel, require_stat
+from analysis.instrument import PanelSpec, build_panel, require_stat
 from analysis.overlap import active_keys, feature_overlap, mean_cosine, pair_keys
 from analysis.report import GROUP_NAME, GapReport, GapRow, Headline, OverlapRow, SimilarityRow, write_csv, write_json
 from analysis.sources import LanguageSource, check_parallel, load_sources, resolve_paths
@@ -40,20 +41,42 @@ REPORT_WIDTH = 80  # report.txt is the terminal report at the width it is design
 Pathish = str | Path
 
 
-def analyse(
-    paths: Pathish | Sequence[Pathish],
-    stat: str = "mass",
-    bands: str | Sequence[tuple[int, int]] | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    reference: str = REFERENCE,
-    low_langs: Sequence[str] = LOW_LANGS,
-    allow_id_mismatch: bool = False,
-) -> GapReport:
+@dataclass(frozen=True)
+class GapOptions:
+    """How activation files are analysed: the per-sentence statistic, the layer bands (default: thirds), the
+    bootstrap's resamples and seed, the reference language, the headline group (a list or "id,ca,mr"), and
+    whether languages whose sentence ids differ are analysed on the ids they share."""
+
+    stat: str = "mass"
+    bands: str | Sequence[tuple[int, int]] | None = None
+    n_boot: int = 1000
+    seed: int = 0
+    reference: str = REFERENCE
+    low_langs: Sequence[str] | str = LOW_LANGS
+    allow_id_mismatch: bool = False
+
+
+@dataclass
+class _Measured:
+    """The per-language arrays every table of a report is made from."""
+
+    stat: str
+    reference: str
+    layers: list[int]
+    values: dict[str, np.ndarray]  # (sentences, layers): the statistic per sentence
+    reps: dict[str, np.ndarray]  # bootstrap replicates of the layer means
+    gaps: dict[str, np.ndarray]  # gap_pct per layer
+    gap_reps: dict[str, np.ndarray]
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # rows of the sentences shared with the reference
+
+
+def analyse(paths: Pathish | Sequence[Pathish], options: GapOptions = GapOptions()) -> GapReport:
     """Analyse activation files (or run directories) into a GapReport; see analysis.report.METHODS.
 
     Every language must hold the reference's sentence ids (the pairing each gap rests on); with
-    `allow_id_mismatch` the parallel statistics use the ids both hold, and a note says how many."""
+    `options.allow_id_mismatch` the parallel statistics use the ids both hold, and a note says how many."""
+    stat, n_boot, seed, reference, low_langs = (options.stat, options.n_boot, options.seed, options.reference,
+                                               options.low_langs)
     if stat not in STATS:
         raise UserError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
     if n_boot < 1:
@@ -61,10 +84,10 @@ def analyse(
     if isinstance(low_langs, str):  # "id,ca,mr" from a config file
         low_langs = [x.strip() for x in low_langs.split(",") if x.strip()]
     sources, meta = load_sources(resolve_paths([paths] if isinstance(paths, (str, Path)) else paths), reference)
-    if not allow_id_mismatch:
+    if not options.allow_id_mismatch:
         check_parallel(sources, reference)
     layers = meta["layers"]
-    band_layers = parse_bands(bands, layers)
+    band_layers = parse_bands(options.bands, layers)
     languages = _order(sources, reference, low_langs)
     group = [lang for lang in low_langs if lang in sources and lang != reference]
 
@@ -78,18 +101,17 @@ def analyse(
     gaps = {lang: gap_pct(values[lang].mean(axis=0), ref_a) for lang in languages}
     gap_reps = {lang: gap_pct(reps[lang], reps[reference]) for lang in languages}
     pairs = {lang: _pairs(sources[lang], sources[reference]) for lang in languages}
+    measured = _Measured(stat, reference, layers, values, reps, gaps, gap_reps, pairs)
 
-    rows = []
-    for lang in languages:
-        rows += _rows(lang, stat, layers, values[lang], values[reference], gaps[lang], reps[lang], gap_reps[lang],
-                      pairs[lang], is_reference=lang == reference)
+    rows = [row for lang in languages for row in _rows(measured, lang)]
     headlines = [_headline(lang, [lang], gaps[lang], gap_reps[lang], layers, band_layers) for lang in languages[1:]]
     if group:
         group_gap = nanmean([gaps[lang] for lang in group], axis=0)
         group_reps = nanmean([gap_reps[lang] for lang in group], axis=0)
         headlines.insert(0, _headline(GROUP_NAME, group, group_gap, group_reps, layers, band_layers))
     overlap, similarity = _compare(sources, languages, reference, layers, pairs)
-    panel = build_panel(sources, reference, languages, group, GROUP_NAME, layers, band_layers, stat, n_boot, seed)
+    panel = build_panel(sources, PanelSpec(reference, languages, group, GROUP_NAME, layers, band_layers, stat,
+                                           n_boot, seed))
     return GapReport(
         statistic=stat,
         reference=reference,
@@ -105,7 +127,7 @@ def analyse(
         similarity=similarity,
         meta=meta,
         sources={lang: [str(p) for p in sources[lang].paths] for lang in languages},
-        notes=_notes(sources, languages, reference, low_langs, pairs, layers, ref_a, stat) + truncation_notes(sources),
+        notes=_notes(sources, languages, measured, low_langs) + truncation_notes(sources),
         instrument=panel,
     )
 
@@ -123,22 +145,10 @@ def write_report(report: GapReport, out_dir: Pathish) -> Path:
     return out
 
 
-def run_report(
-    run_dir: Pathish,
-    out_dir: Pathish | None = None,
-    stat: str = "mass",
-    bands: str | Sequence[tuple[int, int]] | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    console: Console | None = None,
-    *,
-    reference: str = REFERENCE,
-    low_langs: Sequence[str] = LOW_LANGS,
-    allow_id_mismatch: bool = False,
-) -> GapReport:
+def run_report(run_dir: Pathish, options: GapOptions = GapOptions(), out_dir: Pathish | None = None,
+               console: Console | None = None) -> GapReport:
     """The `report` stage: analyse RUN/activations, write RUN/reports/ (or out_dir), print to `console` if given."""
-    report = analyse(run_dir, stat=stat, bands=bands, n_boot=n_boot, seed=seed, reference=reference,
-                     low_langs=low_langs, allow_id_mismatch=allow_id_mismatch)
+    report = analyse(run_dir, options)
     write_report(report, out_dir if out_dir is not None else RunDir(run_dir).reports)
     if console is not None:
         render(report, console)
@@ -218,20 +228,11 @@ def _pairs(lang: LanguageSource, ref: LanguageSource) -> tuple[np.ndarray, np.nd
     return rows_lang, rows_ref
 
 
-def _rows(
-    lang: str,
-    stat: str,
-    layers: list[int],
-    values: np.ndarray,
-    ref_values: np.ndarray,
-    gap: np.ndarray,
-    reps: np.ndarray,
-    gap_reps: np.ndarray,
-    pairs: tuple[np.ndarray, np.ndarray],
-    is_reference: bool,
-) -> list[GapRow]:
-    low, high = percentile_ci(reps)
-    gap_low, gap_high = percentile_ci(gap_reps)
+def _rows(m: _Measured, lang: str) -> list[GapRow]:
+    stat, layers, values, ref_values, gap = m.stat, m.layers, m.values[lang], m.values[m.reference], m.gaps[lang]
+    pairs, is_reference = m.pairs[lang], lang == m.reference
+    low, high = percentile_ci(m.reps[lang])
+    gap_low, gap_high = percentile_ci(m.gap_reps[lang])
     x, y = values[pairs[0]], ref_values[pairs[1]]
     n_par = len(pairs[0])
     gap_par = gap_pct(x.mean(axis=0), y.mean(axis=0)) if n_par else np.full(len(layers), np.nan)
@@ -318,17 +319,11 @@ def _pair_index(n: int, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _notes(
-    sources: dict[str, LanguageSource],
-    languages: list[str],
-    reference: str,
-    low_langs: Sequence[str],
-    pairs: dict[str, tuple[np.ndarray, np.ndarray]],
-    layers: list[int],
-    ref_a: np.ndarray,
-    stat: str,
-) -> list[str]:
+def _notes(sources: dict[str, LanguageSource], languages: list[str], m: _Measured, low_langs: Sequence[str]
+           ) -> list[str]:
     """What a reader must know to trust the numbers: unmatched sentences, absent languages, undefined gaps."""
+    reference, pairs, layers, stat = m.reference, m.pairs, m.layers, m.stat
+    ref_a = m.values[reference].mean(axis=0)
     notes = []
     ref = sources[reference]
     for lang in languages[1:]:
@@ -394,16 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console()
     try:
-        report = analyse(
-            args.paths,
-            stat=args.stat,
-            bands=args.bands,
-            n_boot=args.n_boot,
-            seed=args.seed,
-            reference=args.reference,
-            low_langs=args.low_langs,
-            allow_id_mismatch=args.allow_id_mismatch,
-        )
+        report = analyse(args.paths, GapOptions(stat=args.stat, bands=args.bands, n_boot=args.n_boot, seed=args.seed,
+                                                reference=args.reference, low_langs=args.low_langs,
+                                                allow_id_mismatch=args.allow_id_mismatch))
         out = write_report(report, args.out or _default_out(args.paths))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

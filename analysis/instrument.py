@@ -83,19 +83,27 @@ def agreement(gap: float, ci: tuple[float, float], ref_gap: float, ref_ci: tuple
     return "agrees" if np.sign(gap) == np.sign(ref_gap) else "disagrees"
 
 
-def build_panel(
-    sources: Mapping[str, LanguageSource],
-    reference: str,
-    languages: Sequence[str],
-    group: Sequence[str],
-    group_name: str,
-    layers: Sequence[int],
-    bands: Mapping[str, Sequence[int]],
-    stat: str = "mass",
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> InstrumentPanel:
+@dataclass(frozen=True)
+class PanelSpec:
+    """What a panel sets side by side: the languages (the reference among them), the headline group and its
+    name, the layers and their bands, the SAE statistic, and the bootstrap's resamples and seed."""
+
+    reference: str
+    languages: Sequence[str]
+    group: Sequence[str]
+    group_name: str
+    layers: Sequence[int]
+    bands: Mapping[str, Sequence[int]]
+    stat: str = "mass"
+    n_boot: int = 1000
+    seed: int = 0
+
+
+def build_panel(sources: Mapping[str, LanguageSource], spec: PanelSpec) -> InstrumentPanel:
     """The instrument panel of a gap analysis; `missing` explains an empty panel (files without controls)."""
+    reference, languages, group, group_name, bands, stat = (spec.reference, spec.languages, spec.group,
+                                                             spec.group_name, spec.bands, spec.stat)
+    layers = spec.layers
     panel = InstrumentPanel(statistic=stat)
     lacking = [str(p) for s in sources.values() for p in s.paths if not _has_controls(p, layers)]
     if lacking:
@@ -105,9 +113,8 @@ def build_panel(
     layers = list(layers)
     others = [lang for lang in languages if lang != reference]
     units = np.unique(np.concatenate([s.ids for s in sources.values()]))
-    measures = {m: _stat_gaps(sources, languages, reference, layers, units, m, n_boot, seed)
-                for m in dict.fromkeys((stat, *CONTROLS))}
-    matched = _position_matched(sources, others, reference, layers, units, n_boot, seed)
+    measures = {m: _stat_gaps(sources, spec, units, m) for m in dict.fromkeys((stat, *CONTROLS))}
+    matched = _position_matched(sources, spec, units)
     if matched is not None:
         measures[POSITION_MATCHED] = matched
     names = [*others, *([group_name] if group else [])]
@@ -145,19 +152,22 @@ def _has_controls(path, layers: Sequence[int]) -> bool:
         return all(f.has_stat(layers[0], c) for c in CONTROLS)
 
 
-def _stat_gaps(sources, languages, reference, layers, units, stat, n_boot, seed):
+def _stat_gaps(sources, spec: PanelSpec, units, stat: str):
     """Per-layer gap and its bootstrap replicates for every language under `stat` (as analysis.gaps does)."""
+    languages, reference, layers = spec.languages, spec.reference, list(spec.layers)
     values = {lang: sources[lang].stats(layers, stat) for lang in languages}
     groups = {lang: (np.searchsorted(units, sources[lang].ids), values[lang]) for lang in languages}
-    reps = cluster_bootstrap_means(groups, len(units), n_boot, seed)
+    reps = cluster_bootstrap_means(groups, len(units), spec.n_boot, spec.seed)
     ref = values[reference].mean(axis=0)
     gaps = {lang: gap_pct(values[lang].mean(axis=0), ref) for lang in languages if lang != reference}
     gap_reps = {lang: gap_pct(reps[lang], reps[reference]) for lang in languages if lang != reference}
     return gaps, gap_reps
 
 
-def _position_matched(sources, others, reference, layers, units, n_boot, seed):
+def _position_matched(sources, spec: PanelSpec, units):
     """Gap of the token mass on positions 1..K of each parallel pair, K the shorter sentence's length."""
+    reference, layers = spec.reference, list(spec.layers)
+    others = [lang for lang in spec.languages if lang != reference]
     ref = sources[reference]
     ref_mass = {layer: ref.token_mass(layer) for layer in layers}
     ref_offsets = ref.offsets()
@@ -171,7 +181,7 @@ def _position_matched(sources, others, reference, layers, units, n_boot, seed):
         x = np.stack([_prefix_means(src.token_mass(layer), offsets[rows], k) for layer in layers], axis=1)
         y = np.stack([_prefix_means(ref_mass[layer], ref_offsets[ref_rows], k) for layer in layers], axis=1)
         unit = np.searchsorted(units, src.ids[rows])
-        reps = cluster_bootstrap_means({"x": (unit, x), "y": (unit, y)}, len(units), n_boot, seed)
+        reps = cluster_bootstrap_means({"x": (unit, x), "y": (unit, y)}, len(units), spec.n_boot, spec.seed)
         gaps[lang] = gap_pct(x.mean(axis=0), y.mean(axis=0))
         gap_reps[lang] = gap_pct(reps["x"], reps["y"])
     if not shared or np.mean(np.concatenate(shared)) < MIN_SHARED_POSITIONS:

@@ -161,12 +161,12 @@ def is_whole_run(cfg: Config, done: list[ExtractionUnit]) -> bool:
 def print_finding(cfg: Config, console: Console) -> None:
     """The run's headline as `report` computes it, with fewer bootstrap resamples (labelled so), and the
     command that gives the full report."""
-    from analysis.gaps import analyse
+    from analysis.gaps import GapOptions, analyse
     from analysis.terminal import headline_panel
 
     n_boot = min(FINDING_BOOT, cfg.report.n_boot)
-    report = analyse(cfg.run_dir, stat=cfg.report.stat, bands=cfg.report.bands or None, n_boot=n_boot,
-                     seed=cfg.run.seed)
+    report = analyse(cfg.run_dir, GapOptions(stat=cfg.report.stat, bands=cfg.report.bands or None, n_boot=n_boot,
+                                             seed=cfg.run.seed))
     console.print(headline_panel(report))
     cheaper = f"; the report uses {cfg.report.n_boot:,}" if n_boot < cfg.report.n_boot else ", as the report"
     console.print(f"A quick estimate ({n_boot:,} bootstrap resamples for the intervals{cheaper}). Full report, "

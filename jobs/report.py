@@ -13,14 +13,15 @@ from toolkit.stages import Task
 
 def run(cfg: Config, task: Task | None = None):
     """The report of the whole run; one task: the stage does not split."""
-    from analysis.gaps import run_report
+    from analysis.gaps import GapOptions, run_report
 
     run_dir = RunDir(cfg.run_dir)
     run_dir.check(must_exist=True, saes=False)
     # the report itself goes to stdout (it is the product); progress and errors go to stderr
     console = Console()
-    report = run_report(cfg.run_dir, stat=cfg.report.stat, bands=cfg.report.bands or None, n_boot=cfg.report.n_boot,
-                        seed=cfg.run.seed, console=console, allow_id_mismatch=cfg.report.allow_id_mismatch)
+    options = GapOptions(stat=cfg.report.stat, bands=cfg.report.bands or None, n_boot=cfg.report.n_boot,
+                         seed=cfg.run.seed, allow_id_mismatch=cfg.report.allow_id_mismatch)
+    report = run_report(cfg.run_dir, options, console=console)
     summary = run_summary.collect(cfg.run_dir, gaps=_gap_summary(report))
     for part in run_summary.renderables(summary):
         console.print(part)

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from analysis.bands import default_bands, parse_bands
-from analysis.gaps import analyse
+from analysis.gaps import GapOptions, analyse
 from analysis.report import GROUP_NAME
 from tests.unit.analysis_fixtures import constant_run, random_run, write_activations
 from toolkit.errors import UserError
@@ -20,7 +20,7 @@ def _row(report, lang, layer):
 
 def test_values_and_gaps_are_exact(tmp_path):
     run = constant_run(tmp_path, {"en": [16, 16, 8, 4], "hi": [12, 8, 8, 5], "es": [20, 16, 10, 4]})
-    report = analyse(run, n_boot=50)
+    report = analyse(run, GapOptions(n_boot=50))
     assert report.languages == ["en", "es", "hi"]
     assert report.matrix("value").tolist() == [[16, 16, 8, 4], [20, 16, 10, 4], [12, 8, 8, 5]]
     assert report.matrix("gap_pct").tolist() == [[0, 0, 0, 0], [25, 0, 25, 0], [-25, -50, 0, 25]]
@@ -38,7 +38,7 @@ def test_varying_values_gap_ci_and_wilcoxon(tmp_path):
     hi = np.array([[1, 1, 2, 2, 1, 1, 2, 2.5]], dtype=float).T
     write_activations(tmp_path / "activations" / "en.h5", "en", ids, en)
     write_activations(tmp_path / "activations" / "hi.h5", "hi", ids, hi)
-    report = analyse(tmp_path, n_boot=300, seed=1)
+    report = analyse(tmp_path, GapOptions(n_boot=300, seed=1))
     row = _row(report, "hi", 0)
     assert row.value == pytest.approx(1.5625)
     assert row.gap_pct == pytest.approx(100 * (1.5625 - 2.5) / 2.5)
@@ -49,7 +49,7 @@ def test_varying_values_gap_ci_and_wilcoxon(tmp_path):
 
 def test_wilcoxon_p_values_match_scipy_on_stored_values(tmp_path):
     run = random_run(tmp_path, ["en", "mr"], n_sentences=40, n_layers=3, scale={"mr": 0.95})
-    report = analyse(run, n_boot=20)
+    report = analyse(run, GapOptions(n_boot=20))
     with ActivationFile(run / "activations" / "en.h5") as en, ActivationFile(run / "activations" / "mr.h5") as mr:
         for layer in (0, 1, 2):
             expected = scipy_stats.wilcoxon(mr.stats(layer), en.stats(layer)).pvalue
@@ -63,8 +63,8 @@ def test_ids_that_differ_are_refused_unless_allowed_then_the_parallel_gap_uses_t
     write_activations(tmp_path / "hi.h5", "hi", hi_ids, np.array([[1.0, 1, 3, 4, 8, 8]]).T)
     with pytest.raises(UserError, match=r"hi and en do not hold the same sentence ids \(2: 'g', 'h' only in hi; "
                                          r"2: 'a', 'b' only in en\).*--allow-id-mismatch"):
-        analyse([tmp_path / "en.h5", tmp_path / "hi.h5"], n_boot=50)
-    report = analyse([tmp_path / "en.h5", tmp_path / "hi.h5"], n_boot=50, allow_id_mismatch=True)
+        analyse([tmp_path / "en.h5", tmp_path / "hi.h5"], GapOptions(n_boot=50))
+    report = analyse([tmp_path / "en.h5", tmp_path / "hi.h5"], GapOptions(n_boot=50, allow_id_mismatch=True))
     row = _row(report, "hi", 0)
     assert row.n == 6 and row.n_parallel == 4
     assert row.gap_pct == pytest.approx(100 * (25 / 6 - 16 / 6) / (16 / 6))
@@ -77,7 +77,8 @@ def test_statistic_is_selectable(tmp_path):
     for lang, scale in (("en", 1.0), ("hi", 0.5)):
         stats = {"mass": np.full((2, 1), 8.0 * scale), "l0": np.full((2, 1), 4.0), "max": np.full((2, 1), 2.0 / scale)}
         write_activations(tmp_path / "activations" / f"{lang}.h5", lang, ids, stats)
-    gaps = {stat: _row(analyse(tmp_path, stat=stat, n_boot=10), "hi", 0).gap_pct for stat in ("mass", "l0", "max")}
+    gaps = {stat: _row(analyse(tmp_path, GapOptions(stat=stat, n_boot=10)), "hi", 0).gap_pct
+            for stat in ("mass", "l0", "max")}
     assert gaps == {"mass": -50.0, "l0": 0.0, "max": 100.0}
 
 
@@ -118,7 +119,7 @@ def test_headlines_are_exact(tmp_path):
             "es": [8, 8, 8, 8, 8, 8],  # not in the medium/low-resource group
         },
     )
-    report = analyse(run, n_boot=100)
+    report = analyse(run, GapOptions(n_boot=100))
     assert report.bands == {"early": [0, 1], "middle": [2, 3], "deep": [4, 5]}
     assert report.low_langs == ["id", "hi"]
     hi, idn, group = report.headline("hi"), report.headline("id"), report.headline(GROUP_NAME)
@@ -130,15 +131,15 @@ def test_headlines_are_exact(tmp_path):
     assert group.early_ci == (-25.0, -25.0) and group.deep_ci == (-28.125, -28.125)
     assert report.headline("es").deep_mean_gap == -50.0
 
-    custom = analyse(run, bands="0-2,3-3,4-5", n_boot=100).headline(GROUP_NAME)
+    custom = analyse(run, GapOptions(bands="0-2,3-3,4-5", n_boot=100)).headline(GROUP_NAME)
     assert (custom.early_min_gap, custom.early_min_layer, custom.deep_mean_gap) == (-25.0, 1, -28.125)
-    custom = analyse(run, bands="0,1-4,5-5", n_boot=100).headline(GROUP_NAME)
+    custom = analyse(run, GapOptions(bands="0,1-4,5-5", n_boot=100)).headline(GROUP_NAME)
     assert (custom.early_min_gap, custom.early_min_layer, custom.deep_mean_gap) == (-12.5, 0, -37.5)
 
 
 def test_headline_cis_bracket_the_estimates(tmp_path):
     run = random_run(tmp_path, ["en", "ml", "hi", "it"], n_sentences=30, scale={"ml": 0.7, "hi": 0.8})
-    report = analyse(run, n_boot=300)
+    report = analyse(run, GapOptions(n_boot=300))
     for h in report.headlines:
         assert h.early_ci[0] <= h.early_min_gap <= h.early_ci[1]
         assert h.deep_ci[0] <= h.deep_mean_gap <= h.deep_ci[1]
@@ -149,7 +150,7 @@ def test_layer_subset(tmp_path):
     ids = ["a", "b", "c"]
     write_activations(tmp_path / "en.h5", "en", ids, np.full((3, 3), 4.0), layers=[0, 5, 12])
     write_activations(tmp_path / "ml.h5", "ml", ids, np.tile([4.0, 3.0, 2.0], (3, 1)), layers=[0, 5, 12])
-    report = analyse(tmp_path, n_boot=20)
+    report = analyse(tmp_path, GapOptions(n_boot=20))
     assert report.layers == [0, 5, 12]
     assert report.bands == {"early": [0], "middle": [5], "deep": [12]}
     assert report.matrix("gap_pct", ["ml"]).tolist() == [[0.0, -25.0, -50.0]]
@@ -170,8 +171,8 @@ def test_shards_and_runs_merge_to_the_same_numbers(tmp_path):
             hi[part], batch_size=3, shard=(k, 2),
         )
     write_activations(tmp_path / "other" / "activations" / "en.h5", "en", ids, en, batch_size=5)
-    single = analyse(tmp_path / "one", n_boot=200).to_json()
-    merged = analyse([tmp_path / "sharded", tmp_path / "other"], n_boot=200).to_json()
+    single = analyse(tmp_path / "one", GapOptions(n_boot=200)).to_json()
+    merged = analyse([tmp_path / "sharded", tmp_path / "other"], GapOptions(n_boot=200)).to_json()
     for key in ("rows", "headlines", "overlap"):
         assert merged[key] == single[key]
     assert len(merged["metadata"]["sources"]["hi"]) == 2
@@ -213,9 +214,9 @@ def test_duplicate_sentence_ids_are_refused(tmp_path):
 def test_bad_arguments_are_user_errors(tmp_path):
     constant_run(tmp_path, {"en": [1.0], "hi": [1.0]})
     with pytest.raises(UserError, match="unknown statistic"):
-        analyse(tmp_path, stat="mean")
+        analyse(tmp_path, GapOptions(stat="mean"))
     with pytest.raises(UserError, match="n_boot"):
-        analyse(tmp_path, n_boot=0)
+        analyse(tmp_path, GapOptions(n_boot=0))
     with pytest.raises(UserError, match="no such file"):
         analyse(tmp_path / "missing")
     (tmp_path / "empty").mkdir()

@@ -14,7 +14,7 @@ import matplotlib.image
 import pytest
 from rich.console import Console
 
-from analysis.gaps import analyse, run_report, write_report
+from analysis.gaps import GapOptions, analyse, run_report, write_report
 from analysis.report import GROUP_NAME
 from analysis.terminal import layer_columns, render
 from tests.unit.analysis_fixtures import random_run
@@ -36,7 +36,7 @@ def _python(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_write_report_outputs(run26, tmp_path):
-    report = analyse(run26, n_boot=200)
+    report = analyse(run26, GapOptions(n_boot=200))
     out = write_report(report, tmp_path / "reports")
 
     data = json.loads((out / "gaps.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
@@ -70,7 +70,7 @@ def test_write_report_outputs(run26, tmp_path):
 @pytest.mark.parametrize("n_layers, expected_columns", [(26, 9), (18, 9), (6, 6), (3, 3)])
 def test_terminal_report_fits_80_columns(tmp_path, n_layers, expected_columns):
     run = random_run(tmp_path, ["en", "hi", "ml", "it"], n_sentences=10, n_layers=n_layers, scale={"ml": 0.8})
-    report = analyse(run, n_boot=50)
+    report = analyse(run, GapOptions(n_boot=50))
     console = Console(record=True, width=80, file=io.StringIO())
     render(report, console)
     lines = console.export_text().splitlines()
@@ -93,7 +93,7 @@ def test_layer_columns_never_cross_a_band():
 def test_run_report_writes_into_the_run(tmp_path):
     run = random_run(tmp_path, ["en", "hi", "ml"], n_sentences=8, n_layers=6)
     console = Console(record=True, width=80, file=io.StringIO())
-    report = run_report(run, n_boot=50, console=console)
+    report = run_report(run, GapOptions(n_boot=50), console=console)
     assert (run / "reports" / "gaps.json").is_file()
     assert (run / "reports" / "figures" / "gap_heatmap.png").is_file()
     assert report.headline(GROUP_NAME) is not None
@@ -135,8 +135,8 @@ def test_analysis_never_imports_torch_or_scipy(tmp_path):
 import io, sys
 from rich.console import Console
 import analysis
-from analysis import analyse, render, write_report
-report = analyse({str(run)!r}, n_boot=20)
+from analysis import GapOptions, analyse, render, write_report
+report = analyse({str(run)!r}, GapOptions(n_boot=20))
 write_report(report, {str(tmp_path / "out")!r})
 render(report, Console(file=io.StringIO(), width=80))
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {{"torch", "scipy", "transformers", "sae_lens"}})

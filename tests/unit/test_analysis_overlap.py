@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from analysis.gaps import analyse
+from analysis.gaps import GapOptions, analyse
 from analysis.overlap import active_keys, feature_overlap, jaccard, mean_cosine, pair_keys
 from tests.unit.analysis_fixtures import write_activations
 
@@ -56,7 +56,7 @@ def test_feature_overlap_from_codes():
 def test_overlap_end_to_end_on_hand_built_codes(tmp_path):
     _write(tmp_path / "en.h5", "en", EN)
     _write(tmp_path / "hi.h5", "hi", HI)
-    report = analyse(tmp_path, n_boot=10, allow_id_mismatch=True)  # x and y have no counterpart on purpose
+    report = analyse(tmp_path, GapOptions(n_boot=10, allow_id_mismatch=True))  # x and y have no counterpart on purpose
     layer0, layer1 = (r for r in report.overlap if r.language == "hi")
     # layer 0: F_en = {1,2,3,4,5,7}, F_hi = {1,2,9,8,7}; pairs a: 2/4, b: 0/3, c: 1/1
     assert (layer0.layer, layer0.n_parallel) == (0, 3)
@@ -76,7 +76,7 @@ def test_cosine_similarity_of_pooled_residuals(tmp_path):
     hi_resid = np.array([[hi[i], [3 * v for v in en.get(i, [1, 1])]] for i in HI], dtype=float)
     _write(tmp_path / "en.h5", "en", EN, resid=en_resid)
     _write(tmp_path / "hi.h5", "hi", HI, resid=hi_resid)
-    report = analyse(tmp_path, n_boot=10, allow_id_mismatch=True)  # x and y have no counterpart on purpose
+    report = analyse(tmp_path, GapOptions(n_boot=10, allow_id_mismatch=True))  # x and y have no counterpart on purpose
     assert [(r.layer, r.n_parallel) for r in report.similarity] == [(0, 3), (1, 3)]
     assert report.similarity[0].cosine == pytest.approx(0.0, abs=1e-12)
     assert report.similarity[1].cosine == pytest.approx(1.0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from analysis import instrument
-from analysis.gaps import analyse, write_report
+from analysis.gaps import GapOptions, analyse, write_report
 from tests.unit.analysis_fixtures import write_activations
 from toolkit.errors import UserError
 
@@ -43,7 +43,7 @@ def test_agreement_needs_the_same_sign_and_both_intervals_clear_of_zero(gap, ci,
 def test_a_control_that_contradicts_the_sae_gap_is_said_in_words(tmp_path):
     run = controlled_run(tmp_path / "run", mass={"en": 1.0, "hi": 1.8}, norm={"en": 1.0, "hi": 0.5},
                          fve={"en": 0.9, "hi": 0.5})
-    report = analyse(run, n_boot=200, low_langs=["hi"])
+    report = analyse(run, GapOptions(n_boot=200, low_langs=["hi"]))
     panel = report.instrument
     assert not panel.missing
     for band in ("early", "middle", "deep"):
@@ -64,7 +64,7 @@ def test_a_control_that_contradicts_the_sae_gap_is_said_in_words(tmp_path):
 def test_a_gap_that_survives_its_control_is_said_to(tmp_path):
     run = controlled_run(tmp_path / "run", mass={"en": 1.0, "hi": 0.6}, norm={"en": 1.0, "hi": 0.7},
                          fve={"en": 0.9, "hi": 0.85})
-    panel = analyse(run, n_boot=200, low_langs=["hi"]).instrument
+    panel = analyse(run, GapOptions(n_boot=200, low_langs=["hi"])).instrument
     assert all("survives" in v for v in panel.verdicts[:3])
     assert panel.low_fidelity == []
 
@@ -77,14 +77,14 @@ def test_position_matched_gap_compares_the_same_positions(tmp_path):
     write_activations(run / "activations" / "en.h5", "en", IDS, stats, n_tokens=4, layers=[0, 1])
     hi_codes = {layer: [[[1]] * 4 + [[1, 2, 3]] * 4 for _ in IDS] for layer in (0, 1)}
     write_activations(run / "activations" / "hi.h5", "hi", IDS, stats, n_tokens=8, layers=[0, 1], features=hi_codes)
-    panel = analyse(run, n_boot=50, low_langs=["hi"]).instrument
+    panel = analyse(run, GapOptions(n_boot=50, low_langs=["hi"])).instrument
     assert panel.layer_gaps["position-matched"]["hi"] == pytest.approx([0.0, 0.0])
 
 
 def test_too_few_shared_positions_are_said(tmp_path):
     run = controlled_run(tmp_path / "run", mass={"en": 1.0, "hi": 0.6}, norm={"en": 1.0, "hi": 0.7},
                          fve={"en": 0.9, "hi": 0.9}, n_tokens=1)
-    panel = analyse(run, n_boot=50, low_langs=["hi"]).instrument
+    panel = analyse(run, GapOptions(n_boot=50, low_langs=["hi"])).instrument
     assert "position-matched" not in panel.layer_gaps
     assert any("position-matched gaps skipped" in v for v in panel.verdicts)
 
@@ -94,10 +94,10 @@ def test_files_without_controls_are_read_and_reported_as_lacking_them(tmp_path):
     rng = np.random.default_rng(0)
     for lang in ("en", "hi"):
         write_activations(run / "activations" / f"{lang}.h5", lang, IDS, rng.gamma(4.0, 1.0, size=(len(IDS), 3)))
-    report = analyse(run, n_boot=50, low_langs=["hi"])
+    report = analyse(run, GapOptions(n_boot=50, low_langs=["hi"]))
     assert "--overwrite" in report.instrument.missing and report.rows
     with pytest.raises(UserError, match=r"hi\.h5|en\.h5") as err:
-        analyse(run, stat="resid_norm", n_boot=50)
+        analyse(run, GapOptions(stat="resid_norm", n_boot=50))
     assert "--overwrite" in str(err.value)
 
 
@@ -110,6 +110,6 @@ def test_a_language_cut_at_max_length_is_noted(tmp_path):
         h5.attrs["n_truncated"] = 3  # 3 of 40: above the 1 % threshold
     with h5py.File(run / "activations" / "en.h5", "r+") as h5:
         h5.attrs["n_truncated"] = 0
-    notes = analyse(run, n_boot=50, low_langs=["hi"]).notes
+    notes = analyse(run, GapOptions(n_boot=50, low_langs=["hi"])).notes
     assert any(n.startswith("hi: 3 of 40 sentences were cut") for n in notes)
     assert not any(n.startswith("en:") for n in notes)
