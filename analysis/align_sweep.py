@@ -78,7 +78,7 @@ def load(run: str | Path) -> list[SweepRow]:
     points = {name: path for name, path in run_dir.adapters().items() if is_point(name)}
     if not points:
         raise UserError(
-            f"{run}: no sweep point has an adapter under {run_dir.root / 'align'}; run "
+            f"{run}: no sweep point has an adapter under {run_dir.align_root}; run "
             f"`python -m toolkit.submit align --run {run} --sweep grid.yaml` first"
         )
     rows = [

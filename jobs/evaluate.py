@@ -59,14 +59,13 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.time()
     run_dir = RunDir(cfg.run_dir)
-    out_dir = run_dir.eval
     benches = tasks.parse_tasks(cfg.eval.tasks)
     adapters = discover_adapters(cfg)
     labels = ([] if cfg.eval.no_base and adapters else ["base"]) + [label for label, _ in adapters]
 
     with console.status("building lm-eval tasks"):
         bench_tasks = tasks.plan(benches, cfg.lang_codes, cfg.eval.bench_data)
-        tasks.load(bench_tasks, cfg.eval.bench_data, out_dir / "tasks", cfg.eval.shots, cfg.eval.limit, cfg.run.seed)
+        tasks.load(bench_tasks, cfg.eval.bench_data, run_dir.eval_tasks, cfg.eval.shots, cfg.eval.limit, cfg.run.seed)
     present = [bt for bt in bench_tasks if bt.ok]
     show_plan(cfg, bench_tasks, labels, console)
     if not present:
@@ -81,13 +80,13 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     scores, bits, seconds = score_models(cfg, base, adapters, labels, present, heldout, console)
     result = results_json(cfg, benches, base.model_id, adapters, labels, scores, bench_tasks, seconds, bits)
     result["wall_seconds"] = round(time.time() - started, 1)
-    outputs.write_outputs(result, scores, out_dir, bits)
+    outputs.write_outputs(result, scores, run_dir, bits)
     for table in outputs.tables(result):
         console.print(table)
     if not result["gaps"]:
-        gaps_csv = run_dir.reports / "gaps.csv"
+        gaps_csv = run_dir.gaps_csv
         console.print(f"[dim]no {gaps_csv}: run the report stage to correlate accuracy with the activation gaps[/]")
-    console.print(f"wrote {out_dir / 'results.json'}, results.csv, items.csv, figures/accuracy.png "
+    console.print(f"wrote {run_dir.eval_results}, results.csv, items.csv, figures/accuracy.png "
                   f"in {result['wall_seconds']:.0f} s")
     return result
 
@@ -199,7 +198,7 @@ def results_json(cfg: Config, benches: list[str], model_id: str, adapters: list[
     """results.json: the config, the models, results, paired comparisons, bits per byte, gap correlations."""
     results, comparisons = scoring.summarise(scores, bench_tasks, cfg.run.seed)
     bpb_results, bpb_comparisons = bpb_rows(bits or {}, cfg.run.seed)
-    gaps_csv = RunDir(cfg.run_dir).reports / "gaps.csv"
+    gaps_csv = RunDir(cfg.run_dir).gaps_csv
     gaps = correlate.band_gaps(gaps_csv, cfg.report.stat) if gaps_csv.is_file() else {}
     return {
         "format": "lingogap-eval",

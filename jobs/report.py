@@ -6,7 +6,7 @@ from rich.console import Console
 
 from analysis import summary as run_summary
 from toolkit.config import Config
-from toolkit.files import write_json
+from toolkit.files import atomic_write, write_json
 from toolkit.rundir import RunDir
 from toolkit.stages import Task
 
@@ -28,8 +28,8 @@ def run(cfg: Config, task: Task | None = None):
     run_summary.write(summary, run_dir.reports)
     if cfg.report.compare:
         _compare(cfg, run_dir, console)
-    with open(run_dir.reports / "report.txt", "a", encoding="utf-8") as fh:  # the gap report, then the rest
-        fh.write(run_summary.render_text(summary))
+    gap_report = run_dir.report_text.read_text(encoding="utf-8")
+    atomic_write(run_dir.report_text, gap_report + run_summary.render_text(summary))  # the gap report, then the rest
     run_dir.write_manifest(cfg, "report")  # a record of what ran: written once the report stands
     return report
 
@@ -40,8 +40,8 @@ def _compare(cfg: Config, run_dir: RunDir, console: Console) -> None:
 
     others = [p.strip() for p in cfg.report.compare.split(",") if p.strip()]
     comparison = compare.compare([compare.load_run(p) for p in (str(cfg.run_dir), *others)], cfg.report.bands or None)
-    write_json(run_dir.compare / "compare.json", comparison.to_json())
-    compare.figure(comparison, run_dir.compare / "compare.png")
+    write_json(run_dir.compare_json, comparison.to_json())
+    compare.figure(comparison, run_dir.compare_figure)
     compare.render(comparison, console)
 
 

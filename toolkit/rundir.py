@@ -36,13 +36,22 @@ class RunDir:
     saes = property(lambda self: self.root / "saes")
     reports = property(lambda self: self.root / "reports")
     gaps_json = property(lambda self: self.reports / "gaps.json")
+    gaps_csv = property(lambda self: self.reports / "gaps.csv")
+    report_text = property(lambda self: self.reports / "report.txt")
     compare = property(lambda self: self.reports / "compare")
+    compare_json = property(lambda self: self.compare / "compare.json")
+    compare_figure = property(lambda self: self.compare / "compare.png")
     align_root = property(lambda self: self.root / "align")
     eval = property(lambda self: self.root / "eval")
     logs = property(lambda self: self.root / "logs")
     jobs_file = property(lambda self: self.root / "jobs.json")
     manifest = property(lambda self: self.root / "manifest.json")
     eval_results = property(lambda self: self.eval / "results.json")
+    eval_table = property(lambda self: self.eval / "results.csv")
+    eval_items = property(lambda self: self.eval / "items.csv")
+    eval_bpb = property(lambda self: self.eval / "bpb.csv")
+    eval_figures = property(lambda self: self.eval / "figures")
+    eval_tasks = property(lambda self: self.eval / "tasks")
     # a before/after measurement folder (RunDir.base_measurement, AlignFolder.after) is laid out like a run:
     # its activations/ and measure.json, the statistics read back from them
     measure_cache = property(lambda self: self.root / "measure.json")
@@ -53,6 +62,10 @@ class RunDir:
         path = Path(path)
         folder = path if path.is_dir() else path.parent
         return cls(folder.parent if folder.name == ACTIVATIONS else folder)
+
+    def job_logs(self, submission: str) -> Path:
+        """One submission's Slurm logs and pickled jobs."""
+        return self.logs / submission
 
     def sae_set(self, key: str) -> Path:
         """A locally trained SAE set's folder (`local:KEY` in the activation files' `sae_source`)."""

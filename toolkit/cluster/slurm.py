@@ -77,7 +77,7 @@ class SlurmExecutor(Executor):
             check_container(prof.container, image, self.console)
             python = apptainer_python(prof.container, image, bind_paths(cfg, prof.container))
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        chain = _Chain(cfg, RunDir(cfg.run_dir).logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", image,
+        chain = _Chain(cfg, RunDir(cfg.run_dir).job_logs(f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"), image,
                        python, setup_lines(cfg, containerised=bool(image)), local_versions())
         records: list[dict] = []
         previous = ""

@@ -11,32 +11,33 @@ from toolkit.evaluation.scoring import Scores
 from toolkit.evaluation.tasks import BENCHMARKS
 from toolkit.files import write_json
 from toolkit.languages import LANGUAGES
+from toolkit.rundir import RunDir
 
 CHANCE = 0.25  # four options (a few ARC items have three or five)
 ITEM_METRICS = metrics.ACCURACY + metrics.CONTINUOUS
 
 
-def write_outputs(result: dict, scores: dict[str, dict[tuple[str, str], Scores]], out_dir: Path,
+def write_outputs(result: dict, scores: dict[str, dict[tuple[str, str], Scores]], run: RunDir,
                   bits: dict[str, dict[str, dict]] | None = None) -> None:
-    """results.json (atomically: it is what later stages and readers trust), results.csv, items.csv, bpb.csv,
-    figures."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "results.json", result)
-    write_csv(result, out_dir / "results.csv")
-    files.write_csv(out_dir / "items.csv", ["model", "task", "language", "item", *ITEM_METRICS, "pred", "gold", "lls"],
+    """RUN/eval: results.json (atomically: it is what later stages and readers trust), results.csv, items.csv,
+    bpb.csv, figures."""
+    run.eval.mkdir(parents=True, exist_ok=True)
+    write_json(run.eval_results, result)
+    write_csv(result, run.eval_table)
+    files.write_csv(run.eval_items, ["model", "task", "language", "item", *ITEM_METRICS, "pred", "gold", "lls"],
                     ([label, task, lang, key, *(int(v[m]) for m in metrics.ACCURACY),
                       *(f"{v[m]:.6g}" for m in metrics.CONTINUOUS), v["pred"], v["gold"],
                       " ".join(f"{x:.6g}" for x in v["lls"])]
                      for label, per_task in scores.items() for (task, lang), s in per_task.items()
                      for key, v in s.items.items()))
-    files.write_csv(out_dir / "bpb.csv", ["model", "language", "sentence", "bpb"],
+    files.write_csv(run.eval_bpb, ["model", "language", "sentence", "bpb"],
                     ([label, lang, sid, f"{v:.6g}"] for label, per_lang in (bits or {}).items()
                      for lang, b in per_lang.items() for sid, v in b["sentences"].items()))
-    figure(result["results"], out_dir / "figures" / "accuracy.png")
-    figure(result["results"], out_dir / "figures" / "p_gold.png", "p_gold")
+    figure(result["results"], run.eval_figures / "accuracy.png")
+    figure(result["results"], run.eval_figures / "p_gold.png", "p_gold")
     if result.get("gaps"):
         correlate.figure(result["correlations"], result["gaps"]["bands"], result["results"], result.get("bpb", []),
-                         out_dir / "figures" / "gap_vs_performance.png")
+                         run.eval_figures / "gap_vs_performance.png")
 
 
 def figure(results: list[dict], path: str | Path, metric: str = "acc") -> Path:
