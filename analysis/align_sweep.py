@@ -242,8 +242,8 @@ def write(rows: list[SweepRow], run: str | Path, x: str = "") -> tuple[Path, Pat
     """sweep.csv and pareto.png in RUN/reports/, each written atomically; `x` the gain axis (default: `default_x`)."""
     x = x or default_x(rows)
     mark(rows, x)
-    reports = RunDir(run).reports
-    return (atomic_write(reports / "sweep.csv", csv_text(rows)), atomic_write(reports / "pareto.png", figure(rows, x)))
+    reports = RunDir(run).report_folder
+    return atomic_write(reports.sweep_csv, csv_text(rows)), atomic_write(reports.pareto_figure, figure(rows, x))
 
 
 def main(argv: list[str] | None = None) -> int:

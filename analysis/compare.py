@@ -25,7 +25,7 @@ from rich.table import Table
 from analysis.bands import compact, describe, parse_bands
 from toolkit.errors import UserError
 from toolkit.files import jsonable, save_figure, write_json
-from toolkit.rundir import RunDir
+from toolkit.rundir import CompareFolder, ReportFolder, RunDir
 
 GROUP = "medium/low-resource"
 MIN_PROFILE_LAYERS = 3  # a correlation over fewer layers says nothing
@@ -309,12 +309,14 @@ def main(argv: list[str] | None = None) -> int:
         Console(stderr=True).print(f"[red]error:[/] {exc}")
         return 2
     first = Path(args.runs[0])
-    out = Path(args.out) if args.out else first.parent / "compare" if first.suffix == ".json" else RunDir(first).compare
-    write_json(out / "compare.json", comparison.to_json())
-    figure(comparison, out / "compare.png")
+    # the first run's reports folder (as `report --compare` writes), or the one of a gaps.json named directly
+    reports = ReportFolder(first.parent) if first.suffix == ".json" else RunDir(first).report_folder
+    out = CompareFolder(args.out or reports.compare)
+    write_json(out.json, comparison.to_json())
+    figure(comparison, out.figure)
     console = Console()
     render(comparison, console)
-    console.print(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
+    console.print(f"wrote {out.json} and {out.figure}")
     return 0
 
 

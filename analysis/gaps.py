@@ -32,7 +32,7 @@ from analysis.terminal import render
 from toolkit.errors import UserError
 from toolkit.files import atomic_write
 from toolkit.languages import REFERENCE
-from toolkit.rundir import RunDir
+from toolkit.rundir import ReportFolder, RunDir
 from toolkit.store import SAE_STATS, STATS
 
 LOW_LANGS = ("id", "ca", "mr", "ml", "hi")
@@ -134,15 +134,15 @@ def analyse(paths: Pathish | Sequence[Pathish], options: GapOptions = GapOptions
 
 def write_report(report: GapReport, out_dir: Pathish) -> Path:
     """Write gaps.json, gaps.csv, figures/*.png and report.txt into out_dir; returns out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(report, out / "gaps.json")
-    write_csv(report, out / "gaps.csv")
-    write_figures(report, out / "figures")
+    out = ReportFolder(out_dir)
+    out.root.mkdir(parents=True, exist_ok=True)
+    write_json(report, out.gaps_json)
+    write_csv(report, out.gaps_csv)
+    write_figures(report, out.figures)
     console = Console(record=True, width=REPORT_WIDTH, file=io.StringIO())
     render(report, console)
-    atomic_write(out / "report.txt", console.export_text())
-    return out
+    atomic_write(out.report_text, console.export_text())
+    return out.root
 
 
 def run_report(run_dir: Pathish, options: GapOptions = GapOptions(), out_dir: Pathish | None = None,

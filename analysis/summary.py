@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from toolkit.files import write_json
-from toolkit.rundir import RunDir, is_point
+from toolkit.rundir import ReportFolder, RunDir, is_point
 
 TOP_CORRELATIONS = 6
 
@@ -36,8 +36,8 @@ def collect(run_dir: str | Path, gaps: dict | None = None) -> dict:
             "evaluation": _evaluation(run)}
 
 
-def write(summary: dict, out_dir: str | Path) -> Path:
-    return write_json(Path(out_dir) / "summary.json", summary)
+def write(summary: dict, out: ReportFolder) -> Path:
+    return write_json(out.summary_json, summary)
 
 
 def renderables(summary: dict) -> list:

@@ -7,7 +7,7 @@ from rich.console import Console
 from analysis import summary as run_summary
 from toolkit.config import Config
 from toolkit.files import atomic_write, write_json
-from toolkit.rundir import RunDir
+from toolkit.rundir import CompareFolder, RunDir
 from toolkit.stages import Task
 
 
@@ -25,11 +25,11 @@ def run(cfg: Config, task: Task | None = None):
     summary = run_summary.collect(cfg.run_dir, gaps=_gap_summary(report))
     for part in run_summary.renderables(summary):
         console.print(part)
-    run_summary.write(summary, run_dir.reports)
+    run_summary.write(summary, run_dir.report_folder)
     if cfg.report.compare:
         _compare(cfg, run_dir, console)
-    gap_report = run_dir.report_text.read_text(encoding="utf-8")
-    atomic_write(run_dir.report_text, gap_report + run_summary.render_text(summary))  # the gap report, then the rest
+    text = run_dir.report_folder.report_text
+    atomic_write(text, text.read_text(encoding="utf-8") + run_summary.render_text(summary))  # gap report, then the rest
     run_dir.write_manifest(cfg, "report")  # a record of what ran: written once the report stands
     return report
 
@@ -40,8 +40,9 @@ def _compare(cfg: Config, run_dir: RunDir, console: Console) -> None:
 
     others = [p.strip() for p in cfg.report.compare.split(",") if p.strip()]
     comparison = compare.compare([compare.load_run(p) for p in (str(cfg.run_dir), *others)], cfg.report.bands or None)
-    write_json(run_dir.compare_json, comparison.to_json())
-    compare.figure(comparison, run_dir.compare_figure)
+    out = CompareFolder(run_dir.compare)
+    write_json(out.json, comparison.to_json())
+    compare.figure(comparison, out.figure)
     compare.render(comparison, console)
 
 

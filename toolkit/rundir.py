@@ -35,12 +35,10 @@ class RunDir:
     activations = property(lambda self: self.root / ACTIVATIONS)
     saes = property(lambda self: self.root / "saes")
     reports = property(lambda self: self.root / "reports")
-    gaps_json = property(lambda self: self.reports / "gaps.json")
-    gaps_csv = property(lambda self: self.reports / "gaps.csv")
-    report_text = property(lambda self: self.reports / "report.txt")
-    compare = property(lambda self: self.reports / "compare")
-    compare_json = property(lambda self: self.compare / "compare.json")
-    compare_figure = property(lambda self: self.compare / "compare.png")
+    report_folder = property(lambda self: ReportFolder(self.reports))
+    gaps_json = property(lambda self: self.report_folder.gaps_json)
+    gaps_csv = property(lambda self: self.report_folder.gaps_csv)
+    compare = property(lambda self: self.report_folder.compare)
     align_root = property(lambda self: self.root / "align")
     eval = property(lambda self: self.root / "eval")
     logs = property(lambda self: self.root / "logs")
@@ -159,6 +157,34 @@ class RunDir:
                     read_json(layer / name, fix)
             for weights in layer.glob("*.safetensors"):
                 check_safetensors(weights, fix)
+
+
+class ReportFolder:
+    """What `report` writes into RUN/reports (or what `python -m analysis.gaps --out DIR` writes into DIR): the gap
+    report (gaps.json, gaps.csv, report.txt, figures/), the run's summary.json, a sweep's table and front, and
+    compare/ (runs set side by side)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    gaps_json = property(lambda self: self.root / "gaps.json")
+    gaps_csv = property(lambda self: self.root / "gaps.csv")
+    report_text = property(lambda self: self.root / "report.txt")
+    figures = property(lambda self: self.root / "figures")
+    summary_json = property(lambda self: self.root / "summary.json")
+    sweep_csv = property(lambda self: self.root / "sweep.csv")
+    pareto_figure = property(lambda self: self.root / "pareto.png")
+    compare = property(lambda self: self.root / "compare")
+
+
+class CompareFolder:
+    """Where runs set side by side go: RUN/reports/compare of the first run (`RunDir.compare`), or `--out`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    json = property(lambda self: self.root / "compare.json")
+    figure = property(lambda self: self.root / "compare.png")
 
 
 class AlignFolder:

@@ -4,6 +4,7 @@ import json
 
 from analysis import summary
 from tests.unit.analysis_fixtures import random_run
+from toolkit.rundir import RunDir
 
 
 def _before_after(folder, targets):
@@ -55,7 +56,8 @@ def test_every_stage_that_ran_has_its_section(tmp_path):
     assert "evaluation · arc · p_gold_norm" in text and "0.260±0.004" in text and "Δ +0.012 [+0.004, +0.020]" in text
     assert "0.830" in text and "gap ↔ performance" in text and "-0.70" in text
     assert len(data["evaluation"]["correlations"]) == 1  # rows without a p-value are left out
-    path = summary.write(data, tmp_path / "reports")
+    path = summary.write(data, RunDir(tmp_path).report_folder)
+    assert path == tmp_path / "reports" / "summary.json"
     assert json.loads(path.read_text())["alignment"][0]["targets"] == ["hi"]
 
 
