@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import UserError
+from toolkit.rundir import RunDir
 from toolkit.store import ActivationFile, activation_files
 
 # Attributes that must agree across all files analysed together, checked in this order.
@@ -133,7 +134,7 @@ def resolve_paths(paths: Iterable[str | Path]) -> list[Path]:
         elif path.is_dir():
             files = [f for group in activation_files(path).values() for f in group] or sorted(path.glob("*.h5"))
             if not files:
-                raise UserError(f"{path}: no activation files (*.h5) in {path / 'activations'} or {path}")
+                raise UserError(f"{path}: no activation files (*.h5) in {RunDir(path).activations} or {path}")
             found.extend(files)
         else:
             raise UserError(f"{path}: no such file or directory")

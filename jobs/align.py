@@ -97,7 +97,7 @@ def show_plan(cfg: Config, todo: list[AlignTarget], split: align.Split, inputs: 
         f"LoRA r={a.lora_r} alpha={a.lora_alpha} dropout={a.lora_dropout} on {a.lora_targets} (layers {a.lora_layers})",
         f"loss = CE + {a.lambda_align} x align({a.objective}, {len(aligned)} layers, {a.layer_weights} weights) "
         f"+ {a.lambda_keep} x KL(base || adapted) on English",
-        f"output: {cfg.run_dir / 'align'}",
+        f"output: {RunDir(cfg.run_dir).align_root}",
     ]
     console.print(Panel("\n".join(facts), title="align plan"))
 

@@ -16,6 +16,7 @@ from toolkit import corpus as corpora
 from toolkit import stages
 from toolkit.config import Config, cache_dir
 from toolkit.layers import parse_layers
+from toolkit.rundir import RunDir
 
 KNOWN_LAYERS = {"embedded": (18, 640), "tiny": (26, 64), "google/gemma-2-2b": (26, 2304)}
 ASSUMED_L0 = 64  # for the disk estimate before any SAE is measured
@@ -95,7 +96,7 @@ def show_extract_table(cfg: Config, console: Console) -> None:
         f"bytes per token: {per_token:,} (assuming L0 {ASSUMED_L0} per layer)" if per_token else
         "bytes per token: unknown until the model config is on disk",
         f"batches of at most {cfg.extract.batch_tokens:,} padded tokens; executor {cfg.run.executor}",
-        f"output: {cfg.run_dir / 'activations'}",
+        f"output: {RunDir(cfg.run_dir).activations}",
     ]
     console.print(Panel("\n".join(facts), title="derived"))
 
@@ -314,8 +315,6 @@ def evaluate_plan(cfg: Config) -> Plan:
 
 def adapter_dirs(cfg: Config) -> list[Path]:
     """The adapters `evaluate` scores beside the base model: --adapter, else the run's (`RunDir.adapters`)."""
-    from toolkit.rundir import RunDir
-
     if cfg.model.adapter:
         return [Path(cfg.model.adapter)]
     return list(RunDir(cfg.run_dir).adapters(points=cfg.eval.sweep_points).values())
