@@ -28,4 +28,4 @@ def run(cfg: Config, task: Task | None = None) -> SAESet:
     lm = models.load(cfg.model)
     layers = parse_layers(cfg.run.layers, lm.n_layers)
     run_dir.write_manifest(cfg, "train-saes", corpus.hash)
-    return sae_training.train(cfg.sae_setup, lm, layers, corpus, run_dir.saes, console)  # prints its quality
+    return sae_training.train(cfg.sae_setup, lm, layers, corpus, run_dir, console)  # prints its quality

@@ -32,6 +32,7 @@ from toolkit.corpus import Corpus, is_heldout
 from toolkit.errors import UserError
 from toolkit.files import atomic_write, remove, staged, stale_staging
 from toolkit.models import LoadedModel
+from toolkit.rundir import RunDir
 from toolkit.sae_set import RECIPE_FILE, SAESet, heldout_sentences, local_set, measure_quality, print_quality, read_meta
 
 
@@ -132,13 +133,13 @@ def sizes(s: SAEConfig, available: int) -> Sizes:
     return Sizes(s.width, min(s.train_tokens, available), s.train_tokens)
 
 
-def train(setup: SAESetup, lm: LoadedModel, layers: list[int], corpus: Corpus, saes_dir: Path,
+def train(setup: SAESetup, lm: LoadedModel, layers: list[int], corpus: Corpus, run: RunDir,
           console: Console) -> SAESet:
-    """Train (or reuse) one SAE per layer into `saes_dir/{key}` (a run's `RunDir.saes`); layers are saved one by
-    one, so a killed training resumes."""
+    """Train (or reuse) one SAE per layer into the run's `RunDir.sae_set(key)`, `key` hashing the recipe; layers are
+    saved one by one, so a killed training resumes."""
     from filelock import FileLock
 
-    root = saes_dir / training_key(setup, lm, corpus)
+    root = run.sae_set(training_key(setup, lm, corpus))
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):  # array tasks starting together train once
         return _train_locked(setup, lm, layers, corpus, console, root)

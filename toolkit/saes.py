@@ -74,13 +74,13 @@ def load(setup: SAESetup, lm: LoadedModel, layers: list[int], corpus: Corpus, ru
             why = f"{reason}; {setup.sae.release} is not in the local cache" if reason else str(exc)
             console.print(f"[yellow]SAEs:[/] {why}: training small SAEs locally instead (cached in the run)",
                           highlight=False)
-            saes = train(setup, lm, layers, training_corpus(setup.sae, corpus), run.saes, console)
+            saes = train(setup, lm, layers, training_corpus(setup.sae, corpus), run, console)
     elif source.kind == "pretrained":
         saes = _pretrained(source.arg, setup.sae.id_template, layers, lm)
     elif source.kind == "dir":
         saes = from_dir(Path(source.arg), layers, lm)
     elif source.kind == "train":
-        saes = train(setup, lm, layers, training_corpus(setup.sae, corpus), run.saes, console)
+        saes = train(setup, lm, layers, training_corpus(setup.sae, corpus), run, console)
     else:
         saes = _random(setup.sae.width, layers, lm, setup.seed)
     # x_bar (the FVE's reference point) of an SAE that recorded none comes from the same held-out pass
@@ -134,7 +134,7 @@ def _recorded(setup: SAESetup, lm: LoadedModel, layers: list[int], corpus: Corpu
             return local_set(root, layers, lm, recorded.source)
         train_on = training_corpus(setup.sae, corpus)
         if training_key(setup, lm, train_on) == root.name:  # same recipe, same corpus: the same instrument
-            return _with_source(train(setup, lm, layers, train_on, run.saes, console), recorded.source)
+            return _with_source(train(setup, lm, layers, train_on, run, console), recorded.source)
         raise UserError(f"the run's SAE set {recorded.source} has no SAE for layer(s) {missing}, and this command "
                         "would train them on another corpus (its languages differ from the extraction's): run it "
                         "with the extraction's --langs and --corpus, or use a new --run")

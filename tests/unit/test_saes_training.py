@@ -41,7 +41,7 @@ def test_trained_sae_loads_as_jumprelu_and_sparse_encode_equals_saelens(arch, tm
 
     cfg = tiny_cfg(tmp_path, arch=arch, target_l0=8)
     corpus = corpus_of(cfg)
-    trained = sae_training.train(cfg.sae_setup, tiny_lm, [1], corpus, RunDir(cfg.run_dir).saes, QUIET)
+    trained = sae_training.train(cfg.sae_setup, tiny_lm, [1], corpus, RunDir(cfg.run_dir), QUIET)
     layer = trained.layers[1]
     assert type(layer.sae) is JumpReLUSAE and sae_set.plain_threshold(layer.sae) is not None
     x = residuals(tiny_lm, corpus, 1)
@@ -57,7 +57,7 @@ def test_trained_sae_loads_as_jumprelu_and_sparse_encode_equals_saelens(arch, tm
 
 def test_saved_layer_carries_its_training_mean_and_metadata(tmp_path, tiny_lm):
     cfg = tiny_cfg(tmp_path, train_mix="balanced")
-    trained = sae_training.train(cfg.sae_setup, tiny_lm, [1, 2], corpus_of(cfg), RunDir(cfg.run_dir).saes, QUIET)
+    trained = sae_training.train(cfg.sae_setup, tiny_lm, [1, 2], corpus_of(cfg), RunDir(cfg.run_dir), QUIET)
     folder = tmp_path / "saes" / trained.source.removeprefix("local:") / "layer_2"
     mean = np.load(folder / "mean.npy", allow_pickle=False)
     assert mean.dtype == np.float32 and mean.shape == (tiny_lm.d_model,)
@@ -100,11 +100,11 @@ def test_the_mix_and_arch_key_different_sets(tmp_path, tiny_lm):
 def test_a_killed_training_resumes_at_the_first_unfinished_layer(tmp_path, tiny_lm):
     cfg = tiny_cfg(tmp_path)
     corpus = corpus_of(cfg)
-    first = sae_training.train(cfg.sae_setup, tiny_lm, [1], corpus, RunDir(cfg.run_dir).saes, QUIET)
+    first = sae_training.train(cfg.sae_setup, tiny_lm, [1], corpus, RunDir(cfg.run_dir), QUIET)
     root = tmp_path / "saes" / first.source.removeprefix("local:")
     weights = (root / "layer_1" / "sae_weights.safetensors").read_bytes()
     (root / ".layer_2.999999999.tmp").mkdir()  # what a kill during the save of layer 2 leaves (a dead pid)
-    both = sae_training.train(cfg.sae_setup, tiny_lm, [1, 2], corpus, RunDir(cfg.run_dir).saes, QUIET)
+    both = sae_training.train(cfg.sae_setup, tiny_lm, [1, 2], corpus, RunDir(cfg.run_dir), QUIET)
     assert (root / "layer_1" / "sae_weights.safetensors").read_bytes() == weights
     assert (root / "layer_2" / "cfg.json").is_file() and not (root / ".layer_2.999999999.tmp").exists()
     assert both.source == first.source
