@@ -64,8 +64,8 @@ def test_the_run_of_a_path_is_found_from_its_folder_its_activations_or_a_file(tm
     assert run.sae_set("ab12") == run.root / "saes" / "ab12" and run.eval_results == run.root / "eval" / "results.json"
     unit = run.align_folder("hi@lr=0.001")
     assert unit.root == run.align_point("hi", "lr=0.001") and unit.adapter == unit.root / "adapter"
-    assert (unit.metrics, unit.checkpoints, unit.after) == (unit.root / "metrics.json", unit.root / "checkpoints",
-                                                             unit.root / "after")
+    assert unit.metrics == unit.root / "metrics.json" and unit.checkpoints == unit.root / "checkpoints"
+    assert unit.after == unit.root / "after"
     assert unit.gain_report == run.gain_report("hi@lr=0.001") and unit.point_record == run.point_record("hi@lr=0.001")
     base = run.base_measurement("0123abcd")  # beside the units, shared by every one measured on that split
     assert base == run.root / "align" / "base-0123abcd" and RunDir(base).measure_cache == base / "measure.json"
