@@ -20,7 +20,7 @@ from toolkit.config import Config
 from toolkit.errors import UserError
 from toolkit.languages import REFERENCE
 from toolkit.locks import WriterLock
-from toolkit.rundir import RunDir
+from toolkit.rundir import SWEEP_SEP, RunDir
 from toolkit.store import shard_name
 from toolkit.sweep import Point
 
@@ -153,8 +153,6 @@ def _align_merge(tasks: list[Task]) -> Task:
     points = tuple(dict.fromkeys(p for t in tasks for p in t.points or ())) or None
     if points is None:
         return Task(",".join(t.label for t in tasks), langs=None)
-    from toolkit.rundir import SWEEP_SEP
-
     units = dict.fromkeys(t.label.partition(SWEEP_SEP)[0] for t in tasks)
     return Task(f"{','.join(units)} x {len(points)} sweep points", langs=None, points=points)
 
