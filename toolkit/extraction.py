@@ -133,8 +133,21 @@ def extract_unit(job: Extraction, lm: models.LoadedModel, saes: SAESet, corpus: 
                           job.options.code_dtype, overwrite=job.options.overwrite) as writer:
         if writer.complete:  # and read back once: a damaged file is refused with the fix
             return summary_of(path, skipped=True)
-        sentences = corpus.subset(shard_ids(corpus.ids, unit.shard, unit.n_shards)).sentences(unit.lang)
+        sentences = unit_sentences(corpus, unit)
         return _extract_into(writer, job.options, lm, saes, sentences, layers, functools.partial(progress, unit.lang))
+
+
+def unit_sentences(corpus: Corpus, unit: ExtractionUnit) -> list[tuple[str, str]]:
+    return corpus.subset(shard_ids(corpus.ids, unit.shard, unit.n_shards)).sentences(unit.lang)
+
+
+def unit_batches(job: Extraction, lm: models.LoadedModel, corpus: Corpus, unit: ExtractionUnit) -> list[TokenBatch]:
+    """The unit's batch plan: it depends only on the text and the options, so a resumed run makes the same."""
+    return batch_plan(unit_sentences(corpus, unit), lm.tokenizer, job.options)
+
+
+def batch_plan(sentences: list[tuple[str, str]], tokenizer, opts: ExtractConfig) -> list[TokenBatch]:
+    return list(iter_batches(sentences, tokenizer, opts.batch_tokens, opts.max_length))
 
 
 def _extract_into(writer: ActivationWriter, opts: ExtractConfig, lm: models.LoadedModel, saes: SAESet,
@@ -143,7 +156,7 @@ def _extract_into(writer: ActivationWriter, opts: ExtractConfig, lm: models.Load
     """Encode the sentences' batches not yet committed to `writer`, then finalize it with the set's record."""
     # The plan depends only on the text and the config, so a resumed run skips exactly the batches
     # already committed and its file equals an uninterrupted run's.
-    batches = list(iter_batches(sentences, lm.tokenizer, opts.batch_tokens, opts.max_length))
+    batches = batch_plan(sentences, lm.tokenizer, opts)
     committed = writer.n_parts
     done_ids = [sid for b in batches[:committed] for sid in b.sentence_ids]
     if set(done_ids) != writer.done_sentence_ids():
