@@ -176,7 +176,7 @@ def _train_layers(setup: SAESetup, lm: LoadedModel, todo: list[int], corpus: Cor
     sample = training_sample(corpus, s.train_mix, lm.tokenizer, size.distinct, setup.max_length)
     counts = tokens_per_language(sample, size.distinct)
     done = len(_all_layers(root))
-    workers = training_workers(lm, len(todo))
+    workers = training_workers(lm.device, len(todo))
     console.print(
         f"[bold]Training {len(todo)} {s.arch} SAE(s)[/] ({s.budget} budget: width {size.width}, "
         f"{size.samples:,} samples from {sum(counts.values()):,} tokens each, mix {s.train_mix}: "
@@ -262,9 +262,9 @@ class _Trainers:
             torch.set_num_threads(self.threads_before)  # a worker's setting is also the process's default
 
 
-def training_workers(lm: LoadedModel, layers: int) -> int:
+def training_workers(device: torch.device, layers: int) -> int:
     """Layers trained at once on a CPU: the threads torch may use, `worker_threads` each."""
-    if lm.device.type != "cpu":
+    if device.type != "cpu":
         return 1
     return max(1, min(layers, torch.get_num_threads() // worker_threads()))
 

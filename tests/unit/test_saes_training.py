@@ -147,7 +147,7 @@ def saved_weights(root, layers) -> dict:
 def test_layers_trained_two_at_a_time_equal_one_at_a_time_and_log_in_layer_order(tmp_path, tiny_lm, monkeypatch):
     trained = {}
     for workers in (1, 2):
-        monkeypatch.setattr(sae_training, "training_workers", lambda lm, n, workers=workers: min(workers, n))
+        monkeypatch.setattr(sae_training, "training_workers", lambda device, n, workers=workers: min(workers, n))
         cfg = tiny_cfg(tmp_path / f"w{workers}", layers="0-5")
         log = Console(record=True, width=200, force_terminal=False)
         saes_ = sae_training.train(cfg.sae_setup, tiny_lm, list(range(6)), corpus_of(cfg),
