@@ -225,6 +225,11 @@ class SharedResiduals:
         self.ready = True
         return True
 
+    def holds(self, texts: list[str], max_length: int) -> bool:
+        """Whether the kept pass has every one of these sentences (tokenised as the batches are)."""
+        kept = self.sentences
+        return self.ready and all(tuple(ids) in kept for ids in tokenize(self.lm.tokenizer, texts, max_length))
+
     def serve(self, batch: TokenBatch, layers: list[int], sink: Callable[[int, torch.Tensor], None]) -> bool:
         """Hand `sink` each layer's (B, L, d) residual of `batch` (zeros where nothing is measured) from the kept
         pass, if it holds them all; False to leave the batch to a forward pass."""

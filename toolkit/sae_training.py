@@ -185,12 +185,12 @@ def _train_layers(setup: SAESetup, lm: LoadedModel, todo: list[int], corpus: Cor
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:  # a log: lines below
-        shared = _shared_forward(progress, console)
+        sentences = [(x.sid, x.text) for x in sample]
+        shared = _shared_forward(progress, console, [text for _, text in sentences], setup.max_length)
         # from the shared pass a layer's buffer is gathered when its turn comes; otherwise one forward pass
         # fills as many layers' buffers as fit in BUFFER_BYTES
         group = 1 if shared else max(1, BUFFER_BYTES // (size.distinct * lm.d_model * 4))
         task = progress.add_task("SAE training samples", total=len(todo) * size.samples)
-        sentences = [(x.sid, x.text) for x in sample]
         with _Trainers(workers, size.samples, console) as trainers:
             for start in range(0, len(todo), group):
                 chunk = todo[start:start + group]
@@ -207,11 +207,12 @@ def _train_layers(setup: SAESetup, lm: LoadedModel, todo: list[int], corpus: Cor
                                     _save_layer(root, layer, sae, acts, meta))
 
 
-def _shared_forward(progress, console: Console) -> bool:
-    """Run the job's shared forward pass (`toolkit.capture.shared_forward`) now, if it registered one."""
+def _shared_forward(progress, console: Console, texts: list[str], max_length: int) -> bool:
+    """Run the job's shared forward pass (`toolkit.capture.shared_forward`) now, if it registered one; whether it
+    holds the training sample (a training corpus of its own, `--sae-train-corpus`, is not in it)."""
     shared = job_shared_forward()
     if shared is None or shared.ready:
-        return shared is not None
+        return shared is not None and shared.holds(texts, max_length)
     tokens = shared.tokens
     task = progress.add_task("forward pass over the corpus (kept for extraction)", total=tokens)
     kept = shared.prepare(lambda n: progress.update(task, advance=n))
@@ -219,7 +220,7 @@ def _shared_forward(progress, console: Console) -> bool:
     if kept and not console.is_terminal:
         console.print(f"Forward pass over the corpus ({tokens:,} tokens, kept for SAE training and extraction) in "
                       f"{shared.seconds:.1f} s", highlight=False)
-    return kept
+    return kept and shared.holds(texts, max_length)
 
 
 class _Trainers:

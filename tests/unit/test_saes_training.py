@@ -200,15 +200,21 @@ def test_the_shared_forward_pass_serves_training_and_quality_and_leaves_extracti
             assert same, (lang, key)
 
 
-def test_a_pass_over_the_memory_budget_is_not_kept_and_captures_run_their_own_forward(tmp_path, tiny_lm):
+def test_a_pass_over_the_memory_budget_is_not_kept_and_one_without_the_training_sample_is_not_used_for_it(
+    tmp_path, tiny_lm
+):
     from toolkit.capture import shared_forward
     from toolkit.extraction import Extraction, ExtractionUnit, unit_batches
 
     cfg = tiny_cfg(tmp_path, layers="0-1")
     corpus = corpus_of(cfg)
     job = Extraction(cfg.extract, tmp_path / "x", cfg.run.preset)
-    with shared_forward(tiny_lm, [0, 1], lambda: unit_batches(job, tiny_lm, corpus, ExtractionUnit("hi")), 1024) \
-            as shared:
+    hindi = lambda: unit_batches(job, tiny_lm, corpus, ExtractionUnit("hi"))  # noqa: E731
+    with shared_forward(tiny_lm, [0, 1], hindi, 1024) as shared:
         assert not shared.prepare() and shared.entries == {}
         got = sae_training.collect_activations(tiny_lm, [0], corpus.sentences("hi")[:4], 50, 512, 64)
         assert got[0].shape == (50, tiny_lm.d_model)
+    with shared_forward(tiny_lm, [0, 1], hindi, 2**30) as shared:
+        assert shared.prepare()
+        assert shared.holds(corpus.texts["hi"][:5], cfg.extract.max_length)  # training from it: gathered
+        assert not shared.holds(corpus.texts["hi"][:5] + corpus.texts["zh"][:1], cfg.extract.max_length)
