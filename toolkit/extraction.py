@@ -72,19 +72,23 @@ def all_units(langs: list[str], shards: int) -> list[ExtractionUnit]:
     return [ExtractionUnit(lang, k, shards) for lang in langs for k in range(shards)]
 
 
-def fixed_mmap_threshold(size: int = 4 << 20) -> bool:
-    """Give buffers of `size` bytes and more back to the OS when freed (glibc; a no-op elsewhere).
+def fixed_mmap_threshold(size: int = 4 << 20, keep: int = 64 << 20) -> bool:
+    """Give buffers of `size` bytes and more back to the OS when freed, and keep up to `keep` bytes of free heap
+    for the next allocations (glibc; a no-op elsewhere).
 
     glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), after which tensors of
     varying batch shapes come from a heap that fragments: peak RSS grew 1.37x from 1x to 16x the corpus
     at 256-token batches, 1.07x with this fix. 256 KiB instead cost 20 % of throughput in page faults
-    for no lower peak (docs/performance.md).
+    for no lower peak (docs/performance.md). Fixing the mmap threshold also fixes the trim threshold at
+    its 128 KiB default, so every SAE training step and decoder layer gave its smaller tensors back to the
+    OS and faulted them in again: 460k page faults per trained layer (1 s of system time) and 2.7x the
+    forward pass's faults, against a few thousand with `keep` (measured on the embedded model).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(-3, size))  # -3: M_MMAP_THRESHOLD in malloc.h
+    return bool(libc.mallopt(-3, size)) and bool(libc.mallopt(-1, keep))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
 def shard_ids(ids: list[str], shard: int, n_shards: int) -> list[str]:
