@@ -11,25 +11,29 @@ Run it on an idle machine; it prints one table and writes every number to --json
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import datetime
-import json
-import os
-import platform
-import subprocess
-import sys
-from pathlib import Path
+from toolkit.output import quiet_libraries
 
-import torch
-from rich.console import Console
-from rich.table import Table
+quiet_libraries()  # before torch and the libraries load (tqdm reads its settings on import): one display
 
-from benchmarks.ladder import calibration_batches, jumprelu_saes, plan, run_ladder, scratch_dir
-from toolkit import corpus as corpora
-from toolkit import models
-from toolkit.config import Config, parse_layers
-from toolkit.store import ActivationFile
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from benchmarks.ladder import calibration_batches, jumprelu_saes, plan, run_ladder, scratch_dir  # noqa: E402
+from toolkit import corpus as corpora  # noqa: E402
+from toolkit import models  # noqa: E402
+from toolkit.config import Config, parse_layers  # noqa: E402
+from toolkit.store import ActivationFile  # noqa: E402
 
 SHARED = Path(os.environ.get("TOOLKIT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 # sae-lens packs the texts into rows of this many tokens (the context of every published peer figure); the

@@ -17,6 +17,7 @@ from jobs.progress import Stopwatch, extraction_bar
 from toolkit import corpus as corpora
 from toolkit import models, sae_training, stages
 from toolkit import saes as sae_sources
+from toolkit.capture import shared_forward
 from toolkit.config import Config, parse_layers
 from toolkit.corpus import Corpus
 from toolkit.errors import UserError
@@ -29,6 +30,7 @@ from toolkit.extraction import (
     extract_unit,
     fixed_mmap_threshold,
     shard_ids,
+    unit_batches,
 )
 from toolkit.locks import WriterLock
 from toolkit.plan import disk_needed, free_bytes, human_bytes
@@ -65,12 +67,17 @@ def run(cfg: Config, task: Task | None = None) -> list[Summary]:
         left = check_existing(cfg, lm, corpus, todo, layers)
         check_space(cfg, lm, corpus, left, layers)
         run_dir.write_manifest(cfg, "extract", corpus.hash)
-        with clock("SAEs"):  # trained here on first use
-            saes = sae_sources.load(cfg.sae_setup, lm, layers, corpus, run_dir, console, fresh=cfg.extract.overwrite)
-            saes.own_memory()
-        bar = extraction_bar(console)
-        with clock("extraction"):
-            summaries = [extract_unit(job, lm, saes, corpus, unit, layers, bar) for unit in todo]
+        # SAEs trained on first use run extraction's own batches once and keep them (toolkit.capture)
+        plan = lambda: [b for unit in left for b in unit_batches(job, lm, corpus, unit)]
+        with shared_forward(lm, layers, plan, sae_training.BUFFER_BYTES) as shared:
+            with clock("SAEs"):  # trained here on first use
+                saes = sae_sources.load(cfg.sae_setup, lm, layers, corpus, run_dir, console,
+                                        fresh=cfg.extract.overwrite)
+                saes.own_memory()
+            clock.split("SAEs", "forward pass", shared.seconds)
+            bar = extraction_bar(console)
+            with clock("extraction"):
+                summaries = [extract_unit(job, lm, saes, corpus, unit, layers, bar) for unit in todo]
     print_summary(summaries, console)
     if is_whole_run(cfg, todo):
         with clock("finding"):

@@ -46,6 +46,13 @@ class Stopwatch:
         finally:
             self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
 
+    def split(self, phase: str, part: str, seconds: float) -> None:
+        """Count `seconds` of `phase` as its own phase `part`, placed before it (nothing when 0)."""
+        if seconds <= 0:
+            return
+        self.phases = {**{k: v for k, v in self.phases.items() if k != phase}, part: seconds,
+                       phase: self.phases.get(phase, 0.0) - seconds}
+
     def line(self) -> str:
         parts = [f"{name} {seconds:.1f} s" for name, seconds in self.phases.items()]
         return f"time: {' · '.join(parts)} · total {time.perf_counter() - self.start:.1f} s"

@@ -7,7 +7,10 @@ but the last, where the final norm has already been applied: hence hooks, not hi
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -143,7 +146,10 @@ class ResidualCapture:
         self._handles.clear()
 
     def run(self, batch: TokenBatch) -> None:
-        """One forward pass of the decoder stack (no LM head), stopped after the last selected layer."""
+        """One forward pass of the decoder stack (no LM head), stopped after the last selected layer; or none,
+        when the job's shared forward pass (`shared_forward`) already holds this batch's residuals."""
+        if not self.grad and _shared is not None and _shared.serve(batch, self.layers, self.sink):
+            return
         base = self.lm.model.get_decoder() if hasattr(self.lm.model, "get_decoder") else self.lm.model
         try:
             base(
@@ -153,3 +159,129 @@ class ResidualCapture:
             )
         except _Done:
             pass
+
+
+class SharedResiduals:
+    """One forward pass over a job's extraction batches, kept for every stage of the job that needs it.
+
+    Extraction needs SAEs, and SAEs trained on first use need the residuals of the same sentences: without
+    sharing, the corpus went through the model three times (training activations, held-out quality,
+    extraction). A job registers its extraction batches (`shared_forward`); local SAE training calls `prepare`,
+    which runs those batches once and keeps every selected layer's measured tokens (BOS and padding excluded)
+    when they fit `max_bytes`. Then `ResidualCapture.run` (without grad) serves a batch whose sentences are all
+    kept: extraction's own batches from their own entry, so its values are exactly the forward pass's (and each
+    entry is dropped once extraction took it); any other grouping (the training sample, the held-out sentences)
+    sentence by sentence, which can differ from a forward pass of that grouping in the last bits.
+    """
+
+    def __init__(self, lm: LoadedModel, layers: list[int], plan: Callable[[], list[TokenBatch]], max_bytes: int):
+        self.lm = lm
+        self.layers = sorted(layers)
+        self.plan = plan
+        self.max_bytes = max_bytes
+        self.entries: dict[bytes, dict[int, torch.Tensor]] = {}
+        self.sentences: dict[tuple[int, ...], tuple[bytes, int, int]] = {}  # token ids -> entry, first, end row
+        self.seconds = 0.0  # the forward pass's wall time, reported beside the phase that ran it
+        self.ready = False
+
+    @functools.cached_property
+    def batches(self) -> list[TokenBatch]:
+        """The job's batches, planned (tokenised) only when a stage asks for the pass."""
+        return self.plan()
+
+    @property
+    def tokens(self) -> int:
+        """Measured tokens of the batches (BOS and padding excluded)."""
+        return sum(int(b.keep.sum()) for b in self.batches)
+
+    @property
+    def nbytes(self) -> int:
+        itemsize = torch.empty((), dtype=self.lm.dtype).element_size()
+        return self.tokens * len(self.layers) * self.lm.d_model * itemsize
+
+    def prepare(self, advance: Callable[[int], None] | None = None) -> bool:
+        """Run the batches once and keep their residuals; False (nothing kept) when they would pass `max_bytes`.
+        `advance(tokens)` after each batch."""
+        if self.ready or not self.batches or self.nbytes > self.max_bytes:
+            return self.ready
+        start = time.perf_counter()
+        state: dict = {}
+
+        def sink(layer: int, hidden: torch.Tensor) -> None:
+            state["entry"][layer] = hidden[state["keep"]]  # what extraction's own sink computes first
+
+        with torch.inference_mode(), ResidualCapture(self.lm, self.layers, sink) as cap:
+            for batch in self.batches:
+                state["entry"] = {}
+                state["keep"] = batch.keep.to(self.lm.device)
+                cap.run(batch)
+                key = _batch_key(batch)
+                self.entries[key] = state["entry"]
+                for ids, first, end in _rows(batch):
+                    self.sentences.setdefault(ids, (key, first, end))
+                if advance is not None:
+                    advance(int(state["keep"].sum()))
+        self.seconds = time.perf_counter() - start
+        self.ready = True
+        return True
+
+    def holds(self, texts: list[str], max_length: int) -> bool:
+        """Whether the kept pass has every one of these sentences (tokenised as the batches are)."""
+        kept = self.sentences
+        return self.ready and all(tuple(ids) in kept for ids in tokenize(self.lm.tokenizer, texts, max_length))
+
+    def serve(self, batch: TokenBatch, layers: list[int], sink: Callable[[int, torch.Tensor], None]) -> bool:
+        """Hand `sink` each layer's (B, L, d) residual of `batch` (zeros where nothing is measured) from the kept
+        pass, if it holds them all; False to leave the batch to a forward pass."""
+        if not self.ready or not set(layers) <= set(self.layers):
+            return False
+        key = _batch_key(batch)
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            where = [self.sentences.get(ids) for ids, _, _ in _rows(batch)]
+            if any(w is None or w[0] not in self.entries for w in where):
+                return False
+            entry = {layer: torch.cat([self.entries[k][layer][first:end] for k, first, end in where])
+                     for layer in layers}
+        keep = batch.keep.to(self.lm.device)
+        for layer in layers:
+            kept = entry[layer]
+            hidden = kept.new_zeros((*batch.input_ids.shape, kept.shape[-1]))
+            hidden[keep] = kept
+            sink(layer, hidden)
+        return True
+
+
+def _batch_key(batch: TokenBatch) -> bytes:
+    return repr(tuple(batch.input_ids.shape)).encode() + batch.input_ids.numpy().tobytes() + \
+        batch.attention_mask.numpy().tobytes()
+
+
+def _rows(batch: TokenBatch) -> Iterator[tuple[tuple[int, ...], int, int]]:
+    """Each sentence's token ids and its rows among the batch's measured tokens (row-major, BOS excluded)."""
+    first = 0
+    for ids, n in zip(batch.input_ids.tolist(), batch.attention_mask.sum(1).tolist()):
+        yield tuple(ids[:n]), first, first + n - 1
+        first += n - 1
+
+
+_shared: SharedResiduals | None = None
+
+
+@contextmanager
+def shared_forward(lm: LoadedModel, layers: list[int], plan: Callable[[], list[TokenBatch]],
+                   max_bytes: int) -> Iterator[SharedResiduals]:
+    """Within this block, the job's shared forward pass (`job_shared_forward`) is the batches `plan()` gives,
+    run when a stage that needs more than extraction's pass (local SAE training) prepares it."""
+    global _shared
+    before = _shared
+    _shared = SharedResiduals(lm, layers, plan, max_bytes)
+    try:
+        yield _shared
+    finally:
+        _shared = before
+
+
+def job_shared_forward() -> SharedResiduals | None:
+    """The shared forward pass the running job registered (`shared_forward`), prepared or not; None without one."""
+    return _shared

@@ -72,19 +72,23 @@ def all_units(langs: list[str], shards: int) -> list[ExtractionUnit]:
     return [ExtractionUnit(lang, k, shards) for lang in langs for k in range(shards)]
 
 
-def fixed_mmap_threshold(size: int = 4 << 20) -> bool:
-    """Give buffers of `size` bytes and more back to the OS when freed (glibc; a no-op elsewhere).
+def fixed_mmap_threshold(size: int = 4 << 20, keep: int = 64 << 20) -> bool:
+    """Give buffers of `size` bytes and more back to the OS when freed, and keep up to `keep` bytes of free heap
+    for the next allocations (glibc; a no-op elsewhere).
 
     glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), after which tensors of
     varying batch shapes come from a heap that fragments: peak RSS grew 1.37x from 1x to 16x the corpus
     at 256-token batches, 1.07x with this fix. 256 KiB instead cost 20 % of throughput in page faults
-    for no lower peak (docs/performance.md).
+    for no lower peak (docs/performance.md). Fixing the mmap threshold also fixes the trim threshold at
+    its 128 KiB default, so every SAE training step and decoder layer gave its smaller tensors back to the
+    OS and faulted them in again: 460k page faults per trained layer (1 s of system time) and 2.7x the
+    forward pass's faults, against a few thousand with `keep` (measured on the embedded model).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(-3, size))  # -3: M_MMAP_THRESHOLD in malloc.h
+    return bool(libc.mallopt(-3, size)) and bool(libc.mallopt(-1, keep))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
 def shard_ids(ids: list[str], shard: int, n_shards: int) -> list[str]:
@@ -133,8 +137,21 @@ def extract_unit(job: Extraction, lm: models.LoadedModel, saes: SAESet, corpus: 
                           job.options.code_dtype, overwrite=job.options.overwrite) as writer:
         if writer.complete:  # and read back once: a damaged file is refused with the fix
             return summary_of(path, skipped=True)
-        sentences = corpus.subset(shard_ids(corpus.ids, unit.shard, unit.n_shards)).sentences(unit.lang)
+        sentences = unit_sentences(corpus, unit)
         return _extract_into(writer, job.options, lm, saes, sentences, layers, functools.partial(progress, unit.lang))
+
+
+def unit_sentences(corpus: Corpus, unit: ExtractionUnit) -> list[tuple[str, str]]:
+    return corpus.subset(shard_ids(corpus.ids, unit.shard, unit.n_shards)).sentences(unit.lang)
+
+
+def unit_batches(job: Extraction, lm: models.LoadedModel, corpus: Corpus, unit: ExtractionUnit) -> list[TokenBatch]:
+    """The unit's batch plan: it depends only on the text and the options, so a resumed run makes the same."""
+    return batch_plan(unit_sentences(corpus, unit), lm.tokenizer, job.options)
+
+
+def batch_plan(sentences: list[tuple[str, str]], tokenizer, opts: ExtractConfig) -> list[TokenBatch]:
+    return list(iter_batches(sentences, tokenizer, opts.batch_tokens, opts.max_length))
 
 
 def _extract_into(writer: ActivationWriter, opts: ExtractConfig, lm: models.LoadedModel, saes: SAESet,
@@ -143,7 +160,7 @@ def _extract_into(writer: ActivationWriter, opts: ExtractConfig, lm: models.Load
     """Encode the sentences' batches not yet committed to `writer`, then finalize it with the set's record."""
     # The plan depends only on the text and the config, so a resumed run skips exactly the batches
     # already committed and its file equals an uninterrupted run's.
-    batches = list(iter_batches(sentences, lm.tokenizer, opts.batch_tokens, opts.max_length))
+    batches = batch_plan(sentences, lm.tokenizer, opts)
     committed = writer.n_parts
     done_ids = [sid for b in batches[:committed] for sid in b.sentence_ids]
     if set(done_ids) != writer.done_sentence_ids():

@@ -3,7 +3,8 @@
 transformers (GGUF dequantisation, weight loading), sae-lens (its trainer), datasets and huggingface_hub
 each draw a tqdm bar; beside our Rich bars that is two displays on a terminal and hundreds of
 carriage-return fragments in a log. tqdm reads `TQDM_*` variables when it is first imported, so this runs
-at the start of the command, before any of them is imported; Slurm jobs inherit the environment.
+at the start of the command, before any of them is imported; Slurm jobs and other child processes inherit the
+environment, warning filters included (`PYTHONWARNINGS`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",  # we batch ourselves; its fork warning is noise
+    # the filters below, for the Python processes this one starts (Slurm jobs, workers): a filter set in this
+    # process is not inherited, and peft's check of transformers' deprecated `is_gradient_checkpointing` warned
+    # in every alignment job's log
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
 }
 
 

@@ -197,7 +197,7 @@ def sae_width(cfg: Config) -> int:
 
 def extract_plan(cfg: Config, stage: str) -> Plan:
     """extract: sentences, tokens and disk (above), the local SAE training when it applies, and the time."""
-    from toolkit import sae_training
+    from toolkit import models, sae_training
     from toolkit.corpus import is_heldout
     from toolkit.sae_source import SAESource
 
@@ -221,8 +221,10 @@ def extract_plan(cfg: Config, stage: str) -> Plan:
                      f"samples per layer, width {size.width:,}, {len(layers)} layers; quality measured on "
                      f"{held:,} held-out tokens" + ("" if cfg.sae.source == "train" or stage == "train-saes" else
                                                      " (when the hub's SAEs cannot be had)"))
-        if rates:
-            seconds += (size.distinct + held) / rates.decoder_tps + len(layers) * size.samples / rates.sae_sps
+        if rates:  # extract shares its own forward pass with the training (toolkit.capture.shared_forward)
+            passes = (size.distinct + held) / rates.decoder_tps if stage == "train-saes" else 0.0
+            workers = sae_training.training_workers(models.resolve_device(cfg.model.device), len(layers))
+            seconds += passes + len(layers) * size.samples / rates.sae_sps / workers
     if stage != "train-saes":
         width = sae_width(cfg)
         lines.append(f"extraction: {tokens:,} tokens through {len(layers)} layers and SAEs of {width:,} features")

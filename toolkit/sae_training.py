@@ -11,6 +11,7 @@ of the instrument check's FVE). Which SAE set a stage uses is decided in `toolki
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -18,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from toolkit.capture import ResidualCapture, hook_name, iter_batches, tokenize
+from toolkit.capture import ResidualCapture, hook_name, iter_batches, job_shared_forward, tokenize
 from toolkit.config import SAEConfig, SAESetup
 from toolkit.corpus import Corpus, is_heldout
 from toolkit.errors import UserError
@@ -175,42 +176,124 @@ def _train_layers(setup: SAESetup, lm: LoadedModel, todo: list[int], corpus: Cor
     size = sizes(s, sum(x.n_tokens for x in everything))
     sample = training_sample(corpus, s.train_mix, lm.tokenizer, size.distinct, setup.max_length)
     counts = tokens_per_language(sample, size.distinct)
-    group = max(1, BUFFER_BYTES // (size.distinct * lm.d_model * 4))
     done = len(_all_layers(root))
+    workers = training_workers(lm.device, len(todo))
     console.print(
         f"[bold]Training {len(todo)} {s.arch} SAE(s)[/] ({s.budget} budget: width {size.width}, "
         f"{size.samples:,} samples from {sum(counts.values()):,} tokens each, mix {s.train_mix}: "
-        f"{', '.join(f'{k} {v:,}' for k, v in counts.items())}; {done} layer(s) already saved) -> {root}"
+        f"{', '.join(f'{k} {v:,}' for k, v in counts.items())}; {done} layer(s) already saved; "
+        f"{workers} at a time) -> {root}"
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:  # a log: lines below
+        sentences = [(x.sid, x.text) for x in sample]
+        shared = _shared_forward(progress, console, [text for _, text in sentences], setup.max_length)
+        # from the shared pass a layer's buffer is gathered when its turn comes; otherwise one forward pass
+        # fills as many layers' buffers as fit in BUFFER_BYTES
+        group = 1 if shared else max(1, BUFFER_BYTES // (size.distinct * lm.d_model * 4))
         task = progress.add_task("SAE training samples", total=len(todo) * size.samples)
-        for start in range(0, len(todo), group):
-            chunk = todo[start:start + group]
-            progress.update(task, description=f"collecting activations ({len(chunk)} layers)")
-            # quiet: a second live progress display cannot run inside this one
-            buffers = collect_activations(lm, chunk, [(x.sid, x.text) for x in sample], size.distinct,
-                                          setup.batch_tokens, setup.max_length, Console(quiet=True))
-            for layer in chunk:
-                progress.update(task, description=f"SAE layer {layer}")
-                acts = buffers.pop(layer)
-                start = time.perf_counter()
-                sae = train_one(setup, lm, layer, acts, size, _advance(progress, task, size.samples))
-                _save_layer(root, layer, sae, acts, {"train_tokens_per_language": counts, **_meta_of(s, size)})
-                del acts
-                if not console.is_terminal:  # a log gets one line per layer; a terminal has the bar
-                    console.print(f"SAE layer {layer}: trained on {size.samples:,} samples in "
-                                  f"{time.perf_counter() - start:.1f} s", highlight=False)
+        with _Trainers(workers, size.samples, console) as trainers:
+            for start in range(0, len(todo), group):
+                chunk = todo[start:start + group]
+                if not shared:
+                    progress.update(task, description=f"collecting activations ({len(chunk)} layers)")
+                # quiet: a second live progress display cannot run inside this one
+                buffers = collect_activations(lm, chunk, sentences, size.distinct, setup.batch_tokens,
+                                              setup.max_length, Console(quiet=True))
+                for layer in chunk:
+                    acts = buffers.pop(layer)
+                    trainer = training_run(setup, lm, layer, acts, size, _advance(progress, task, size.samples))
+                    meta = {"train_tokens_per_language": counts, **_meta_of(s, size)}
+                    trainers.submit(layer, trainer, lambda sae, layer=layer, acts=acts, meta=meta:
+                                    _save_layer(root, layer, sae, acts, meta))
+
+
+def _shared_forward(progress, console: Console, texts: list[str], max_length: int) -> bool:
+    """Run the job's shared forward pass (`toolkit.capture.shared_forward`) now, if it registered one; whether it
+    holds the training sample (a training corpus of its own, `--sae-train-corpus`, is not in it)."""
+    shared = job_shared_forward()
+    if shared is None or shared.ready:
+        return shared is not None and shared.holds(texts, max_length)
+    tokens = shared.tokens
+    task = progress.add_task("forward pass over the corpus (kept for extraction)", total=tokens)
+    kept = shared.prepare(lambda n: progress.update(task, advance=n))
+    progress.remove_task(task)
+    if kept and not console.is_terminal:
+        console.print(f"Forward pass over the corpus ({tokens:,} tokens, kept for SAE training and extraction) in "
+                      f"{shared.seconds:.1f} s", highlight=False)
+    return kept and shared.holds(texts, max_length)
+
+
+class _Trainers:
+    """SAE layers trained `workers` at a time in threads, each with its own intra-op threads; each finished layer
+    is handed to its `done` callback and logged in submission order, so a log reads layer by layer."""
+
+    def __init__(self, workers: int, samples: int, console: Console) -> None:
+        self.workers = workers
+        self.samples = samples
+        self.console = console
+        self.pending: collections.deque = collections.deque()
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="sae-training")
+        self.threads_before = torch.get_num_threads()
+
+    def __enter__(self) -> _Trainers:
+        return self
+
+    def submit(self, layer: int, trainer, done: Callable[[object], None]) -> None:
+        self.pending.append((layer, done, self.pool.submit(_fit, trainer, worker_threads())))
+        while len(self.pending) > self.workers:  # at most one buffer waits beside those in training
+            self._finish()
+
+    def _finish(self) -> None:
+        layer, done, future = self.pending.popleft()
+        sae, seconds = future.result()
+        done(sae)
+        if not self.console.is_terminal:  # a log gets one line per layer; a terminal has the bar
+            self.console.print(f"SAE layer {layer}: trained on {self.samples:,} samples in {seconds:.1f} s",
+                               highlight=False)
+
+    def __exit__(self, kind, *exc) -> None:
+        try:
+            if kind is None:
+                while self.pending:
+                    self._finish()
+        finally:
+            for _, _, future in self.pending:
+                future.cancel()
+            self.pool.shutdown(wait=True)
+            torch.set_num_threads(self.threads_before)  # a worker's setting is also the process's default
+
+
+def training_workers(device: torch.device, layers: int) -> int:
+    """Layers trained at once on a CPU: the threads torch may use, `worker_threads` each."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(layers, torch.get_num_threads() // worker_threads()))
+
+
+def worker_threads() -> int:
+    """SAE steps are small matmuls, where threads mostly synchronise: with 2 threads on a 2-core machine they ran
+    ~20x slower (220 vs 4,700 samples/s). Each trainer gets a quarter of the cores, at least 1; parallel trainers
+    use the rest."""
+    return max(1, (os.cpu_count() or 1) // 4)
+
+
+def _fit(trainer, threads: int):
+    """One layer's training in a worker thread, with its own intra-op threads; the SAE and its wall time."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    return trainer.fit(), time.perf_counter() - start
 
 
 def _advance(progress, task, samples: int) -> Callable[[int], None]:
     """Progress for one layer's samples; the trainer's norm estimate draws a few batches more, not counted past it."""
-    start = progress.tasks[task].completed
     fed = [0]
 
     def advance(n: int) -> None:
+        step = min(n, samples - fed[0])
         fed[0] += n
-        progress.update(task, completed=start + min(fed[0], samples))
+        if step > 0:
+            progress.update(task, advance=step)
 
     return advance
 
@@ -286,9 +369,10 @@ def _training_sae(s: SAEConfig, lm: LoadedModel, width: int, steps: int):
     return sae_lens.StandardTrainingSAE(sae_cfg)
 
 
-def train_one(setup: SAESetup, lm: LoadedModel, layer: int, acts: torch.Tensor, size: Sizes,
-              advance: Callable[[int], None] | None = None):
-    """One layer's SAE trained on its activation buffer `acts` (also what calibration times)."""
+def training_run(setup: SAESetup, lm: LoadedModel, layer: int, acts: torch.Tensor, size: Sizes,
+                 advance: Callable[[int], None] | None = None):
+    """One layer's sae-lens trainer on its activation buffer `acts`, ready to `fit()`. Built in the calling
+    thread: the SAE's initialisation draws from the global generator, seeded per layer."""
     from sae_lens import SAETrainer
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
@@ -309,19 +393,15 @@ def train_one(setup: SAESetup, lm: LoadedModel, layer: int, acts: torch.Tensor, 
     scale = lm.d_model**0.5 / acts.norm(dim=1).mean()
     with torch.no_grad():
         sae.b_dec.copy_((acts.mean(0) * scale).to(sae.b_dec))
-    trainer = SAETrainer(trainer_cfg, sae, _shuffled(acts.to(lm.device), batch, layer, advance))
-    with _few_threads():
-        return trainer.fit()
+    return SAETrainer(trainer_cfg, sae, _shuffled(acts.to(lm.device), batch, layer, advance))
 
 
-@contextmanager
-def _few_threads():
-    """SAE steps are small matmuls, where threads mostly synchronise: with 2 threads on a 2-core
-    machine they ran ~20x slower (220 vs 4,700 samples/s). Use a quarter of the cores, at least 1."""
+def train_one(setup: SAESetup, lm: LoadedModel, layer: int, acts: torch.Tensor, size: Sizes,
+              advance: Callable[[int], None] | None = None):
+    """One layer's SAE trained on `acts` in this thread, as one training worker runs it (what calibration times)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) // 4)))
     try:
-        yield
+        return _fit(training_run(setup, lm, layer, acts, size, advance), worker_threads())[0]
     finally:
         torch.set_num_threads(before)
 

@@ -16,8 +16,8 @@ from toolkit.rundir import RunDir
 QUIET = Console(quiet=True)
 
 
-def tiny_cfg(run, **sae) -> Config:
-    values = {"run": {"run": str(run), "langs": "en,hi,zh", "max_sentences": 30, "layers": "1,2"},
+def tiny_cfg(run, layers: str = "1,2", **sae) -> Config:
+    values = {"run": {"run": str(run), "langs": "en,hi,zh", "max_sentences": 30, "layers": layers},
               "sae": {"train_tokens": 3000, **sae}}
     return Config.build(values, preset="tiny")
 
@@ -136,3 +136,85 @@ def test_a_named_training_corpus_is_read_whole_and_the_runs_is_limited(tmp_path)
     named = saes.training_corpus(tiny_cfg(tmp_path, train_corpus=cfg.run.corpus).sae, run_corpus)
     assert len(run_corpus.ids) == 30 and len(named.ids) > 30  # --max-sentences limits only the run's corpus
     assert named.ids[:30] == run_corpus.ids  # held-out ids are the same sentences in both
+
+
+def saved_weights(root, layers) -> dict:
+    from safetensors.torch import load_file
+
+    return {i: load_file(str(root / f"layer_{i}" / "sae_weights.safetensors")) for i in layers}
+
+
+def test_layers_trained_two_at_a_time_equal_one_at_a_time_and_log_in_layer_order(tmp_path, tiny_lm, monkeypatch):
+    trained = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(sae_training, "training_workers", lambda device, n, workers=workers: min(workers, n))
+        cfg = tiny_cfg(tmp_path / f"w{workers}", layers="0-5")
+        log = Console(record=True, width=200, force_terminal=False)
+        saes_ = sae_training.train(cfg.sae_setup, tiny_lm, list(range(6)), corpus_of(cfg),
+                                   RunDir(cfg.run_dir).saes, log)
+        trained[workers] = saved_weights(saes_.root, range(6))
+        lines = log.export_text().splitlines()
+        assert [line.split(":")[0] for line in lines if line.startswith("SAE layer ")] == [
+            f"SAE layer {i}" for i in range(6)]
+        assert f"{workers} at a time" in " ".join(lines)
+    for layer in range(6):
+        for name, tensor in trained[1][layer].items():
+            assert torch.equal(tensor, trained[2][layer][name]), (layer, name)
+
+
+def test_the_shared_forward_pass_serves_training_and_quality_and_leaves_extraction_byte_equal(tmp_path, tiny_lm):
+    """Extraction from the kept pass equals extraction from its own forward passes, bit for bit; the training
+    sample gathered from it has the tokens a forward pass of its own grouping gives, in the same order."""
+    from tests.helpers import h5_datasets
+    from toolkit.capture import shared_forward
+    from toolkit.extraction import Extraction, ExtractionUnit, extract_unit, unit_batches
+
+    cfg = tiny_cfg(tmp_path / "a", layers="0-3", source="random")
+    corpus = corpus_of(cfg)
+    layers = [0, 1, 2, 3]
+    fixed = saes.load(cfg.sae_setup, tiny_lm, layers, corpus, RunDir(cfg.run_dir), QUIET)  # only the pass differs
+    units = [ExtractionUnit(lang) for lang in corpus.langs]
+    sentences = [(s, t) for lang in corpus.langs for s, t in corpus.sentences(lang)][::3]
+    plain = sae_training.collect_activations(tiny_lm, layers, sentences, 1500, 512, 64)
+    files = {}
+    for name, share in (("plain", False), ("shared", True)):
+        job = Extraction(cfg.extract, tmp_path / name, cfg.run.preset)
+        plan = lambda job=job: [b for u in units for b in unit_batches(job, tiny_lm, corpus, u)]  # noqa: E731
+        with shared_forward(tiny_lm, layers, plan, 2**30) as shared:
+            if share:
+                assert shared.prepare() and shared.ready
+                served = sae_training.collect_activations(tiny_lm, layers, sentences, 1500, 512, 64)
+                for layer in layers:
+                    assert served[layer].shape == plain[layer].shape == (1500, tiny_lm.d_model)
+                    torch.testing.assert_close(served[layer], plain[layer], rtol=1e-4, atol=1e-4)
+            for unit in units:
+                extract_unit(job, tiny_lm, fixed, corpus, unit, layers)
+            assert shared.entries == {}  # every extraction batch came from the kept pass, each taken once
+        files[name] = {u.lang: h5_datasets(job.path(u)) for u in units}
+    assert files["plain"].keys() == files["shared"].keys()
+    for lang, datasets in files["plain"].items():
+        assert datasets.keys() == files["shared"][lang].keys()
+        for key, value in datasets.items():
+            other = files["shared"][lang][key]
+            same = value.tolist() == other.tolist() if value.dtype == object else value.tobytes() == other.tobytes()
+            assert same, (lang, key)
+
+
+def test_a_pass_over_the_memory_budget_is_not_kept_and_one_without_the_training_sample_is_not_used_for_it(
+    tmp_path, tiny_lm
+):
+    from toolkit.capture import shared_forward
+    from toolkit.extraction import Extraction, ExtractionUnit, unit_batches
+
+    cfg = tiny_cfg(tmp_path, layers="0-1")
+    corpus = corpus_of(cfg)
+    job = Extraction(cfg.extract, tmp_path / "x", cfg.run.preset)
+    hindi = lambda: unit_batches(job, tiny_lm, corpus, ExtractionUnit("hi"))  # noqa: E731
+    with shared_forward(tiny_lm, [0, 1], hindi, 1024) as shared:
+        assert not shared.prepare() and shared.entries == {}
+        got = sae_training.collect_activations(tiny_lm, [0], corpus.sentences("hi")[:4], 50, 512, 64)
+        assert got[0].shape == (50, tiny_lm.d_model)
+    with shared_forward(tiny_lm, [0, 1], hindi, 2**30) as shared:
+        assert shared.prepare()
+        assert shared.holds(corpus.texts["hi"][:5], cfg.extract.max_length)  # training from it: gathered
+        assert not shared.holds(corpus.texts["hi"][:5] + corpus.texts["zh"][:1], cfg.extract.max_length)

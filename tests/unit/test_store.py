@@ -283,3 +283,20 @@ def test_a_disk_filled_after_the_space_check_is_one_enospc_without_h5py_noise(tm
             assert f.n_sentences == 320
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_file_this_process_wrote_opens_without_a_second_layout_check_and_a_later_change_is_checked(
+    tmp_path, monkeypatch
+):
+    path = write(tmp_path / "hi.h5").path
+    checked = []
+    original = ActivationFile._layer_names  # read by the whole layout check only
+    monkeypatch.setattr(ActivationFile, "_layer_names", lambda self: checked.append(self.path) or original(self))
+    with ActivationFile(path) as f:
+        assert f.n_sentences == 5
+    assert checked == []
+    with h5py.File(path, "r+") as h5:  # another writer's damage: a dataset's shape no longer fits
+        del h5["tokens/position"]
+        h5["tokens/position"] = np.zeros(3, dtype=np.int32)
+    with pytest.raises(StoreError, match=r"tokens/position has shape \(3,\)"):  # the whole check again
+        ActivationFile(path)
