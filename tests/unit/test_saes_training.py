@@ -151,7 +151,7 @@ def test_layers_trained_two_at_a_time_equal_one_at_a_time_and_log_in_layer_order
         cfg = tiny_cfg(tmp_path / f"w{workers}", layers="0-5")
         log = Console(record=True, width=200, force_terminal=False)
         saes_ = sae_training.train(cfg.sae_setup, tiny_lm, list(range(6)), corpus_of(cfg),
-                                   RunDir(cfg.run_dir).saes, log)
+                                   RunDir(cfg.run_dir), log)
         trained[workers] = saved_weights(saes_.root, range(6))
         lines = log.export_text().splitlines()
         assert [line.split(":")[0] for line in lines if line.startswith("SAE layer ")] == [
