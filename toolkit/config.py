@@ -194,6 +194,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"name": "embedded"},
         "sae": {"source": "auto", "release": "gemma-scope-2-270m-pt-res-all",
                 "id_template": "layer_{i}_width_16k_l0_small"},
+        # about 10 min per language on one CPU core (docs/alignment.md); the dataclass's 200 x 8 is for a GPU
+        "align": {"steps": 30, "batch_size": 4},
     },
     "tiny": {
         "model": {"name": "tiny"},
