@@ -141,7 +141,7 @@ class AlignConfig:
                             "for the MLP)")
     lora_layers: str = opt("all", "decoder layers that get adapters")
     align_layers: str = opt("all", "layers whose SAE codes enter the alignment loss")
-    lambda_align: float = opt(1.0, "weight of the SAE alignment term")
+    lambda_align: float = opt(0.75, "weight of the alignment term (0.75: docs/alignment.md, \"The default\")")
     lambda_keep: float = opt(1.0, "weight of KL(base || adapted) on English")
     objective: str = opt("mass", "alignment term (toolkit/align/objective.py, docs/alignment.md): match (relative "
                          "squared error of pooled codes), cosine, masked (match on English's features, surrogate "
