@@ -141,13 +141,14 @@ class AlignConfig:
                             "for the MLP)")
     lora_layers: str = opt("all", "decoder layers that get adapters")
     align_layers: str = opt("all", "layers whose SAE codes enter the alignment loss")
-    lambda_align: float = opt(1.0, "weight of the SAE alignment term")
+    lambda_align: float = opt(0.75, "weight of the alignment term (0.75: docs/alignment.md, \"The default\")")
     lambda_keep: float = opt(1.0, "weight of KL(base || adapted) on English")
     objective: str = opt("mass", "alignment term (toolkit/align/objective.py, docs/alignment.md): match (relative "
                          "squared error of pooled codes), cosine, masked (match on English's features, surrogate "
-                         "gradient), mass (one-sided hinge on pooled SAE mass), pre (hinge on pre-activations of "
+                         "gradient), mass (one-sided hinge on pooled SAE mass), massfit (mass plus a hinge on the "
+                         "SAE's reconstruction error against English's), pre (hinge on pre-activations of "
                          "English-favoured features), resid (hinge on the residual norm: the control), none (CE + KL "
-                         "only)", choices=("match", "cosine", "masked", "mass", "pre", "resid", "none"))
+                         "only)", choices=("match", "cosine", "masked", "mass", "massfit", "pre", "resid", "none"))
     heldout: float = opt(0.2, "fraction of sentence ids held out for the before/after measurement")
     val_fraction: float = opt(0.1, "fraction of training ids used for validation loss")
     checkpoint_every: int = opt(50, "save a resumable checkpoint every N steps")
@@ -193,6 +194,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"name": "embedded"},
         "sae": {"source": "auto", "release": "gemma-scope-2-270m-pt-res-all",
                 "id_template": "layer_{i}_width_16k_l0_small"},
+        # about 10 min per language on one CPU core (docs/alignment.md); the dataclass's 200 x 8 is for a GPU
+        "align": {"steps": 30, "batch_size": 4},
     },
     "tiny": {
         "model": {"name": "tiny"},

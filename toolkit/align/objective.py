@@ -97,6 +97,7 @@ class AlignTerm:
     name = ""
     uses_saes = True  # `target` and `reference` read the layer's SAE
     needs_pre = False  # and its encoder's pre-activations
+    baseline = False  # `loss` also gets the target sentence's own `reference` statistics under the base model
 
     def target(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
         return sae.encode(x)
@@ -104,7 +105,7 @@ class AlignTerm:
     def reference(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
         return sae.encode(x)
 
-    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def loss(self, target: torch.Tensor, reference: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def check(self, saes: SAESet) -> None:
@@ -124,7 +125,7 @@ class Match(AlignTerm):
 
     name = "match"
 
-    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def loss(self, target: torch.Tensor, reference: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         return ((target - reference) ** 2).sum() / (reference**2).sum().clamp(min=EPS)
 
 
@@ -133,7 +134,7 @@ class Cosine(AlignTerm):
 
     name = "cosine"
 
-    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def loss(self, target: torch.Tensor, reference: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         return (1 - F.cosine_similarity(target, reference, dim=1, eps=EPS)).mean()
 
 
@@ -148,7 +149,7 @@ class Masked(AlignTerm):
     def target(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
         return surrogate_codes(sae, x)
 
-    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def loss(self, target: torch.Tensor, reference: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         used = (reference > 0).to(target.dtype)
         return (((target - reference) * used) ** 2).sum() / (reference**2).sum().clamp(min=EPS)
 
@@ -167,8 +168,42 @@ class Mass(AlignTerm):
     def reference(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
         return sae.encode(x).sum(1, keepdim=True)
 
-    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def loss(self, target: torch.Tensor, reference: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         return _hinge(target, reference)
+
+
+class MassFit(Mass):
+    """massfit: `mass`'s hinge plus a one-sided hinge on the growth of the SAE's reconstruction error on the target,
+    mean_b [relu(M_en,b - M_T,b) / M_en,b + relu(E_T,b - E^base_T,b) / E^base_T,b], where
+    E = sum_t ||x_t - x^_t||^2 / sum_t ||x_t - x_bar||^2 over the sentence's tokens (1 - FVE of the sentence; x^ the
+    SAE's reconstruction from the codes, x_bar the SAE's mean activation) and E^base_T the same sentence's under the
+    base model (one extra forward pass without gradient per step). The target is to gain mass without leaving what
+    the SAE reconstructs: the gain report's SAE-fit guard measures the same drop in FVE on held-out sentences."""
+
+    name = "massfit"
+    baseline = True
+
+    def target(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
+        return mass_and_fit(sae, x, surrogate_codes(sae, x))
+
+    def reference(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
+        return mass_and_fit(sae, x, sae.encode(x))
+
+    def loss(self, target: torch.Tensor, reference: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        mass, sse, var = target.unbind(1)
+        error = sse / var.clamp(min=EPS)
+        base_sse, base_var = base[:, 1], base[:, 2]
+        base_error = base_sse / base_var.clamp(min=EPS)
+        # relu: no gradient at parity, so a fresh adapter (E = E^base) descends `mass` alone
+        return _hinge(mass, reference[:, 0]) + (F.relu(error - base_error) / base_error.clamp(min=EPS)).mean()
+
+
+def mass_and_fit(sae: LayerSAE, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Per token (N, 3): the code mass, the squared reconstruction error and the squared distance from the SAE's
+    mean activation (their means over a sentence give its E; see `MassFit`)."""
+    mean = sae.mean.to(x) if sae.mean is not None else x.new_zeros(())
+    error = ((x - sae.sae.decode(codes).to(x)) ** 2).sum(1)
+    return torch.stack([codes.sum(1), error, ((x - mean) ** 2).sum(1)], dim=1)
 
 
 class Pre(AlignTerm):
@@ -184,7 +219,7 @@ class Pre(AlignTerm):
     def target(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([sae.encode(x).detach(), pre_activation(sae, x)], dim=1)
 
-    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def loss(self, target: torch.Tensor, reference: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         codes, pre = target.chunk(2, dim=1)
         favour = (reference - codes).clamp_min(0)
         k = min(PRE_FEATURES, favour.shape[1])
@@ -208,7 +243,7 @@ class Resid(AlignTerm):
 
     reference = target
 
-    def loss(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def loss(self, target: torch.Tensor, reference: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         return _hinge(target, reference)
 
 
@@ -223,7 +258,8 @@ def _hinge(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return ((reference - target).clamp_min(0) / reference.clamp(min=EPS)).mean()
 
 
-OBJECTIVES: dict[str, type[AlignTerm]] = {t.name: t for t in (Match, Cosine, Masked, Mass, Pre, Resid, NoAlign)}
+OBJECTIVES: dict[str, type[AlignTerm]] = {
+    t.name: t for t in (Match, Cosine, Masked, Mass, MassFit, Pre, Resid, NoAlign)}
 
 
 def make_term(name: str) -> AlignTerm:
@@ -278,7 +314,11 @@ class Objective:
         align = zero
         if layers:
             w = self.weights[lang]
-            align = sum(w[layer] * self.term.loss(stats[layer], en_stats[layer]) for layer in layers)
+            base = dict.fromkeys(layers)
+            if self.term.baseline:  # the target sentence under the base model, without gradient
+                with torch.no_grad(), self.lm.model.disable_adapter():
+                    base, _ = self.forward_pass(self.lm.model, target, layers, self.term.reference, hidden=False)
+            align = sum(w[layer] * self.term.loss(stats[layer], en_stats[layer], base[layer]) for layer in layers)
             align = align / len(self.weights[lang])
         keep = zero
         if need_keep:

@@ -173,13 +173,24 @@ class Trainer:
 
     def _fill_reference(self, uses: float) -> None:
         began, inputs = time.perf_counter(), self.inputs
-        english = [(sid, self.texts[REFERENCE][sid]) for sid in dict.fromkeys(self.split.train + self.split.val)]
+        english = [(sid, self.texts[REFERENCE][sid]) for sid in self._read_ids()]
         reference = self.objective.reference
         reference.fill(iter_batches(english, self.lm.tokenizer, inputs.batch_tokens, inputs.max_length))
         self.progress.note(f"English reference from the base model: {len(reference)} sentences, "
                            f"{reference.nbytes / 2**20:.0f} MiB, {time.perf_counter() - began:.1f} s "
                            f"(KL base {'summarised' if reference.linear else 'recomputed each step'}, "
                            f"{uses:.1f} uses per sentence)")
+
+    def _read_ids(self) -> list[str]:
+        """The training and validation ids this rank's steps will read, in split order: every step's batches
+        from step 0 (a resumed run fills the same sentences in the same batches) and the validation ids. A short
+        run reads a fraction of the training ids, and the English reference is most of its setup time."""
+        a, dist, seed = self.a, self.dist, self.unit.seed
+        drawn = {sid for step in range(a.steps) for m in range(a.grad_accum) for lang in self.targets
+                 for sid in batch_ids(self.split.train, (step * a.grad_accum + m) * dist.world + dist.rank,
+                                      a.batch_size, seed, lang)}
+        drawn.update(self.split.val)
+        return [sid for sid in dict.fromkeys(self.split.train + self.split.val) if sid in drawn]
 
     # --------------------------------------------------------------------------------------- training
 
