@@ -57,3 +57,33 @@ def embedded_lm():
     from toolkit.models import load
 
     return load(ModelConfig(name="embedded"))
+
+
+# Heaviest first, so that neither of the two workers is left with a long test at the end: the cluster and
+# embedded-model tiers, then files sharing a built fixture, then the rest (in collection order within each).
+_FIRST = ("cluster", "integration")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """With `--dist loadgroup`: the tests sharing a module- or package-scoped fixture run on one worker, which
+    builds it once (under `--dist load` each worker would build it again); order the work heaviest first."""
+    for item in items:
+        group = _shared_fixture_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: (not any(item.get_closest_marker(m) for m in _FIRST),
+                                 item.get_closest_marker("xdist_group") is None))
+
+
+def _shared_fixture_group(item) -> str | None:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    for name in info.names_closure:
+        for fixturedef in info.name2fixturedefs.get(name, ()):
+            if fixturedef.scope == "package":
+                return fixturedef.baseid or "tests"
+            if fixturedef.scope == "module":
+                return item.nodeid.split("::")[0]
+    return None
