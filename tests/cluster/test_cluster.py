@@ -205,10 +205,10 @@ def test_pipeline_chains_train_saes_extract_and_report(slurm_cluster, tmp_path, 
 def test_pipeline_aligns_and_evaluates_on_the_cluster(slurm_cluster, okapi, tmp_path, capsys):
     """All five stages as dependent jobs: the adapter trained on a node is the one lm-eval scores next."""
     run = tmp_path / "run"
-    args = ["--preset", "tiny", "--langs", "en,hi", "--max-sentences", "12", "--max-length", "32", "--layers", "0-25:12",
-            "--align-layers", "0-25:12", "--n-boot", "20", "--steps", "2", "--checkpoint-every", "2",
-            "--stages", "train-saes,extract,report,align,evaluate", "--tasks", "arc", "--limit", "2",
-            "--bench-data", str(okapi)]
+    args = ["--preset", "tiny", "--langs", "en,hi", "--max-sentences", "12", "--max-length", "32",
+            "--layers", "0-25:12", "--align-layers", "0-25:12", "--n-boot", "20", "--steps", "2",
+            "--checkpoint-every", "2", "--stages", "train-saes,extract,report,align,evaluate",
+            "--tasks", "arc", "--limit", "2", "--bench-data", str(okapi)]
     assert main(["pipeline", *args, "--run", str(run), *SLURM, "--wait"]) == 0, capsys.readouterr().err
     records = job_records(run)
     assert [(r["stage"], r["language"]) for r in records] == [
