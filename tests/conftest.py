@@ -59,31 +59,31 @@ def embedded_lm():
     return load(ModelConfig(name="embedded"))
 
 
-# Heaviest first, so that neither of the two workers is left with a long test at the end: the cluster and
-# embedded-model tiers, then files sharing a built fixture, then the rest (in collection order within each).
-_FIRST = ("cluster", "integration")
+
+# The scheduler (`-n auto`): each file goes to one worker whole (its module and package fixtures built once, its
+# tests in order; the cluster files' jobs one at a time), except these files of independent long tests, sent test
+# by test so both workers share them.
+SPLIT = {
+    "tests/integration/test_align_embedded.py",
+    "tests/integration/test_evaluation_embedded.py",
+    "tests/unit/test_benchmark_quick.py",
+    "tests/unit/test_faults.py",
+}
+# Heaviest first (pyproject's --no-loadscope-reorder keeps this order), so that neither worker is left with a long
+# test at the end: the cluster and embedded-model tiers, then the rest in collection order.
+FIRST = ("cluster", "integration")
 
 
-@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return nodeid if path in SPLIT else path
+
+    return Scheduler(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """With `--dist loadgroup`: the tests sharing a module- or package-scoped fixture run on one worker, which
-    builds it once (under `--dist load` each worker would build it again); order the work heaviest first."""
-    for item in items:
-        group = _shared_fixture_group(item)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: (not any(item.get_closest_marker(m) for m in _FIRST),
-                                 item.get_closest_marker("xdist_group") is None))
-
-
-def _shared_fixture_group(item) -> str | None:
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-        return None
-    for name in info.names_closure:
-        for fixturedef in info.name2fixturedefs.get(name, ()):
-            if fixturedef.scope == "package":
-                return fixturedef.baseid or "tests"
-            if fixturedef.scope == "module":
-                return item.nodeid.split("::")[0]
-    return None
+    items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in FIRST))
