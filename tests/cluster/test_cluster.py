@@ -117,6 +117,7 @@ def test_extraction_array_completes_and_equals_a_local_run(slurm_cluster, refere
     assert capsys.readouterr().err.count("COMPLETED") >= 3
 
 
+@pytest.mark.slow  # ~30 s: two job starts and Slurm's ~10 s requeue delay; run by .ci/run
 def test_preempted_extraction_is_requeued_and_resumes(slurm_cluster, reference, tmp_path, capsys):
     import submitit
 
@@ -202,6 +203,7 @@ def test_pipeline_chains_train_saes_extract_and_report(slurm_cluster, tmp_path, 
     assert json.loads((run / "reports" / "gaps.json").read_text()) and (run / "reports" / "gaps.csv").is_file()
 
 
+@pytest.mark.slow  # ~34 s at its smallest: six dependent job starts (lm-eval's import alone ~5 s); run by .ci/run
 def test_pipeline_aligns_and_evaluates_on_the_cluster(slurm_cluster, okapi, tmp_path, capsys):
     """All five stages as dependent jobs: the adapter trained on a node is the one lm-eval scores next."""
     run = tmp_path / "run"
