@@ -61,7 +61,7 @@ def embedded_lm():
 
 
 # The scheduler (`-n auto`): each file goes to one worker whole (its module and package fixtures built once, its
-# tests in order; the cluster files' jobs one at a time), except these files of independent long tests, sent test
+# tests in order; a cluster file one test at a time), except these files of independent long tests, sent test
 # by test so both workers share them.
 SPLIT = {
     "tests/integration/test_align_embedded.py",
@@ -74,6 +74,7 @@ SPLIT = {
 FIRST = ("cluster", "integration")
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
