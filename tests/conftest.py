@@ -57,3 +57,34 @@ def embedded_lm():
     from toolkit.models import load
 
     return load(ModelConfig(name="embedded"))
+
+
+
+# The scheduler (`-n auto`): each file goes to one worker whole (its module and package fixtures built once, its
+# tests in order; a cluster file one test at a time), except these files of independent long tests, sent test
+# by test so both workers share them.
+SPLIT = {
+    "tests/integration/test_align_embedded.py",
+    "tests/integration/test_evaluation_embedded.py",
+    "tests/unit/test_benchmark_quick.py",
+    "tests/unit/test_faults.py",
+}
+# Heaviest first (pyproject's --no-loadscope-reorder keeps this order), so that neither worker is left with a long
+# test at the end: the cluster and embedded-model tiers, then the rest in collection order.
+FIRST = ("cluster", "integration")
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return nodeid if path in SPLIT else path
+
+    return Scheduler(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in FIRST))

@@ -36,9 +36,9 @@ def wide_console(monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # Rich tables unfolded, so error lines can be searched
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def reference(slurm_cluster, tmp_path_factory):
-    """Local (in-process) runs to compare the cluster's files with, made once per module."""
+    """Local (in-process) runs to compare the cluster's files with (each test compares with its own)."""
     made: dict[str, Path] = {}
 
     def get(name: str, args: list[str]) -> Path:
@@ -117,6 +117,7 @@ def test_extraction_array_completes_and_equals_a_local_run(slurm_cluster, refere
     assert capsys.readouterr().err.count("COMPLETED") >= 3
 
 
+@pytest.mark.slow  # ~30 s: two job starts and Slurm's ~10 s requeue delay; run by .ci/run
 def test_preempted_extraction_is_requeued_and_resumes(slurm_cluster, reference, tmp_path, capsys):
     import submitit
 
@@ -128,12 +129,13 @@ def test_preempted_extraction_is_requeued_and_resumes(slurm_cluster, reference, 
     # interrupt only once batches are committed, i.e. while the extraction really runs
     wait_until(lambda: len(list(parts.glob("part-*.npz"))) >= 2, 120, "committed batches")
     submitit.SlurmJob(folder=rec["folder"], job_id=rec["job_id"])._interrupt()  # SIGTERM, then USR2: preemption
+    local = reference("long-en", args)  # made while Slurm requeues the job (~10 s in which the node is idle)
     assert main(["status", "--run", str(run), "--wait"]) == 0, capsys.readouterr().err
     history = [row[1] for row in sacct(rec["job_id"], "--duplicates")]
     assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", history
     log = Path(rec["stderr"]).read_text()
     assert "this job is preempted" in log and "CANCELLED AT" in log and "DUE TO JOB REQUEUE" in log
-    assert_same_h5(run / "activations" / "en.h5", reference("long-en", args) / "activations" / "en.h5")
+    assert_same_h5(run / "activations" / "en.h5", local / "activations" / "en.h5")
 
 
 def test_failed_job_shows_its_error_and_its_dependents_never_run(slurm_cluster, tmp_path, capsys):
@@ -201,13 +203,14 @@ def test_pipeline_chains_train_saes_extract_and_report(slurm_cluster, tmp_path, 
     assert json.loads((run / "reports" / "gaps.json").read_text()) and (run / "reports" / "gaps.csv").is_file()
 
 
+@pytest.mark.slow  # ~34 s at its smallest: six dependent job starts (lm-eval's import alone ~5 s); run by .ci/run
 def test_pipeline_aligns_and_evaluates_on_the_cluster(slurm_cluster, okapi, tmp_path, capsys):
     """All five stages as dependent jobs: the adapter trained on a node is the one lm-eval scores next."""
     run = tmp_path / "run"
-    args = ["--preset", "tiny", "--langs", "en,hi", "--max-sentences", "24", "--max-length", "48", "--layers", "0-25:5",
-            "--align-layers", "0-25:5", "--n-boot", "20", "--steps", "4", "--checkpoint-every", "2",
-            "--stages", "train-saes,extract,report,align,evaluate", "--tasks", "arc", "--limit", "6",
-            "--bench-data", str(okapi)]
+    args = ["--preset", "tiny", "--langs", "en,hi", "--max-sentences", "12", "--max-length", "32",
+            "--layers", "0-25:12", "--align-layers", "0-25:12", "--n-boot", "20", "--steps", "2",
+            "--checkpoint-every", "2", "--stages", "train-saes,extract,report,align,evaluate",
+            "--tasks", "arc", "--limit", "2", "--bench-data", str(okapi)]
     assert main(["pipeline", *args, "--run", str(run), *SLURM, "--wait"]) == 0, capsys.readouterr().err
     records = job_records(run)
     assert [(r["stage"], r["language"]) for r in records] == [

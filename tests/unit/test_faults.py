@@ -3,9 +3,10 @@ folder, a copied run, damaged run files, a full disk, a read-only folder, SIGTER
 
 Each refused command exits 2 with one `error:` line naming the problem (and the fix), no traceback, and
 leaves what was already in the run folder untouched. One small run is made once and copied per case.
+Cases about processes (concurrent writers, signals, distributed ranks) start real commands; the others call
+the command's entry point in this process (`tests.helpers.main`), the same code without seconds of imports.
 """
 
-import functools
 import json
 import os
 import re
@@ -25,21 +26,24 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from tests.helpers import cli as run_cli
 from tests.helpers import h5_datasets
+from tests.helpers import main as cli
 from tests.unit.test_bad_input import snapshot
 
 ARGS = ["--preset", "tiny", "--langs", "en,hi", "--max-sentences", "8", "--layers", "0-1"]
-ENV = {**os.environ, "COLUMNS": "200"}  # the summary table unabridged
-cli = functools.partial(run_cli, env=ENV)
+ENV = {**os.environ, "COLUMNS": "200"}  # the summary table unabridged (`cli` in this process sets the same)
 IS_ROOT = os.geteuid() == 0 and shutil.which("mount") is not None
 
 
-
-
 def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "toolkit.submit", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen(
+        [sys.executable, "-m", "toolkit.submit", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
 
 
 def one_clear_error(out: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -49,8 +53,6 @@ def one_clear_error(out: subprocess.CompletedProcess, *fragments: str) -> None:
     assert text.count("error:") == 1, out.stderr
     for fragment in fragments:
         assert fragment in text, out.stderr
-
-
 
 
 def assert_same_files(a: Path, b: Path) -> None:
@@ -163,8 +165,9 @@ def test_a_live_lock_names_its_holder(template, tmp_path):
         lock = run / "activations" / "en.h5.lock"
         lock.write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "command": "lingogap extract"}))
         before = outputs(run)
-        one_clear_error(cli("extract", *ARGS, "--run", str(run)), f"pid {holder.pid}", "lingogap extract",
-                        f"delete {lock}")
+        one_clear_error(
+            cli("extract", *ARGS, "--run", str(run)), f"pid {holder.pid}", "lingogap extract", f"delete {lock}"
+        )
         assert outputs(run) == before
     finally:
         holder.kill()
@@ -179,28 +182,65 @@ def first_sae_layer(run: Path) -> Path:
     return next(run.glob("saes/*/layer_0"))
 
 
-@pytest.mark.parametrize("damage, args, fragments", [
-    (lambda run: damage_json(run / "manifest.json"), ["extract", *ARGS], ["manifest.json is damaged", "move it aside"]),
-    (lambda run: damage_json(run / "jobs.json"), ["extract", *ARGS], ["jobs.json is damaged", "delete it"]),
-    (lambda run: damage_json(run / "jobs.json"), ["status"], ["jobs.json is damaged"]),
-    (lambda run: damage_json(first_sae_layer(run) / "lingogap.json"), ["extract", *ARGS],
-     ["lingogap.json is damaged", "rerun train-saes"]),
-    (lambda run: damage_json(first_sae_layer(run) / "cfg.json"), ["extract", *ARGS], ["cfg.json is damaged"]),
-    (lambda run: (lambda p: p.write_bytes(p.read_bytes()[:40]))(next(first_sae_layer(run).glob("*.safetensors"))),
-     ["extract", *ARGS], [".safetensors is damaged", "rerun train-saes"]),
-    (lambda run: flip_chunk(run / "activations" / "hi.h5"), ["extract", *ARGS],
-     ["hi.h5 is corrupt", "delete it and rerun extract"]),
-    (lambda run: None, ["extract", *ARGS, "--code-dtype", "float32"], ["different configuration", "code_dtype"]),
-    (lambda run: None, ["extract", *ARGS, "--max-sentences", "6"], ["different configuration", "corpus_hash"]),
-    (lambda run: None, ["extract", *ARGS, "--sae-width", "64"], ["different configuration", "sae_source"]),
-    (lambda run: None, ["extract", *ARGS, "--shards", "9"], ["extract.shards: 9 shards for 8 sentences"]),
-    (lambda run: parts_stamp(run / "activations" / "hi.h5", "[1]"), ["extract", *ARGS],
-     ["hi.h5.parts/fingerprint.json is damaged", "--overwrite"]),
-    (lambda run: set_attr(run / "activations" / "hi.h5", "n_sentences", "eight"), ["report"],
-     ["hi.h5: its n_sentences attribute 'eight' is damaged", "--overwrite"]),
-], ids=["manifest", "jobs-json", "jobs-json-status", "sae-meta", "sae-cfg", "sae-weights", "h5-chunk",
-        "mismatch-dtype", "mismatch-corpus", "mismatch-sae-recipe", "too-many-shards", "parts-stamp-list",
-        "h5-attribute"])
+@pytest.mark.parametrize(
+    "damage, args, fragments",
+    [
+        (
+            lambda run: damage_json(run / "manifest.json"),
+            ["extract", *ARGS],
+            ["manifest.json is damaged", "move it aside"],
+        ),
+        (lambda run: damage_json(run / "jobs.json"), ["extract", *ARGS], ["jobs.json is damaged", "delete it"]),
+        (lambda run: damage_json(run / "jobs.json"), ["status"], ["jobs.json is damaged"]),
+        (
+            lambda run: damage_json(first_sae_layer(run) / "lingogap.json"),
+            ["extract", *ARGS],
+            ["lingogap.json is damaged", "rerun train-saes"],
+        ),
+        (lambda run: damage_json(first_sae_layer(run) / "cfg.json"), ["extract", *ARGS], ["cfg.json is damaged"]),
+        (
+            lambda run: (lambda p: p.write_bytes(p.read_bytes()[:40]))(
+                next(first_sae_layer(run).glob("*.safetensors"))
+            ),
+            ["extract", *ARGS],
+            [".safetensors is damaged", "rerun train-saes"],
+        ),
+        (
+            lambda run: flip_chunk(run / "activations" / "hi.h5"),
+            ["extract", *ARGS],
+            ["hi.h5 is corrupt", "delete it and rerun extract"],
+        ),
+        (lambda run: None, ["extract", *ARGS, "--code-dtype", "float32"], ["different configuration", "code_dtype"]),
+        (lambda run: None, ["extract", *ARGS, "--max-sentences", "6"], ["different configuration", "corpus_hash"]),
+        (lambda run: None, ["extract", *ARGS, "--sae-width", "64"], ["different configuration", "sae_source"]),
+        (lambda run: None, ["extract", *ARGS, "--shards", "9"], ["extract.shards: 9 shards for 8 sentences"]),
+        (
+            lambda run: parts_stamp(run / "activations" / "hi.h5", "[1]"),
+            ["extract", *ARGS],
+            ["hi.h5.parts/fingerprint.json is damaged", "--overwrite"],
+        ),
+        (
+            lambda run: set_attr(run / "activations" / "hi.h5", "n_sentences", "eight"),
+            ["report"],
+            ["hi.h5: its n_sentences attribute 'eight' is damaged", "--overwrite"],
+        ),
+    ],
+    ids=[
+        "manifest",
+        "jobs-json",
+        "jobs-json-status",
+        "sae-meta",
+        "sae-cfg",
+        "sae-weights",
+        "h5-chunk",
+        "mismatch-dtype",
+        "mismatch-corpus",
+        "mismatch-sae-recipe",
+        "too-many-shards",
+        "parts-stamp-list",
+        "h5-attribute",
+    ],
+)
 def test_damaged_run_files_and_refused_runs_change_nothing(template, tmp_path, damage, args, fragments):
     run = copy_run(template, tmp_path / "run")
     damage(run)
@@ -257,8 +297,9 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 @pytest.mark.skipif(not IS_ROOT, reason="mounting a tmpfs needs root")
 def test_a_full_disk_is_refused_before_extracting_with_the_space_needed(tmp_path):
     with tmpfs(tmp_path / "small", "200k") as disk:
-        one_clear_error(cli("extract", *ARGS, "--run", str(disk / "run")), "needs about", "is free there",
-                        "rerun the same command")
+        one_clear_error(
+            cli("extract", *ARGS, "--run", str(disk / "run")), "needs about", "is free there", "rerun the same command"
+        )
         assert not list((disk / "run").rglob("*.h5"))
 
 
@@ -387,19 +428,26 @@ def empty_file(path: Path) -> None:
     path.write_bytes(b"")
 
 
-@pytest.mark.parametrize("damage, fragments", [
-    (flip_header, ["hi.h5 is damaged: dataset layers/1/stats/mass cannot be opened", "--overwrite"]),
-    (flip_shape, ["hi.h5 is damaged: dataset layers/1/stats/mass has shape (0,), the layout says (8,)",
-                  "--overwrite"]),
-    (flip_dtype, ["hi.h5 is damaged: dataset layers/1/codes/values has dtype >f2", "--overwrite"]),
-    (drop_dataset, ["hi.h5 is damaged: dataset layers/0/stats/l0 is missing", "--overwrite"]),
-    (int_values, ["hi.h5 is damaged: dataset layers/0/codes/values has dtype <i4", "--overwrite"]),
-    (short_offsets, ["hi.h5 is damaged: dataset sentences/token_offsets has shape", "--overwrite"]),
-    (empty_file, ["hi.h5 is truncated or corrupt", "--overwrite"]),
-], ids=["object-header-bit", "shape-bit", "dtype-bit", "missing-dataset", "int-values", "short-offsets", "empty-file"])
+@pytest.mark.parametrize(
+    "damage, fragments",
+    [
+        (flip_header, ["hi.h5 is damaged: dataset layers/1/stats/mass cannot be opened", "--overwrite"]),
+        (
+            flip_shape,
+            ["hi.h5 is damaged: dataset layers/1/stats/mass has shape (0,), the layout says (8,)", "--overwrite"],
+        ),
+        (flip_dtype, ["hi.h5 is damaged: dataset layers/1/codes/values has dtype >f2", "--overwrite"]),
+        (drop_dataset, ["hi.h5 is damaged: dataset layers/0/stats/l0 is missing", "--overwrite"]),
+        (int_values, ["hi.h5 is damaged: dataset layers/0/codes/values has dtype <i4", "--overwrite"]),
+        (short_offsets, ["hi.h5 is damaged: dataset sentences/token_offsets has shape", "--overwrite"]),
+        (empty_file, ["hi.h5 is truncated or corrupt", "--overwrite"]),
+    ],
+    ids=["object-header-bit", "shape-bit", "dtype-bit", "missing-dataset", "int-values", "short-offsets", "empty-file"],
+)
 @pytest.mark.parametrize("stage", ["report", "extract"])
-def test_a_damaged_activation_file_is_refused_naming_the_dataset_and_the_fix(template, tmp_path, damage, fragments,
-                                                                             stage):
+def test_a_damaged_activation_file_is_refused_naming_the_dataset_and_the_fix(
+    template, tmp_path, damage, fragments, stage
+):
     run = copy_run(template, tmp_path / "run")
     damage(run / "activations" / "hi.h5")
     before = outputs(run)
@@ -424,8 +472,13 @@ def test_sentence_ids_that_changed_after_extraction_are_an_error_unless_allowed(
         old = sorted(s.decode() for s in h5["sentences/id"][()])[:2]
     rename_ids(hi, {old[0]: "new-1", old[1]: "new-2"})
     before = outputs(run)
-    one_clear_error(cli("report", "--run", str(run)), "hi and en do not hold the same sentence ids",
-                    "new-1", old[0], "--allow-id-mismatch")
+    one_clear_error(
+        cli("report", "--run", str(run)),
+        "hi and en do not hold the same sentence ids",
+        "new-1",
+        old[0],
+        "--allow-id-mismatch",
+    )
     assert outputs(run) == before
     allowed = cli("report", "--allow-id-mismatch", "--run", str(run))
     assert allowed.returncode == 0, allowed.stderr[-3000:]
@@ -468,8 +521,9 @@ def assert_same_file(a: Path, b: Path) -> None:
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounting a tmpfs needs root")
-def test_a_disk_that_fills_during_consolidation_is_one_message_or_none_and_resumes_identically(full_reference,
-                                                                                              tmp_path):
+def test_a_disk_that_fills_during_consolidation_is_one_message_or_none_and_resumes_identically(
+    full_reference, tmp_path
+):
     """The space check before consolidating passes, then another process takes the rest of the disk. The writer
     reserved the file's space when it created it: it either finishes, or (stopped before the reservation) exits
     2 with one message. Never h5py's destructor noise, never a crash; resuming gives the same file."""
@@ -489,8 +543,9 @@ def test_a_disk_that_fills_during_consolidation_is_one_message_or_none_and_resum
         assert "Exception ignored" not in stderr and "Traceback" not in stderr, stderr[-3000:]
         assert proc.returncode in (0, 2), stderr[-3000:]  # never -11
         if proc.returncode == 2:
-            one_clear_error(subprocess.CompletedProcess(proc.args, 2, stdout, stderr), "the disk is full",
-                            "rerun the same command")
+            one_clear_error(
+                subprocess.CompletedProcess(proc.args, 2, stdout, stderr), "the disk is full", "rerun the same command"
+            )
             assert not (run / "activations" / "en.h5").exists() and not list(run.rglob(".*.tmp"))
         (disk / "filler").unlink()
         resumed = cli("extract", *FULL_ARGS, "--run", str(run))
@@ -500,9 +555,31 @@ def test_a_disk_that_fills_during_consolidation_is_one_message_or_none_and_resum
         assert st.st_blocks * 512 < st.st_size + 65536  # no reserved block left behind
 
 
-ALIGN_ARGS = ["align", "--preset", "tiny", "--langs", "hi", "--targets", "hi", "--sae", "random", "--max-sentences",
-              "40", "--max-length", "48", "--layers", "0-25:5", "--align-layers", "0-25:5", "--checkpoint-every", "2",
-              "--lr", "0.002", "--engine", "torch"]
+ALIGN_ARGS = [
+    "align",
+    "--preset",
+    "tiny",
+    "--langs",
+    "hi",
+    "--targets",
+    "hi",
+    "--sae",
+    "random",
+    "--max-sentences",
+    "40",
+    "--max-length",
+    "48",
+    "--layers",
+    "0-25:5",
+    "--align-layers",
+    "0-25:5",
+    "--checkpoint-every",
+    "2",
+    "--lr",
+    "0.002",
+    "--engine",
+    "torch",
+]
 
 
 @pytest.fixture(scope="module")
@@ -518,32 +595,55 @@ def truncate(path: Path, keep: int = 100) -> None:
     path.write_bytes(path.read_bytes()[:keep])
 
 
-@pytest.mark.parametrize("name, keep", [("adapter/adapter_model.safetensors", 100),
-                                        ("adapter/adapter_model.safetensors", 60_000),
-                                        ("state.json", 10), ("optimizer.pt", 200)],
-                         ids=["adapter-header", "adapter-data", "state-json", "optimizer"])
+@pytest.mark.parametrize(
+    "name, keep",
+    [
+        ("adapter/adapter_model.safetensors", 100),
+        ("adapter/adapter_model.safetensors", 60_000),
+        ("state.json", 10),
+        ("optimizer.pt", 200),
+    ],
+    ids=["adapter-header", "adapter-data", "state-json", "optimizer"],
+)
 def test_a_truncated_checkpoint_file_is_one_message_naming_it_and_the_fix(aligned, tmp_path, name, keep):
     run = copy_run(aligned, tmp_path / "run")
     checkpoint = run / "align" / "hi" / "checkpoints" / "step-000002"
     truncate(checkpoint / name, keep)
     before = snapshot(run / "align")
-    one_clear_error(cli(*ALIGN_ARGS, "--steps", "4", "--run", str(run)), f"{checkpoint / name}",
-                    f"delete the checkpoint folder {checkpoint}")
+    one_clear_error(
+        cli(*ALIGN_ARGS, "--steps", "4", "--run", str(run)),
+        f"{checkpoint / name}",
+        f"delete the checkpoint folder {checkpoint}",
+    )
     assert snapshot(run / "align") == before  # (the manifest records the command: align writes it before training)
     shutil.rmtree(checkpoint)  # the fix the message names: train afresh
     assert cli(*ALIGN_ARGS, "--steps", "4", "--run", str(run)).returncode == 0
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    (lambda adapter: truncate(adapter / "adapter_model.safetensors"), "adapter_model.safetensors is damaged"),
-    (lambda adapter: truncate(adapter / "adapter_config.json", 27), "adapter_config.json is damaged"),
-], ids=["weights", "config"])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda adapter: truncate(adapter / "adapter_model.safetensors"), "adapter_model.safetensors is damaged"),
+        (lambda adapter: truncate(adapter / "adapter_config.json", 27), "adapter_config.json is damaged"),
+    ],
+    ids=["weights", "config"],
+)
 def test_a_damaged_adapter_given_to_extract_is_one_message_naming_the_file(aligned, tmp_path, damage, fragment):
     adapter = tmp_path / "adapter"
     shutil.copytree(aligned / "align" / "hi" / "adapter", adapter)
     damage(adapter)
-    out = cli("extract", *ARGS[:-2], "--layers", "0", "--sae", "random", "--adapter", str(adapter),
-              "--run", str(tmp_path / "run"))
+    out = cli(
+        "extract",
+        *ARGS[:-2],
+        "--layers",
+        "0",
+        "--sae",
+        "random",
+        "--adapter",
+        str(adapter),
+        "--run",
+        str(tmp_path / "run"),
+    )
     one_clear_error(out, fragment, "point --adapter at an intact adapter folder")
     assert not (tmp_path / "run").exists()
 
@@ -560,11 +660,24 @@ def test_a_refused_distributed_align_stops_every_rank_promptly_with_the_same_mes
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     try:
-        ranks = [subprocess.Popen([sys.executable, "-m", "toolkit.submit", *ALIGN_ARGS, "--steps", "2", "--run",
-                                   str(run)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-                 for r in range(2)]
+        ranks = [
+            subprocess.Popen(
+                [sys.executable, "-m", "toolkit.submit", *ALIGN_ARGS, "--steps", "2", "--run", str(run)],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={
+                    **ENV,
+                    "RANK": str(r),
+                    "LOCAL_RANK": str(r),
+                    "WORLD_SIZE": "2",
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port),
+                },
+            )
+            for r in range(2)
+        ]
         outs = [subprocess.CompletedProcess(p.args, p.wait(timeout=240), *p.communicate()) for p in ranks]
     finally:
         for p in (holder, *locals().get("ranks", [])):
@@ -576,8 +689,9 @@ def test_a_refused_distributed_align_stops_every_rank_promptly_with_the_same_mes
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_an_interrupt_during_consolidation_is_never_lost_and_the_run_resumes_identically(full_reference, tmp_path,
-                                                                                        signum, code):
+def test_an_interrupt_during_consolidation_is_never_lost_and_the_run_resumes_identically(
+    full_reference, tmp_path, signum, code
+):
     """A signal whose handler runs inside a destructor (an h5py handle, a weakref callback) cannot raise there:
     it must still stop the run, as everywhere else, and not be printed as "Exception ignored"."""
     for trial in range(2):  # before the fix, 4 of 10 interrupts landing here were lost
@@ -596,15 +710,22 @@ def test_an_interrupt_during_consolidation_is_never_lost_and_the_run_resumes_ide
         assert_same_file(full_reference / "activations" / "en.h5", run / "activations" / "en.h5")
 
 
-@pytest.mark.parametrize("name, fragment", [
-    ("checkpoints/step-000002/state.json", "delete the checkpoint folder"),
-    ("metrics.json", "delete it and rerun align"),
-], ids=["state-json", "metrics-json"])
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("checkpoints/step-000002/state.json", "delete the checkpoint folder"),
+        ("metrics.json", "delete it and rerun align"),
+    ],
+    ids=["state-json", "metrics-json"],
+)
 def test_an_alignment_record_of_the_wrong_kind_is_one_message_naming_it(aligned, tmp_path, name, fragment):
     run = copy_run(aligned, tmp_path / "run")
     record = run / "align" / "hi" / name
     record.write_text("[]\n")  # valid JSON, not the object it must be
     before = snapshot(run / "align")
-    one_clear_error(cli(*ALIGN_ARGS, "--steps", "4" if "state" in name else "2", "--run", str(run)),
-                    f"{record}: unreadable (a JSON list, not an object)", fragment)
+    one_clear_error(
+        cli(*ALIGN_ARGS, "--steps", "4" if "state" in name else "2", "--run", str(run)),
+        f"{record}: unreadable (a JSON list, not an object)",
+        fragment,
+    )
     assert snapshot(run / "align") == before
