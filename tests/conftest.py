@@ -59,7 +59,6 @@ def embedded_lm():
     return load(ModelConfig(name="embedded"))
 
 
-
 # The scheduler (`-n auto`): each file goes to one worker whole (its module and package fixtures built once, its
 # tests in order; a cluster file one test at a time), except these files of independent long tests, sent test
 # by test so both workers share them.
