@@ -244,43 +244,48 @@ def before_after(cfg: Config, inputs: align.AlignInputs, name: str, unit: align.
 
 
 def print_before_after(report: dict, console: Console) -> None:
+    """The per-language before/after table, then one gain report per target; both fit 80 columns."""
     table = Table(title=f"Before/after alignment: {report['unit']} ({report['heldout_sentences']} held-out sentences, "
                         f"means over {len(report['layers'])} layers)")
-    for col in ("lang", "role", "A before", "A after", "gain %", "retain %", "bpb before", "bpb after"):
+    for col in ("lang", "role", "A before", "A after", "gain %", "bpb before -> after"):
         table.add_column(col, justify="left" if col in ("lang", "role") else "right")
     for lang, v in report["languages"].items():
         role = "ref." if v["role"] == "reference" else v["role"]
         table.add_row(lang, role, f"{am.mean(v['A_before'].values()):.4g}", f"{am.mean(v['A_after'].values()):.4g}",
-                      _pct(v["gain_pct_mean"], "+"), _pct(v["retention_pct_mean"]), _num(v.get("bpb_before"), ".3f"),
-                      _num(v.get("bpb_after"), ".3f"), style="bold" if v["role"] == "target" else None)
+                      _pct(v["gain_pct_mean"], "+"), f"{_num(v.get('bpb_before'), '.3f')} -> "
+                      f"{_num(v.get('bpb_after'), '.3f')}", style="bold" if v["role"] == "target" else None)
+    # retention = 100 + gain per layer, so the table shows the gain and the caption English's retention
     table.caption = (f"English retention {_pct(report['english_retention_pct'])} %. gain = 100 (A_after - A_before) / "
-                     "A_before and retention = 100 A_after / A_before, per layer, then averaged over layers")
+                     "A_before per layer, averaged over layers")
     console.print(table)
-    console.print(gain_table(report))
+    for lang in report["alignment"]:
+        console.print(gain_table(report, lang))
 
 
-def gain_table(report: dict) -> Table:
-    """The gain report: per target, the weighted layers' headline and each band, with CIs and the none arm."""
-    s = report["summary"]
-    table = Table(title=f"Gain report: {report['unit']} (objective {s['objective']}; w-weighted over the weighted "
-                        "layers, held-out sentences, 95 % CI)")
-    for col in ("target", "layers", "gain %", "closure %", "norm-adj. gain %", "resid norm %", "EN KL", "EN retain %",
-                "FVE drop", "bpb", "vs none: closure"):
-        table.add_column(col, justify="left" if col in ("target", "layers") else "right")
-    for lang, t in report["alignment"].items():
-        q, vs = t["sae_quality"], t.get("vs_none") or {}
-        closure = vs.get("closure")
-        table.add_row(lang, "weighted", _ci(t.get("gain_pct"), t.get("gain_pct_ci")),
-                      _ci(t.get("closure_pct"), t.get("closure_pct_ci")) + (" overshoot" if t["overshoot"] else ""),
-                      _num(t.get("norm_adjusted_gain_pct"), "+.1f"), _num(t.get("resid_norm_change_pct"), "+.1f"),
-                      _num(t["english"].get("kl"), ".4f"),
-                      _ci(t.get("english_retention_pct"), t.get("english_retention_pct_ci")),
-                      _num(q.get("fve_drop"), "+.3f") + (" !" if q.get("fve_drop_flagged_layers") else ""),
-                      f"{_num(t.get('target_bpb_before'), '.3f')} -> {_num(t.get('target_bpb'), '.3f')}",
-                      _ci(closure["delta"], [closure["ci_low"], closure["ci_high"]]) if closure else "-")
-        for name, band in t["bands"].items():
-            table.add_row("", name, _num(band.get("gain_pct"), "+.1f"), _num(band.get("closure_pct"), ".1f"),
-                          _num(band.get("norm_adjusted_gain_pct"), "+.1f"), "", "", "", "", "", "")
+def gain_table(report: dict, lang: str) -> Table:
+    """The gain report of one target: each measure over the weighted layers with its CI (and per band where it has
+    one), beside the none arm where the run has one."""
+    s, t = report["summary"], report["alignment"][lang]
+    q, closure = t["sae_quality"], (t.get("vs_none") or {}).get("closure")
+    adapter = f"{report['unit']} adapter, " if report["unit"] != lang else ""
+    table = Table(title=f"Gain report: {lang} ({adapter}objective {s['objective']}; held-out sentences, 95 % CI)")
+    bands = list(t["bands"])
+    for col in ("", "weighted", *bands):
+        table.add_column(col, justify="left" if not col else "right")
+
+    def row(name: str, weighted: str, key: str = "", fmt: str = "+.1f") -> None:
+        table.add_row(name, weighted, *(_num(t["bands"][b].get(key), fmt) if key else "" for b in bands))
+
+    row("gain %", _ci(t.get("gain_pct"), t.get("gain_pct_ci")), "gain_pct")
+    row("closure %", _ci(t.get("closure_pct"), t.get("closure_pct_ci")) + (" overshoot" if t["overshoot"] else ""),
+        "closure_pct", ".1f")
+    row("norm-adj. gain %", _num(t.get("norm_adjusted_gain_pct"), "+.1f"), "norm_adjusted_gain_pct")
+    row("resid norm %", _num(t.get("resid_norm_change_pct"), "+.1f"))
+    row("EN KL", _num(t["english"].get("kl"), ".4f"))
+    row("EN retain %", _ci(t.get("english_retention_pct"), t.get("english_retention_pct_ci")))
+    row("FVE drop", _num(q.get("fve_drop"), "+.3f") + (" !" if q.get("fve_drop_flagged_layers") else ""))
+    row("bpb", f"{_num(t.get('target_bpb_before'), '.3f')} -> {_num(t.get('target_bpb'), '.3f')}")
+    row("vs none: closure", _ci(closure["delta"], [closure["ci_low"], closure["ci_high"]]) if closure else "-")
     failed = [k for k, ok in s["guards"].items() if not ok]
     low, high = am.GUARD_RETENTION
     table.caption = (f"guards {'hold' if s['guards_ok'] else 'FAIL: ' + ', '.join(failed)} (English KL <= "

@@ -76,3 +76,21 @@ def test_after_files_keep_the_sae_recipe_and_provenance(tmp_path):
                             "english_retention_pct", "fve_drop", "target_bpb", "minutes", "guards_ok"}
     assert summary["objective"] == "none" and summary["minutes"] > 0
     assert report["alignment"]["hi"]["english"]["kl"] >= 0
+
+
+def test_the_before_after_and_gain_tables_fit_80_columns_with_every_cell_whole(reference):
+    """align prints its before/after table and the gain report; at 80 columns no header or value is cut."""
+    import io
+
+    from rich.console import Console
+
+    cfg, _, _ = reference
+    report = json.loads((cfg.run_dir / "align" / "hi" / "before_after.json").read_text())
+    console = Console(width=80, record=True, file=io.StringIO())
+    align_job.print_before_after(report, console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    for header in ("A before", "A after", "gain %", "bpb", "closure %", "norm-adj. gain %", "EN KL", "FVE drop",
+                   "vs none: closure", "weighted", "early", "middle", "deep"):
+        assert header in text, header
