@@ -92,9 +92,10 @@ def engine_of(unit: AlignUnit, inputs: AlignInputs) -> str:
 
 def fingerprint(unit: AlignUnit, inputs: AlignInputs) -> str:
     """What a checkpoint must share with this run to be resumed: everything but the step count, the
-    checkpoint cadence and the unit selection (targets are passed explicitly, the engine resolved)."""
+    checkpoint cadence, the unit selection (targets are passed explicitly, the engine resolved) and the grid file
+    a sweep point came from (its values are the align settings themselves)."""
     a = {k: v for k, v in dataclasses.asdict(unit.align).items()
-         if k not in ("steps", "checkpoint_every", "targets", "joint", "engine")}
+         if k not in ("steps", "checkpoint_every", "targets", "joint", "engine", "sweep")}
     lm = inputs.lm
     spec = [a, lm.model_id, lm.revision, str(lm.dtype), inputs.saes.ids, unit.targets, unit.split.to_dict(),
             engine_of(unit, inputs), inputs.dist.world, unit.seed, inputs.max_length]

@@ -163,3 +163,10 @@ def test_two_process_data_parallel_ranks_agree(tmp_path):
     assert any(v.abs().sum() > 0 for k, v in states[0].items() if "lora_B" in k)
     metrics = json.loads((tmp_path / "hi" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and len(set(metrics["rank_digests"])) == 1 and len(metrics["rank_digests"]) == 2
+
+
+def test_the_grid_file_a_point_came_from_is_not_part_of_the_fingerprint(tiny, tmp_path):
+    """A sweep point's settings are its align values; naming the grid (or not) must not orphan its checkpoints."""
+    plain = trainer(tiny, tmp_path / "a").fingerprint
+    assert trainer(tiny, tmp_path / "b", sweep="grid.yaml").fingerprint == plain
+    assert trainer(tiny, tmp_path / "c", lambda_align=0.5).fingerprint != plain
