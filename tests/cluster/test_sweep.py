@@ -20,8 +20,8 @@ from toolkit.submit import main
 pytestmark = pytest.mark.cluster
 
 SLURM = ["--executor", "slurm", "--cluster", "testcluster"]
-TINY = ["--preset", "tiny", "--langs", "en,hi", "--max-sentences", "24", "--max-length", "48", "--layers", "0-25:5",
-        "--align-layers", "0-25:5", "--sae", "random", "--steps", "2", "--checkpoint-every", "2"]  # fmt: skip
+TINY = ["--preset", "tiny", "--langs", "en,hi", "--max-sentences", "16", "--max-length", "32", "--layers", "0-25:12",
+        "--align-layers", "0-25:12", "--sae", "random", "--steps", "2", "--checkpoint-every", "2"]  # fmt: skip
 GRID = "lambda_align: [0.0, 1.0]\nlr: [0.001, 0.002]\n"
 POINTS = [f"hi@lambda_align={lam},lr={lr}" for lam in ("0", "1") for lr in ("0.001", "0.002")]
 
