@@ -186,10 +186,7 @@ class Trainer:
         """The training and validation ids this rank's steps will read, in split order: every step's batches
         from step 0 (a resumed run fills the same sentences in the same batches) and the validation ids. A short
         run reads a fraction of the training ids, and the English reference is most of its setup time."""
-        a, dist, seed = self.a, self.dist, self.unit.seed
-        drawn = {sid for step in range(a.steps) for m in range(a.grad_accum) for lang in self.targets
-                 for sid in batch_ids(self.split.train, (step * a.grad_accum + m) * dist.world + dist.rank,
-                                      a.batch_size, seed, lang)}
+        drawn = {sid for step in range(self.a.steps) for _, ids in self._step_ids(step) for sid in ids}
         drawn.update(self.split.val)
         return [sid for sid in dict.fromkeys(self.split.train + self.split.val) if sid in drawn]
 
@@ -222,13 +219,18 @@ class Trainer:
         return (collate(self.lm.tokenizer, [(s, self.texts[lang][s]) for s in ids], n),
                 collate(self.lm.tokenizer, [(s, self.texts[REFERENCE][s]) for s in ids], n))
 
+    def _step_ids(self, step: int) -> list[tuple[str, list[str]]]:
+        """Each micro-batch of optimizer step `step` on this rank: its language and training ids."""
+        a, dist = self.a, self.dist
+        return [(lang, batch_ids(self.split.train, (step * a.grad_accum + m) * dist.world + dist.rank, a.batch_size,
+                                 self.unit.seed, lang))
+                for m in range(a.grad_accum) for lang in self.targets]
+
     def train_step(self, step: int) -> dict:
         """Optimizer step `step` (0-based): its micro-batches are a pure function of the step and the rank."""
-        a, dist, seed = self.a, self.dist, self.unit.seed
+        a, dist = self.a, self.dist
         began, cpu = time.perf_counter(), time.process_time()
-        micro = [(*self.batch(lang, batch_ids(self.split.train, (step * a.grad_accum + m) * dist.world + dist.rank,
-                                              a.batch_size, seed, lang)), lang)
-                 for m in range(a.grad_accum) for lang in self.targets]
+        micro = [(*self.batch(lang, ids), lang) for lang, ids in self._step_ids(step)]
         # per-term gradient norms cost three more backward passes: on the first step and at each checkpoint
         norms = step == 0 or (step + 1) % a.checkpoint_every == 0
         sums = optimizer_step(self.objective, self.engine, micro, grad_norms=norms)
