@@ -145,8 +145,8 @@ class AlignConfig:
     lambda_keep: float = opt(1.0, "weight of KL(base || adapted) on English")
     objective: str = opt("mass", "alignment term (toolkit/align/objective.py, docs/alignment.md): match (relative "
                          "squared error of pooled codes), cosine, masked (match on English's features, surrogate "
-                         "gradient), mass (one-sided hinge on pooled SAE mass), massfit (mass plus a hinge on the "
-                         "SAE's reconstruction error against English's), pre (hinge on pre-activations of "
+                         "gradient), mass (one-sided hinge on pooled SAE mass), massfit (mass plus terms that "
+                         "keep the SAE's fit on the target and English's own mass), pre (hinge on pre-activations of "
                          "English-favoured features), resid (hinge on the residual norm: the control), none (CE + KL "
                          "only)", choices=("match", "cosine", "masked", "mass", "massfit", "pre", "resid", "none"))
     heldout: float = opt(0.2, "fraction of sentence ids held out for the before/after measurement")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from toolkit import align
-from toolkit.align.objective import mass_and_fit
+from toolkit.align.objective import FIT_WEIGHT, mass_and_fit
 from toolkit.capture import ResidualCapture, hook_name, iter_batches
 from toolkit.errors import UserError
 from toolkit.sae_set import LayerSAE, SAESet
@@ -112,7 +112,12 @@ def _gradients(tiny, saes: SAESet, objective: str, started: bool = True) -> dict
         fit = lambda s, x: mass_and_fit(s, x, s.encode(x))  # noqa: E731
         errors, _ = obj.forward_pass(model, target, layers, fit)
         error = sum(errors[layer][:, 1].sum() / errors[layer][:, 2].sum() for layer in layers)
-        return {"align": g_loss, "mass": g_mass, "error": _flat(error, params), "loss": float(loss)}
+        en_adapted, _ = obj.forward_pass(model, english, layers, true_mass)
+        with torch.no_grad(), model.disable_adapter():
+            en_base, _ = obj.forward_pass(model, english, layers, true_mass, hidden=False)
+        en_drift = sum(((en_adapted[layer] - en_base[layer]).abs() / en_base[layer]).sum() for layer in layers)
+        return {"align": g_loss, "mass": g_mass, "error": _flat(error, params), "loss": float(loss),
+                "english": _flat(en_drift, params)}
     finally:
         lm.model = model.unload()
 
@@ -135,12 +140,13 @@ def test_descent_raises_the_targets_mass_to_first_order(tiny, calibrated, kind, 
 
 @pytest.mark.parametrize("kind", ["jumprelu", "batchtopk", "topk"])
 def test_massfit_is_mass_until_the_saes_fit_worsens_then_turns_to_keep_it(tiny, calibrated, kind):
-    """A fresh adapter is the base model (E = E^base): massfit's step is exactly mass's, which raises the mass to
-    first order. Once the adapter has moved the target's activations off what the SAE reconstructs (a started
-    adapter), its fit hinge turns the step towards a lower reconstruction error E than mass's step: cos(-grad
-    term, -grad E) is higher. On these random SAEs, whose reconstructions are poor, that turn outweighs the mass
-    (measured cos with grad mass: -0.19 JumpReLU, -0.35 BatchTopK, > 0 TopK), so no sign is asserted for it; the
-    trained SAEs of a run are measured by the run."""
+    """A fresh adapter is the base model (E = E^base, English unmoved): massfit's step is exactly mass's, which
+    raises the mass to first order. Once the adapter has moved the target's activations off what the SAE
+    reconstructs and English's mass off the base model's (a started adapter), its fit and English terms turn the
+    step towards a lower reconstruction error E and a smaller English mass change than mass's step: cos(-grad
+    term, -grad E) and cos(-grad term, -grad |dM_en|) are higher. On these random SAEs, whose reconstructions are
+    poor, that turn may outweigh the mass, so no sign is asserted for it; the trained SAEs of a run are measured by
+    the run."""
     fresh = {name: _gradients(tiny, calibrated[kind], name, started=False) for name in ("mass", "massfit")}
     torch.testing.assert_close(fresh["massfit"]["align"], fresh["mass"]["align"])
     assert fresh["massfit"]["loss"] == pytest.approx(fresh["mass"]["loss"])
@@ -148,6 +154,10 @@ def test_massfit_is_mass_until_the_saes_fit_worsens_then_turns_to_keep_it(tiny, 
     started = {name: _gradients(tiny, calibrated[kind], name) for name in ("mass", "massfit")}
     assert started["massfit"]["loss"] > started["mass"]["loss"]  # the fit hinge is active on this batch
     cos = {name: float(torch.nn.functional.cosine_similarity(-g["align"], -g["error"], dim=0))
+           for name, g in started.items()}
+    assert cos["massfit"] > cos["mass"], (kind, cos)
+    # and its English term turns the step towards leaving English's own mass where the base model has it
+    cos = {name: float(torch.nn.functional.cosine_similarity(-g["align"], -g["english"], dim=0))
            for name, g in started.items()}
     assert cos["massfit"] > cos["mass"], (kind, cos)
 
@@ -203,6 +213,40 @@ def _losses(tiny, objective: str, lambda_align: float):
         losses = obj(model, target, english, "hi")
         grads = torch.autograd.grad(losses["total"], [p for p in model.parameters() if p.requires_grad])
         return losses, grads
+    finally:
+        lm.model = model.unload()
+
+
+@pytest.mark.parametrize("kind", ["jumprelu", "batchtopk"])
+def test_massfit_adds_the_english_sentences_mass_change_under_the_adapter(tiny, calibrated, kind):
+    """massfit's English term is FIT_WEIGHT x mean_b |M'_en,b - M_en,b| / M_en,b per layer (M' under the adapter,
+    M the base model's), weighted like the rest of the term, and its descent lowers that change."""
+    cfg, lm, _, corpus, split, _ = tiny
+    saes = calibrated[kind]
+    layers = sorted(saes.layers)
+    a = dataclasses.replace(cfg.align, objective="massfit", lambda_keep=0.0)
+    target, english = _pairs(lm, corpus, split.train[:4])
+    torch.manual_seed(3)
+    model = align.attach_lora(lm.model, a, lm.n_layers)
+    try:
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        model.eval()
+        params = [p for p in model.parameters() if p.requires_grad]
+        obj = align.Objective(dataclasses.replace(lm, model=model), saes, {"hi": dict.fromkeys(layers, 1.0)}, a)
+        with_english = obj(model, target, english, "hi")["align"]
+        obj.term.keeps_english = False
+        without = obj(model, target, english, "hi")["align"]
+        mass = lambda s, x: s.encode(x).sum(1, keepdim=True)  # noqa: E731
+        adapted, _ = obj.forward_pass(model, english, layers, mass)
+        with torch.no_grad(), model.disable_adapter():
+            base, _ = obj.forward_pass(model, english, layers, mass, hidden=False)
+        drift = sum(((adapted[i] - base[i]).abs() / base[i]).mean() for i in layers) / len(layers)
+        assert float(drift) > 0  # the started adapter moves English's mass
+        torch.testing.assert_close(with_english - without, FIT_WEIGHT * drift, rtol=1e-4, atol=1e-6)
+        added, change = _flat(with_english - without, params), _flat(drift, params)
+        assert torch.nn.functional.cosine_similarity(-added, -change, dim=0) > 0.99
     finally:
         lm.model = model.unload()
 
