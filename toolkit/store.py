@@ -49,6 +49,9 @@ CONSOLIDATION_SLACK = 64 << 10  # HDF5 metadata beyond the parts' own bytes (+5 
 # HDF5's object header and chunk index per dataset: measured 2.3 KB beyond the 5 % (26 layers, 264 datasets).
 DATASET_OVERHEAD = 4 << 10
 FALLOC_FL_KEEP_SIZE = 1  # linux/falloc.h
+# Parts are consolidated this many bytes at a time: one HDF5 write per dataset and group of parts (a small corpus
+# is one group), and the memory it takes stays bounded whatever the corpus.
+CONSOLIDATION_BUFFER = 8 << 20
 
 
 class StoreError(UserError):
@@ -190,30 +193,8 @@ class ActivationWriter:
         return done
 
     def write_batch(self, batch: Batch) -> None:
-        arrays = {
-            "sentence_ids": np.asarray(batch.sentence_ids, dtype=np.str_),
-            "lengths": np.asarray(batch.lengths, dtype=np.int64),
-            "token_ids": np.asarray(batch.token_ids, dtype=np.int32),
-            "positions": np.asarray(batch.positions, dtype=np.int32),
-        }
-        if int(arrays["lengths"].sum()) != len(arrays["token_ids"]):
-            raise ValueError("batch lengths do not add up to the number of tokens")
-        arrays["nnz"] = np.array([len(batch.layers[i].indices) for i in self.layers], dtype=np.int64)
-        for layer in self.layers:
-            lb = batch.layers[layer]
-            if self.code_dtype == np.float16 and lb.values.size and float(np.abs(lb.values).max()) > FLOAT16_MAX:
-                raise StoreError(
-                    f"layer {layer}: an SAE activation of {float(np.abs(lb.values).max()):.4g} overflows "
-                    "float16; rerun with --code-dtype float32"
-                )
-            arrays[f"{layer}/indptr"] = np.asarray(lb.indptr, dtype=np.int64)
-            arrays[f"{layer}/indices"] = np.asarray(lb.indices, dtype=np.int32)
-            arrays[f"{layer}/values"] = _cast_codes(lb.values, self.code_dtype)
-            for stat in STORED:
-                if getattr(lb, stat) is not None:
-                    arrays[f"{layer}/{stat}"] = np.asarray(getattr(lb, stat), dtype=np.float32)
-            if lb.resid is not None:
-                arrays[f"{layer}/resid"] = np.asarray(lb.resid, dtype=np.float32)
+        """Commit one batch as one part file (layout: `_part_arrays`)."""
+        arrays = _part_arrays(batch, self.layers, self.code_dtype)
         final = self.parts / f"part-{self._n_parts:06d}.npz"
         with staged(final) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -432,76 +413,210 @@ def verify(path: Path) -> None:
     mark_verified(path)
 
 
+def _part_arrays(batch: Batch, layers: list[int], code_dtype: np.dtype) -> dict[str, np.ndarray]:
+    """A batch as the members of its part file: every member costs a read when the parts are consolidated, so
+    each layer's arrays are concatenated (codes) or stacked (the rest) in layer order, a dozen members in all.
+
+    sentence_ids, lengths (S,); token_ids, positions (T,); nnz (L,) codes per layer; indptr (L, T+1); indices,
+    values (sum of nnz,); stat_names (K,) and stats (K, L, S) float32; resid (L, T, d_model) only with save_resid.
+    """
+    lengths = np.asarray(batch.lengths, dtype=np.int64)
+    token_ids = np.asarray(batch.token_ids, dtype=np.int32)
+    if int(lengths.sum()) != len(token_ids):
+        raise ValueError("batch lengths do not add up to the number of tokens")
+    per_layer = [batch.layers[i] for i in layers]
+    for layer, lb in zip(layers, per_layer):
+        if code_dtype == np.float16 and lb.values.size and float(np.abs(lb.values).max()) > FLOAT16_MAX:
+            raise StoreError(
+                f"layer {layer}: an SAE activation of {float(np.abs(lb.values).max()):.4g} overflows "
+                "float16; rerun with --code-dtype float32"
+            )
+    stats = [stat for stat in STORED if all(getattr(lb, stat) is not None for lb in per_layer)]
+    arrays = {
+        "sentence_ids": np.asarray(batch.sentence_ids, dtype=np.str_),
+        "lengths": lengths,
+        "token_ids": token_ids,
+        "positions": np.asarray(batch.positions, dtype=np.int32),
+        "nnz": np.array([len(lb.indices) for lb in per_layer], dtype=np.int64),
+        "indptr": np.stack([np.asarray(lb.indptr, dtype=np.int64) for lb in per_layer]),
+        "indices": np.concatenate([np.asarray(lb.indices, dtype=np.int32) for lb in per_layer]),
+        "values": np.concatenate([_cast_codes(lb.values, code_dtype) for lb in per_layer]),
+        "stat_names": np.asarray(stats, dtype=np.str_),
+        "stats": np.array([[getattr(lb, stat) for lb in per_layer] for stat in stats],
+                          dtype=np.float32).reshape(len(stats), len(layers), len(lengths)),
+    }
+    if all(lb.resid is not None for lb in per_layer):
+        arrays["resid"] = np.stack([np.asarray(lb.resid, dtype=np.float32) for lb in per_layer])
+    return arrays
+
+
+@dataclass
+class _PartSize:
+    """What consolidation needs of a part before it creates the datasets: its small members only."""
+
+    lengths: np.ndarray
+    nnz: np.ndarray
+    stats: list[str]
+    resid_width: int | None
+
+
+@dataclass
+class _Part:
+    """A part's arrays in the layout `_part_arrays` writes, each member read once."""
+
+    sentence_ids: np.ndarray
+    lengths: np.ndarray
+    token_ids: np.ndarray
+    positions: np.ndarray
+    nnz: np.ndarray
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    stats: dict[str, np.ndarray]  # name -> (L, S)
+    resid: np.ndarray | None
+
+    def codes(self, k: int, name: str) -> np.ndarray:
+        """The `name` ("indices" or "values") of the k-th layer's codes."""
+        start = int(self.nnz[:k].sum())
+        return getattr(self, name)[start:start + int(self.nnz[k])]
+
+
+def _is_per_layer(z: np.lib.npyio.NpzFile) -> bool:
+    """A part in the earlier layout, one member per layer and array (`{layer}/indptr`, `{layer}/mass`...): a run
+    resumed by this version may find such parts in its folder, so they are read as well."""
+    return "indptr" not in z.files
+
+
+def _member_shape(z: np.lib.npyio.NpzFile, name: str) -> tuple[int, ...]:
+    """A member's shape from its .npy header, without reading its data."""
+    with z.zip.open(f"{name}.npy") as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return read(fh)[0]
+
+
+def _part_size(path: Path, layers: list[int]) -> _PartSize:
+    with np.load(path) as z:
+        if _is_per_layer(z):
+            stats, resid = [s for s in STORED if f"{layers[0]}/{s}" in z.files], f"{layers[0]}/resid"
+        else:
+            stats, resid = z["stat_names"].tolist(), "resid"
+        width = _member_shape(z, resid)[-1] if resid in z.files else None
+        return _PartSize(z["lengths"], z["nnz"], stats, width)
+
+
+def _read_part(path: Path, layers: list[int]) -> _Part:
+    with np.load(path) as z:
+        arrays = {name: z[name] for name in z.files}
+        if _is_per_layer(z):
+            arrays = _from_per_layer(arrays, layers)
+    names = arrays.pop("stat_names").tolist()
+    return _Part(stats=dict(zip(names, arrays.pop("stats"))), resid=arrays.pop("resid", None), **arrays)
+
+
+def _from_per_layer(arrays: dict[str, np.ndarray], layers: list[int]) -> dict[str, np.ndarray]:
+    """A part of the earlier layout (`_is_per_layer`) in the layout of `_part_arrays`."""
+    def stacked(name: str) -> list[np.ndarray]:
+        return [arrays[f"{layer}/{name}"] for layer in layers]
+
+    stats = [stat for stat in STORED if f"{layers[0]}/{stat}" in arrays]
+    out = {name: arrays[name] for name in ("sentence_ids", "lengths", "token_ids", "positions", "nnz")}
+    out |= {"indptr": np.stack(stacked("indptr")), "indices": np.concatenate(stacked("indices")),
+            "values": np.concatenate(stacked("values")), "stat_names": np.asarray(stats, dtype=np.str_),
+            "stats": np.array([stacked(stat) for stat in stats], dtype=np.float32).reshape(
+                len(stats), len(layers), len(out["lengths"]))}
+    if f"{layers[0]}/resid" in arrays:
+        out["resid"] = np.stack(stacked("resid"))
+    return out
+
+
+def _groups(parts: list[Path], budget: int) -> Iterator[list[Path]]:
+    """Consecutive parts of at most `budget` bytes together (a larger part is a group of its own)."""
+    group: list[Path] = []
+    size = 0
+    for part in parts:
+        n = part.stat().st_size
+        if group and size + n > budget:
+            yield group
+            group, size = [], 0
+        group.append(part)
+        size += n
+    if group:
+        yield group
+
+
 def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], code_dtype: np.dtype,
                         failed: list[BaseException]) -> None:
-    """Stream the parts into `h5`; stops at the next part once a destructor has failed (`_destructor_errors`)."""
-    # Sizes first (tiny arrays), so every dataset is created at its final shape with fitting chunks.
-    n_sent = n_tok = 0
-    nnz = np.zeros(len(layers), dtype=np.int64)
-    resid_width = None
-    stored = list(STORED)
-    for part in parts:
-        with np.load(part) as z:
-            stored = [stat for stat in stored if f"{layers[0]}/{stat}" in z.files]
-            n_sent += len(z["lengths"])
-            n_tok += int(z["lengths"].sum())
-            nnz += z["nnz"]
-            if f"{layers[0]}/resid" in z.files:
-                resid_width = z[f"{layers[0]}/resid"].shape[1]
+    """Stream the parts into `h5`, `CONSOLIDATION_BUFFER` bytes of parts at a time, one write per dataset and
+    group (each write and each dataset cost HDF5 a fixed time that dominated a small corpus); stops at the next
+    group once a destructor has failed (`_destructor_errors`)."""
+    # Sizes first (small members), so every dataset is created at its final shape with fitting chunks.
+    sizes = [_part_size(part, layers) for part in parts]
+    n_sent = sum(len(size.lengths) for size in sizes)
+    n_tok = sum(int(size.lengths.sum()) for size in sizes)
+    nnz = sum((size.nnz for size in sizes), np.zeros(len(layers), dtype=np.int64))
+    stored = [stat for stat in STORED if all(stat in size.stats for size in sizes)]
+    resid_width = next((size.resid_width for size in sizes if size.resid_width), None)
 
-    def make(name: str, dtype, n: int, width: int | None = None) -> h5py.Dataset:
+    def make(group: h5py.Group, name: str, dtype, n: int, width: int | None = None) -> h5py.Dataset:
         shape = (n,) if width is None else (n, width)
         if n == 0:  # a layer whose SAE fired on nothing: HDF5 cannot chunk an empty dataset
-            return h5.create_dataset(name, shape=shape, dtype=dtype)
+            return group.create_dataset(name, shape=shape, dtype=dtype)
         rows = max(1, min(n, 65536 // (width or 1)))  # ~64k values per chunk, never more rows than exist
         chunks = (rows,) if width is None else (rows, width)
         checksum = h5py.check_string_dtype(np.dtype(dtype)) is None  # HDF5 cannot checksum variable-length data
-        return h5.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fletcher32=checksum)
+        return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fletcher32=checksum)
 
+    # Datasets are made in their group's handle: a path through groups costs h5py a lookup per dataset.
+    sentences, tokens = h5.create_group("sentences"), h5.create_group("tokens")
     out = {
-        "ids": make("sentences/id", h5py.string_dtype(), n_sent),
-        "offsets": make("sentences/token_offsets", np.int64, n_sent + 1),
-        "token_ids": make("tokens/id", np.int32, n_tok),
-        "positions": make("tokens/position", np.int32, n_tok),
+        "ids": make(sentences, "id", h5py.string_dtype(), n_sent),
+        "offsets": make(sentences, "token_offsets", np.int64, n_sent + 1),
+        "token_ids": make(tokens, "id", np.int32, n_tok),
+        "positions": make(tokens, "position", np.int32, n_tok),
     }
     for k, layer in enumerate(layers):
-        g = f"layers/{layer}"
-        out[f"{layer}/indptr"] = make(f"{g}/codes/indptr", np.int64, n_tok + 1)
-        out[f"{layer}/indices"] = make(f"{g}/codes/indices", np.int32, int(nnz[k]))
-        out[f"{layer}/values"] = make(f"{g}/codes/values", code_dtype, int(nnz[k]))
+        group = h5.create_group(f"layers/{layer}")
+        codes = group.create_group("codes")
+        out[f"{layer}/indptr"] = make(codes, "indptr", np.int64, n_tok + 1)
+        out[f"{layer}/indices"] = make(codes, "indices", np.int32, int(nnz[k]))
+        out[f"{layer}/values"] = make(codes, "values", code_dtype, int(nnz[k]))
+        stats = group.create_group("stats") if stored else None
         for stat in stored:
-            out[f"{layer}/{stat}"] = make(f"{g}/stats/{stat}", np.float32, n_sent)
+            out[f"{layer}/{stat}"] = make(stats, stat, np.float32, n_sent)
         if resid_width:
-            out[f"{layer}/resid"] = make(f"{g}/resid", np.float32, n_tok, resid_width)
-    out["offsets"][0] = 0
-    for layer in layers:
-        out[f"{layer}/indptr"][0] = 0
+            out[f"{layer}/resid"] = make(group, "resid", np.float32, n_tok, resid_width)
+    if not parts:  # each group writes its first offset and row pointer: with none, they are written here
+        out["offsets"][0] = 0
+        for layer in layers:
+            out[f"{layer}/indptr"][0] = 0
     s = t = 0
     z_nnz = np.zeros(len(layers), dtype=np.int64)
-    for part in parts:
+    for group in _groups(parts, CONSOLIDATION_BUFFER):
         if failed:
             raise failed[0]
-        with np.load(part) as z:
-            lengths = z["lengths"]
-            ds, dt = len(lengths), int(lengths.sum())
-            out["ids"][s:s + ds] = z["sentence_ids"].astype(object)
-            out["offsets"][s + 1:s + ds + 1] = t + np.cumsum(lengths)
-            out["token_ids"][t:t + dt] = z["token_ids"]
-            out["positions"][t:t + dt] = z["positions"]
-            for k, layer in enumerate(layers):
-                n = int(z["nnz"][k])
-                out[f"{layer}/indptr"][t + 1:t + dt + 1] = z_nnz[k] + z[f"{layer}/indptr"][1:]
-                out[f"{layer}/indices"][z_nnz[k]:z_nnz[k] + n] = z[f"{layer}/indices"]
-                out[f"{layer}/values"][z_nnz[k]:z_nnz[k] + n] = z[f"{layer}/values"]
-                for stat in stored:
-                    out[f"{layer}/{stat}"][s:s + ds] = z[f"{layer}/{stat}"]
-                if resid_width:
-                    out[f"{layer}/resid"][t:t + dt] = z[f"{layer}/resid"]
-                z_nnz[k] += n
-            s, t = s + ds, t + dt
+        loaded = [_read_part(part, layers) for part in group]
+        lengths = np.concatenate([p.lengths for p in loaded])
+        ds, dt = len(lengths), int(lengths.sum())
+        out["ids"][s:s + ds] = np.concatenate([p.sentence_ids for p in loaded]).astype(object)
+        out["offsets"][s:s + ds + 1] = t + np.r_[0, np.cumsum(lengths)]
+        out["token_ids"][t:t + dt] = np.concatenate([p.token_ids for p in loaded])
+        out["positions"][t:t + dt] = np.concatenate([p.positions for p in loaded])
+        for k, layer in enumerate(layers):
+            # each part's row pointers continue from the codes of the parts before it
+            before = z_nnz[k] + np.r_[0, np.cumsum([p.nnz[k] for p in loaded])]
+            out[f"{layer}/indptr"][t:t + dt + 1] = np.concatenate(
+                [before[:1], *(start + p.indptr[k, 1:] for start, p in zip(before, loaded))])
+            for name in ("indices", "values"):
+                out[f"{layer}/{name}"][before[0]:before[-1]] = np.concatenate([p.codes(k, name) for p in loaded])
+            for stat in stored:
+                out[f"{layer}/{stat}"][s:s + ds] = np.concatenate([p.stats[stat][k] for p in loaded])
+            if resid_width:
+                out[f"{layer}/resid"][t:t + dt] = np.concatenate([p.resid[k] for p in loaded])
+            z_nnz[k] = before[-1]
+        s, t = s + ds, t + dt
     h5.attrs["n_sentences"] = n_sent
     h5.attrs["n_tokens"] = n_tok
-
 
 def _cast_codes(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Cast code values, keeping active features non-zero: a value below float16's smallest

@@ -16,6 +16,7 @@ from tests.unit.analysis_fixtures import write_activations
 from toolkit.store import (
     FORMAT,
     LAYOUT_VERSION,
+    STORED,
     ActivationFile,
     ActivationWriter,
     Batch,
@@ -30,8 +31,9 @@ IDENTITY = {"language": "hi", "shard": 0, "n_shards": 1, "model_id": "test/model
             "sae_ids": ["a", "b"], "d_sae": [8, 8], "code_dtype": "float16"}
 
 
-def make_batch(ids: list[str], lengths: list[int], seed: int, resid: bool = True) -> Batch:
-    """A batch with random CSR codes (1-3 features per token), statistics and residuals."""
+def make_batch(ids: list[str], lengths: list[int], seed: int, resid: bool = True, controls: bool = False) -> Batch:
+    """A batch with random CSR codes (1-3 features per token), statistics, residuals and (with `controls`) the
+    controls and fidelity sums."""
     rng = np.random.default_rng(seed)
     n_tok = sum(lengths)
     batch = Batch(ids, np.array(lengths), rng.integers(5, 100, n_tok).astype(np.int32),
@@ -44,6 +46,9 @@ def make_batch(ids: list[str], lengths: list[int], seed: int, resid: bool = True
             values=rng.uniform(0.5, 4, indptr[-1]).astype(np.float32),
             mass=rng.uniform(0, 1, len(ids)), l0=rng.uniform(0, 1, len(ids)), max=rng.uniform(0, 1, len(ids)),
             resid=rng.normal(size=(n_tok, D_MODEL)).astype(np.float32) if resid else None)
+        if controls:
+            for stat in STORED[3:]:
+                setattr(batch.layers[layer], stat, rng.uniform(0, 1, len(ids)))
     return batch
 
 
@@ -300,3 +305,78 @@ def test_a_file_this_process_wrote_opens_without_a_second_layout_check_and_a_lat
         h5["tokens/position"] = np.zeros(3, dtype=np.int32)
     with pytest.raises(StoreError, match=r"tokens/position has shape \(3,\)"):  # the whole check again
         ActivationFile(path)
+
+
+def per_layer_part(batch: Batch) -> dict[str, np.ndarray]:
+    """A part's members as earlier versions wrote them, one per layer and array (`{layer}/indptr`, `{layer}/mass`)."""
+    arrays = {"sentence_ids": np.asarray(batch.sentence_ids, dtype=np.str_),
+              "lengths": np.asarray(batch.lengths, dtype=np.int64), "token_ids": batch.token_ids.astype(np.int32),
+              "positions": batch.positions.astype(np.int32),
+              "nnz": np.array([len(batch.layers[i].indices) for i in LAYERS], dtype=np.int64)}
+    for layer in LAYERS:
+        lb = batch.layers[layer]
+        arrays |= {f"{layer}/indptr": lb.indptr.astype(np.int64), f"{layer}/indices": lb.indices.astype(np.int32),
+                   f"{layer}/values": lb.values.astype(np.float16)}
+        arrays |= {f"{layer}/{stat}": np.asarray(getattr(lb, stat), dtype=np.float32) for stat in STORED
+                   if getattr(lb, stat) is not None}
+        if lb.resid is not None:
+            arrays[f"{layer}/resid"] = lb.resid.astype(np.float32)
+    return arrays
+
+
+def described(path: Path) -> dict:
+    """Every dataset's dtype, shape, chunks, checksum and values, and every attribute but the timing (`seconds`)."""
+    out = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            out[name] = (obj.dtype.str, obj.shape, obj.chunks, obj.fletcher32, obj[()].tolist())
+        out[f"{name}@"] = {k: np.asarray(v).tolist() for k, v in obj.attrs.items()}
+
+    with h5py.File(path, "r") as h5:
+        h5.visititems(visit)
+        out["@"] = {k: np.asarray(v).tolist() for k, v in h5.attrs.items() if k != "seconds"}
+    return out
+
+
+CONTROL_BATCHES = [make_batch(["s0", "s1"], [3, 2], 0, controls=True), make_batch(["s2"], [4], 1, controls=True),
+                   make_batch(["s3", "s4", "s5"], [1, 4, 2], 2, controls=True)]
+
+
+@pytest.mark.parametrize("earlier", [[0, 1, 2], [0]], ids=["all-parts-earlier", "resumed-across-versions"])
+def test_parts_in_the_earlier_per_layer_layout_consolidate_into_the_same_file(tmp_path, earlier):
+    """A run resumed by a newer version finds its parts folder as an earlier version left it."""
+    write(tmp_path / "ref" / "hi.h5", batches=CONTROL_BATCHES)
+    path = tmp_path / "hi.h5"
+    with ActivationWriter(path, IDENTITY, LAYERS) as killed:
+        for k in earlier:
+            np.savez(killed.parts / f"part-{k:06d}.npz", **per_layer_part(CONTROL_BATCHES[k]))
+    resumed = ActivationWriter(path, IDENTITY, LAYERS)
+    assert resumed.n_parts == len(earlier)
+    assert resumed.done_sentence_ids() == {s for k in earlier for s in CONTROL_BATCHES[k].sentence_ids}
+    for batch in CONTROL_BATCHES[len(earlier):]:
+        resumed.write_batch(batch)
+    resumed.finalize({"seconds": 1.5, "lingogap_version": "test"}, {i: {"fve": 0.5, "l0": 2.0} for i in LAYERS})
+    assert described(path) == described(tmp_path / "ref" / "hi.h5")
+    with ActivationFile(path) as f:
+        assert all(f.has_stat(i, stat) for i in LAYERS for stat in STORED)
+
+
+def test_a_part_holds_one_member_per_array_whatever_the_layers(tmp_path):
+    writer = ActivationWriter(tmp_path / "hi.h5", IDENTITY, LAYERS)
+    writer.write_batch(CONTROL_BATCHES[0])
+    with np.load(writer.parts / "part-000000.npz") as z:
+        assert sorted(z.files) == sorted(["sentence_ids", "lengths", "token_ids", "positions", "nnz", "indptr",
+                                          "indices", "values", "stat_names", "stats", "resid"])
+        assert z["stat_names"].tolist() == list(STORED) and z["stats"].shape == (len(STORED), len(LAYERS), 2)
+        assert z["indptr"].shape == (len(LAYERS), 6) and z["resid"].shape == (len(LAYERS), 5, D_MODEL)
+    writer.close()
+
+
+def test_parts_consolidated_one_at_a_time_or_all_together_make_the_same_file(tmp_path, monkeypatch):
+    from toolkit import store
+
+    write(tmp_path / "together" / "hi.h5", batches=CONTROL_BATCHES)
+    monkeypatch.setattr(store, "CONSOLIDATION_BUFFER", 1)  # every part a group of its own
+    write(tmp_path / "apart" / "hi.h5", batches=CONTROL_BATCHES)
+    assert described(tmp_path / "apart" / "hi.h5") == described(tmp_path / "together" / "hi.h5")
