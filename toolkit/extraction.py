@@ -169,7 +169,7 @@ def _extract_into(writer: ActivationWriter, opts: ExtractConfig, lm: models.Load
     started = time.perf_counter()
     n_tokens = sum(b.n_real - len(b.sentence_ids) for b in batches[committed:])
     with progress(len(sentences), len(done_ids)) as advance:
-        _encode_and_write(lm, saes, batches[committed:], layers, opts.save_resid, writer, advance)
+        last = _encode_and_write(lm, saes, batches[committed:], layers, opts.save_resid, writer, advance)
     seconds = time.perf_counter() - started
     writer.finalize(
         {"lingogap_version": __version__, "seconds": seconds, "sae_quality": saes.quality(),
@@ -177,26 +177,31 @@ def _extract_into(writer: ActivationWriter, opts: ExtractConfig, lm: models.Load
          "sae_recipe": saes.recipe},
         {i: {"sae_id": saes.layers[i].sae_id, "d_sae": saes.layers[i].d_sae, "fve": saes.layers[i].fve,
              "l0": saes.layers[i].l0, "mean_source": saes.layers[i].mean_source} for i in layers},
+        last=last,
     )
     return summary_of(writer.path, seconds=seconds)
 
 
 def _encode_and_write(lm: models.LoadedModel, saes: SAESet, batches: list[TokenBatch],
-                      layers: list[int], save_resid: bool, writer: ActivationWriter, advance: Advance) -> None:
+                      layers: list[int], save_resid: bool, writer: ActivationWriter, advance: Advance) -> Batch | None:
+    """Encode `batches` and commit each as a part but the last, which is returned for `finalize` to take from memory."""
     started = time.perf_counter()  # for the rate `advance` reports
     # Batch k is written (and fsynced) by one I/O thread while batch k+1 is computed; parts stay in order.
+    last = None
     with ThreadPoolExecutor(1, thread_name_prefix="hdf5-parts") as io:
         done_tokens = 0
         writing = None
-        for batch in batches:
+        for k, batch in enumerate(batches):
             encoded = encode_batch(lm, saes, batch, layers, save_resid)
             if writing is not None:
                 writing.result()
-            writing = io.submit(writer.write_batch, encoded)
+            if k == len(batches) - 1:
+                last = encoded
+            else:
+                writing = io.submit(writer.write_batch, encoded)
             done_tokens += batch.n_real - len(batch.sentence_ids)
             advance(len(batch.sentence_ids), done_tokens / max(time.perf_counter() - started, 1e-9))
-        if writing is not None:
-            writing.result()
+    return last
 
 
 def encode_batch(lm: models.LoadedModel, saes: SAESet, batch: TokenBatch, layers: list[int],

@@ -133,10 +133,6 @@ class ActivationWriter:
         if self.complete:
             verify(self.path)
             return
-        self.parts.mkdir(exist_ok=True)
-        stamp = self.parts / "fingerprint.json"
-        if not stamp.exists():
-            atomic_write(stamp, json.dumps({"fingerprint": self.fingerprint, **self.identity}, indent=1))
         self._n_parts = len(self._part_files())
 
     def __enter__(self) -> ActivationWriter:
@@ -195,6 +191,11 @@ class ActivationWriter:
     def write_batch(self, batch: Batch) -> None:
         """Commit one batch as one part file (layout: `_part_arrays`)."""
         arrays = _part_arrays(batch, self.layers, self.code_dtype)
+        # The folder and its identity stamp come with the first part: a file made from memory alone has neither.
+        stamp = self.parts / "fingerprint.json"
+        if not stamp.exists():
+            self.parts.mkdir(exist_ok=True)
+            atomic_write(stamp, json.dumps({"fingerprint": self.fingerprint, **self.identity}, indent=1))
         final = self.parts / f"part-{self._n_parts:06d}.npz"
         with staged(final) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -202,11 +203,17 @@ class ActivationWriter:
             os.fsync(fh.fileno())
         self._n_parts += 1
 
-    def finalize(self, attrs: dict, layer_attrs: dict[int, dict] | None = None) -> Path:
-        """Consolidate the parts into the final file (atomically), remove them and give up the lock."""
+    def finalize(self, attrs: dict, layer_attrs: dict[int, dict] | None = None, last: Batch | None = None) -> Path:
+        """Consolidate the parts, then `last`, into the final file (atomically), remove them and give up the lock.
+
+        `last` is the unit's last batch, handed over from memory: writing it as a part only to read it back cost a
+        small corpus a write, an fsync and an unlink per file. A kill meanwhile loses that batch, as one during its
+        computation would."""
         try:
             if not self.complete:
-                parts = self._part_files()
+                parts: list[PartSource] = [*self._part_files()]
+                if last is not None:
+                    parts.append(_as_part(_part_arrays(last, self.layers, self.code_dtype)))
                 self._reserve = self._check_space(parts)
                 with staged(self.path) as tmp:  # per-process staging name: only a whole file is renamed
                     self._consolidate(tmp, parts, attrs, layer_attrs)
@@ -217,19 +224,21 @@ class ActivationWriter:
             self.close()
         return self.path
 
-    def _check_space(self, parts: list[Path]) -> int:
+    def _check_space(self, parts: list[PartSource]) -> int:
         """The bytes the consolidated file needs, about as many as its (uncompressed) parts plus HDF5's metadata;
         refused now if they are not free. HDF5 meets a full disk in its cache flushes and object destructors
         (chained errors, once a segfault), so it is not let near one: `_write_file` reserves these bytes."""
         n_datasets = 4 + len(self.layers) * (3 + len(STORED) + 1)
-        need = int(sum(p.stat().st_size for p in parts) * 1.05) + CONSOLIDATION_SLACK + n_datasets * DATASET_OVERHEAD
+        need = int(sum(_source_bytes(p) for p in parts) * 1.05) + CONSOLIDATION_SLACK + n_datasets * DATASET_OVERHEAD
         free = shutil.disk_usage(self.path.parent).free
         if free < need:
             raise OSError(errno.ENOSPC, f"consolidating needs about {need:,} bytes and {free:,} are free",
                           str(self.path))
         return need
 
-    def _consolidate(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
+    def _consolidate(
+        self, tmp: Path, parts: list[PartSource], attrs: dict, layer_attrs: dict[int, dict] | None
+    ) -> None:
         try:
             self._write_file(tmp, parts, attrs, layer_attrs)
         except (RuntimeError, OSError) as exc:  # HDF5 words a full disk in its message only
@@ -237,7 +246,7 @@ class ActivationWriter:
                 raise OSError(errno.ENOSPC, "no space left on device", str(self.path)) from None
             raise
 
-    def _write_file(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
+    def _write_file(self, tmp: Path, parts: list[PartSource], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
         h5 = h5py.File(tmp, "w", locking=HDF5_LOCKING)
         with _destructor_errors() as failed:
             try:
@@ -255,7 +264,7 @@ class ActivationWriter:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
 
-    def _fill(self, h5: h5py.File, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None,
+    def _fill(self, h5: h5py.File, parts: list[PartSource], attrs: dict, layer_attrs: dict[int, dict] | None,
               failed: list[BaseException]) -> None:
         _write_consolidated(h5, parts, self.layers, self.code_dtype, failed)
         for key, value in {**attrs, **self.identity}.items():
@@ -475,10 +484,22 @@ class _Part:
     stats: dict[str, np.ndarray]  # name -> (L, S)
     resid: np.ndarray | None
 
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.sentence_ids, self.lengths, self.token_ids, self.positions, self.nnz, self.indptr, self.indices,
+                  self.values, *self.stats.values(), *([] if self.resid is None else [self.resid])]
+        return sum(a.nbytes for a in arrays)
+
+    def size(self) -> _PartSize:
+        return _PartSize(self.lengths, self.nnz, list(self.stats), None if self.resid is None else self.resid.shape[-1])
+
     def codes(self, k: int, name: str) -> np.ndarray:
         """The `name` ("indices" or "values") of the k-th layer's codes."""
         start = int(self.nnz[:k].sum())
         return getattr(self, name)[start:start + int(self.nnz[k])]
+
+
+PartSource = Path | _Part  # a committed part file, or the last batch handed to `finalize` from memory
 
 
 def _is_per_layer(z: np.lib.npyio.NpzFile) -> bool:
@@ -495,8 +516,10 @@ def _member_shape(z: np.lib.npyio.NpzFile, name: str) -> tuple[int, ...]:
         return read(fh)[0]
 
 
-def _part_size(path: Path, layers: list[int]) -> _PartSize:
-    with np.load(path) as z:
+def _part_size(source: PartSource, layers: list[int]) -> _PartSize:
+    if isinstance(source, _Part):
+        return source.size()
+    with np.load(source) as z:
         if _is_per_layer(z):
             stats, resid = [s for s in STORED if f"{layers[0]}/{s}" in z.files], f"{layers[0]}/resid"
         else:
@@ -505,13 +528,25 @@ def _part_size(path: Path, layers: list[int]) -> _PartSize:
         return _PartSize(z["lengths"], z["nnz"], stats, width)
 
 
-def _read_part(path: Path, layers: list[int]) -> _Part:
-    with np.load(path) as z:
+def _read_part(source: PartSource, layers: list[int]) -> _Part:
+    if isinstance(source, _Part):
+        return source
+    with np.load(source) as z:
         arrays = {name: z[name] for name in z.files}
         if _is_per_layer(z):
             arrays = _from_per_layer(arrays, layers)
+    return _as_part(arrays)
+
+
+def _as_part(arrays: dict[str, np.ndarray]) -> _Part:
+    """A part from its members (`_part_arrays`)."""
+    arrays = dict(arrays)
     names = arrays.pop("stat_names").tolist()
     return _Part(stats=dict(zip(names, arrays.pop("stats"))), resid=arrays.pop("resid", None), **arrays)
+
+
+def _source_bytes(source: PartSource) -> int:
+    return source.nbytes if isinstance(source, _Part) else source.stat().st_size
 
 
 def _from_per_layer(arrays: dict[str, np.ndarray], layers: list[int]) -> dict[str, np.ndarray]:
@@ -530,12 +565,12 @@ def _from_per_layer(arrays: dict[str, np.ndarray], layers: list[int]) -> dict[st
     return out
 
 
-def _groups(parts: list[Path], budget: int) -> Iterator[list[Path]]:
+def _groups(parts: list[PartSource], budget: int) -> Iterator[list[PartSource]]:
     """Consecutive parts of at most `budget` bytes together (a larger part is a group of its own)."""
-    group: list[Path] = []
+    group: list[PartSource] = []
     size = 0
     for part in parts:
-        n = part.stat().st_size
+        n = _source_bytes(part)
         if group and size + n > budget:
             yield group
             group, size = [], 0
@@ -545,7 +580,7 @@ def _groups(parts: list[Path], budget: int) -> Iterator[list[Path]]:
         yield group
 
 
-def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], code_dtype: np.dtype,
+def _write_consolidated(h5: h5py.File, parts: list[PartSource], layers: list[int], code_dtype: np.dtype,
                         failed: list[BaseException]) -> None:
     """Stream the parts into `h5`, `CONSOLIDATION_BUFFER` bytes of parts at a time, one write per dataset and
     group (each write and each dataset cost HDF5 a fixed time that dominated a small corpus); stops at the next

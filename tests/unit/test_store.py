@@ -348,9 +348,11 @@ def test_parts_in_the_earlier_per_layer_layout_consolidate_into_the_same_file(tm
     """A run resumed by a newer version finds its parts folder as an earlier version left it."""
     write(tmp_path / "ref" / "hi.h5", batches=CONTROL_BATCHES)
     path = tmp_path / "hi.h5"
-    with ActivationWriter(path, IDENTITY, LAYERS) as killed:
-        for k in earlier:
-            np.savez(killed.parts / f"part-{k:06d}.npz", **per_layer_part(CONTROL_BATCHES[k]))
+    parts = tmp_path / "hi.h5.parts"  # as the earlier version left it: its stamp, then its parts
+    parts.mkdir()
+    (parts / "fingerprint.json").write_text(json.dumps({"fingerprint": fingerprint(IDENTITY), **IDENTITY}))
+    for k in earlier:
+        np.savez(parts / f"part-{k:06d}.npz", **per_layer_part(CONTROL_BATCHES[k]))
     resumed = ActivationWriter(path, IDENTITY, LAYERS)
     assert resumed.n_parts == len(earlier)
     assert resumed.done_sentence_ids() == {s for k in earlier for s in CONTROL_BATCHES[k].sentence_ids}
@@ -380,3 +382,18 @@ def test_parts_consolidated_one_at_a_time_or_all_together_make_the_same_file(tmp
     monkeypatch.setattr(store, "CONSOLIDATION_BUFFER", 1)  # every part a group of its own
     write(tmp_path / "apart" / "hi.h5", batches=CONTROL_BATCHES)
     assert described(tmp_path / "apart" / "hi.h5") == described(tmp_path / "together" / "hi.h5")
+
+
+def test_the_last_batch_handed_over_from_memory_makes_the_same_file_as_a_part(tmp_path):
+    write(tmp_path / "parts" / "hi.h5", batches=CONTROL_BATCHES)
+    writer = ActivationWriter(tmp_path / "hi.h5", IDENTITY, LAYERS)
+    for batch in CONTROL_BATCHES[:-1]:
+        writer.write_batch(batch)
+    writer.finalize({"seconds": 1.5, "lingogap_version": "test"}, {i: {"fve": 0.5, "l0": 2.0} for i in LAYERS},
+                    last=CONTROL_BATCHES[-1])
+    assert described(tmp_path / "hi.h5") == described(tmp_path / "parts" / "hi.h5")
+    alone = ActivationWriter(tmp_path / "alone" / "hi.h5", IDENTITY, LAYERS)  # one batch: no part is ever written
+    alone.finalize({}, last=CONTROL_BATCHES[0])
+    assert sorted(p.name for p in (tmp_path / "alone").iterdir()) == ["hi.h5", "hi.h5.verified"]
+    with ActivationFile(tmp_path / "alone" / "hi.h5") as f:
+        assert f.sentence_ids == CONTROL_BATCHES[0].sentence_ids
