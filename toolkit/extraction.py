@@ -265,9 +265,9 @@ def controls(layer_sae: LayerSAE, x: torch.Tensor, rows: torch.Tensor, cols: tor
 def summary_of(path: Path, seconds: float | None = None, skipped: bool = False) -> Summary:
     """A finished file's summary; `seconds` from its attributes unless this run measured them."""
     with ActivationFile(path) as f:
-        layers = f.layers
-        l0 = float(np.mean([f.stats(i, "l0").mean() for i in layers])) if f.n_sentences else float("nan")
-        truncated = f.attrs.get("n_truncated")
-        return Summary(f.language, f.n_sentences, int(f.attrs["n_tokens"]),
-                       float(f.attrs.get("seconds", 0.0)) if seconds is None else seconds, path, l0, skipped,
+        attrs = f.attrs  # read once: each read converts every attribute
+        l0 = float(np.mean([f.stats(i, "l0").mean() for i in f.layers])) if f.n_sentences else float("nan")
+        truncated = attrs.get("n_truncated")
+        return Summary(f.language, f.n_sentences, int(attrs["n_tokens"]),
+                       float(attrs.get("seconds", 0.0)) if seconds is None else seconds, path, l0, skipped,
                        None if truncated is None else int(truncated))
