@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import yaml
 from rich.console import Console
@@ -18,21 +19,35 @@ from toolkit.config import Config, cache_dir
 from toolkit.layers import parse_layers
 from toolkit.rundir import RunDir
 
+if TYPE_CHECKING:
+    from toolkit.align.data import Split
+    from toolkit.calibration import Rates
+    from toolkit.corpus import Corpus
+
 KNOWN_LAYERS = {"embedded": (18, 640), "tiny": (26, 64), "google/gemma-2-2b": (26, 2304)}
 ASSUMED_L0 = 64  # for the disk estimate before any SAE is measured
 
 
-def model_shape(cfg: Config) -> tuple[int, int] | None:
-    """(layers, width) from a local config.json or the known presets; None when only the hub knows."""
+def model_config(cfg: Config) -> dict | None:
+    """The model's config.json when it is on disk (a local folder, the assembled embedded or the built tiny model)."""
     name = cfg.model.name
     candidates = [Path(name) / "config.json"]
-    if name == "embedded":
-        candidates.append(cache_dir() / "models" / "gemma-3-270m-1.0.0" / "config.json")
-    for path in candidates:
-        if path.is_file():
-            c = json.loads(path.read_text())
-            return c["num_hidden_layers"], c["hidden_size"]
-    return KNOWN_LAYERS.get(name)
+    if name in ("embedded", "tiny"):
+        built = "gemma-3-270m-1.0.0" if name == "embedded" else "tiny-gemma2-v1"
+        candidates.append(cache_dir() / "models" / built / "config.json")
+    return next((json.loads(path.read_text()) for path in candidates if path.is_file()), None)
+
+
+def model_shape(cfg: Config) -> tuple[int, int] | None:
+    """(layers, width) from a local config.json or the known presets; None when only the hub knows."""
+    c = model_config(cfg)
+    return (c["num_hidden_layers"], c["hidden_size"]) if c else KNOWN_LAYERS.get(cfg.model.name)
+
+
+def linear_head(cfg: Config) -> bool:
+    """Whether the LM head's logits are a plain product (no soft-capping, as Gemma 2 has): alignment can then
+    summarise the base side of its English KL (`toolkit.align.objective.EnglishReference`)."""
+    return not (model_config(cfg) or {}).get("final_logit_softcapping")
 
 
 def _tokenizer(cfg: Config):
@@ -258,24 +273,86 @@ def align_plan(cfg: Config) -> Plan:
     rates = _rates(cfg, tokenizer)
     if rates is None:
         return "plan: align", lines, None
-    shape = model_shape(cfg)
-    layers = parse_layers(cfg.run.layers, shape[0])
-    train_ids = corpus.subset(split.train)
-    held = corpus.subset(split.heldout)
-    english = _mean_tokens(cfg, train_ids.texts[REFERENCE], tokenizer)
-    adapters = 1 if a.joint else len(targets)
-    seconds = 0.0
-    for target in targets:
-        pair = _mean_tokens(cfg, train_ids.texts[target], tokenizer) + english
-        # a step: forward + backward over the target and English sentences, the base model's English forward (KL)
-        seconds += a.steps * pairs_per_step * (pair / rates.train_tps + english / rates.lm_tps) / (
-            len(targets) if a.joint else 1)
-    measured = sum(count_tokens(cfg, held.texts[lang], tokenizer) for lang in cfg.lang_codes)
-    per_pass = measured * (1 / rates.decoder_tps + len(layers) * sae_width(cfg) * rates.encode_s)
-    seconds += per_pass * (1 + adapters)  # the base model once per run, then each adapter
-    lines.append(f"time: {a.steps:,} steps x {adapters} adapter(s) at the calibrated forward+backward rate, plus "
-                 f"{1 + adapters} extraction(s) of {measured:,} held-out tokens")
-    return "plan: align", lines, seconds
+    phases = align_phases(cfg, rates, tokenizer, corpus, split, targets)
+    lines += ["time by phase, from this machine's calibrated rates:",
+              *(f"  {phase.name}: {human_seconds(phase.seconds)}, {phase.method}" for phase in phases)]
+    return "plan: align", lines, sum(phase.seconds for phase in phases)
+
+
+class Phase(NamedTuple):
+    name: str
+    seconds: float
+    method: str  # what is counted, at which calibrated rate
+
+
+def align_phases(cfg: Config, rates: Rates, tokenizer, corpus: Corpus, split: Split, targets: list[str]) -> list[Phase]:
+    """The align job's phases, as `jobs/align.py` runs them: load the model and SAEs; per adapter, the base model's
+    English reference (`EnglishReference.fill`), the training steps and validations; the held-out measurement of the
+    base model (once) and of each adapter (`toolkit.align.metrics.before_after`)."""
+    from toolkit.align.objective import SUMMARY_USES, make_term, reference_uses
+    from toolkit.languages import REFERENCE
+
+    a = cfg.align
+    n_layers = model_shape(cfg)[0]
+    measured, aligned = parse_layers(cfg.run.layers, n_layers), parse_layers(a.align_layers, n_layers)
+    width = sae_width(cfg)
+    units = [targets] if a.joint else [[t] for t in targets]
+    pairs = a.batch_size * a.grad_accum  # per target language and step
+    train, val, held = (corpus.subset(ids) for ids in (split.train, split.val, split.heldout))
+
+    def extraction(tokens: float, layers: list[int]) -> float:  # the decoder, then each layer's SAE encode
+        return tokens * (1 / rates.decoder_tps + len(layers) * width * rates.encode_s)
+
+    load = rates.startup_s + rates.load_s + len(set(measured) | set(aligned)) * rates.sae_load_s
+    english = _mean_tokens(cfg, train.texts[REFERENCE], tokenizer)
+    val_english = _mean_tokens(cfg, val.texts[REFERENCE], tokenizer)
+    term_layers = aligned if make_term(a.objective).uses_saes else []
+    checkpoints = set(range(a.checkpoint_every, a.steps + 1, a.checkpoint_every))
+    validations = len(checkpoints | {a.steps}) if split.val else 0
+    norm_steps = len(checkpoints | {1})  # the trainer's three extra backward passes for gradient norms
+    reference = training = validation = 0.0
+    read, summarised, recomputed = 0.0, False, False
+    for unit in units:
+        # each target draws its own epoch permutations of the training ids (`batch_ids`); English is shared
+        n, drawn = len(split.train), min(a.steps * pairs, len(split.train))
+        sentences = n * (1 - (1 - drawn / n) ** len(unit)) + len(split.val)
+        keep = a.lambda_keep > 0
+        summary = keep and reference_uses(a, n, len(unit)) >= SUMMARY_USES and linear_head(cfg)
+        per_use = english / rates.head_tps if keep and not summary else 0.0  # base logits of English, each use
+        read += sentences
+        summarised, recomputed = summarised or summary, recomputed or bool(per_use)
+        reference += extraction(sentences * english, term_layers) + (2 * sentences * english / rates.head_tps
+                                                                    if summary else 0.0)
+        for lang in unit:
+            step = pairs * ((_mean_tokens(cfg, train.texts[lang], tokenizer) + english) / rates.train_tps + per_use)
+            training += step * (a.steps + 2 * norm_steps)  # three backward passes, about two steps' worth
+            pair = (_mean_tokens(cfg, val.texts[lang], tokenizer) + val_english) / rates.lm_tps
+            validation += validations * len(split.val) * (pair + (val_english / rates.head_tps if per_use else 0.0))
+    held_tokens = {lang: count_tokens(cfg, held.texts[lang], tokenizer) for lang in cfg.lang_codes}
+
+    def measurement(quality: list[str]) -> float:
+        """Every language's extraction and bits per byte (the model with its LM head), and the SAE fidelity of
+        the `quality` languages (another pass through decoder and SAEs)."""
+        return sum(extraction(n, measured) + n / rates.lm_tps for n in held_tokens.values()) + sum(
+            extraction(held_tokens.get(lang, 0), measured) for lang in quality)
+
+    kl = 2 * held_tokens.get(REFERENCE, 0) / rates.lm_tps  # the adapted and base logits of English
+    before_after = measurement([*targets, REFERENCE]) + sum(measurement([*u, REFERENCE]) + kl for u in units)
+    return [
+        Phase("load", load, f"libraries, model and {len(set(measured) | set(aligned))} SAEs, each load timed once"),
+        Phase("English reference", reference,
+              f"{read:,.0f} English training and validation sentences through the base model and the term's "
+              f"{len(term_layers)} SAEs" + (", with the KL's summaries (2 LM-head products a token)"
+                                            if summarised else "")),
+        Phase("training", training,
+              f"{a.steps} steps x {len(units)} adapter(s) x {pairs} pairs at the forward+backward rate, {norm_steps} "
+              "of them with gradient norms (3 more backward passes)"
+              + (", English base logits each use at the LM-head rate" if recomputed else "")),
+        Phase("validation", validation, f"{validations} x {len(split.val)} pairs through the model with its LM head"),
+        Phase("before/after", before_after,
+              f"{sum(held_tokens.values()):,} held-out tokens, base model and {len(units)} adapter(s): extraction, "
+              "bits per byte with the LM head, SAE fidelity of targets and English, English KL"),
+    ]
 
 
 def evaluate_plan(cfg: Config) -> Plan:
