@@ -153,8 +153,9 @@ def _measure(cfg: Config) -> Rates:
 def _startup_seconds() -> float:
     """A fresh interpreter importing what every job imports: most of a job's start before its model loads."""
     began = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import sae_lens, toolkit.align, toolkit.models"], capture_output=True,
-                   check=False)
+    subprocess.run(
+        [sys.executable, "-c", "import sae_lens, toolkit.align, toolkit.models"], capture_output=True, check=False
+    )
     return time.perf_counter() - began
 
 

@@ -69,8 +69,19 @@ def test_without_the_model_on_disk_the_plan_says_the_time_is_unknown(capsys, mon
     assert "plan: align" in text and "estimated wall time: unknown until the model is on disk" in text
 
 
-RATES = calibration.Rates(key="test", decoder_tps=1000.0, lm_tps=200.0, train_tps=100.0, encode_s=1e-9, sae_sps=1e4,
-                          measured="", head_tps=400.0, startup_s=5.0, load_s=3.0, sae_load_s=0.25)
+RATES = calibration.Rates(
+    key="test",
+    decoder_tps=1000.0,
+    lm_tps=200.0,
+    train_tps=100.0,
+    encode_s=1e-9,
+    sae_sps=1e4,
+    measured="",
+    head_tps=400.0,
+    startup_s=5.0,
+    load_s=3.0,
+    sae_load_s=0.25,
+)
 
 
 def align_phases(tmp_path, **align) -> tuple[dict, dict]:
@@ -80,8 +91,10 @@ def align_phases(tmp_path, **align) -> tuple[dict, dict]:
     from toolkit.align.data import split_ids
     from toolkit.config import Config
 
-    cfg = Config.build({"run": {"langs": "hi", "max_sentences": 40, "run": str(tmp_path)},
-                        "align": {"steps": 30, **align}}, preset="tiny")
+    cfg = Config.build(
+        {"run": {"langs": "hi", "max_sentences": 40, "run": str(tmp_path)}, "align": {"steps": 30, **align}},
+        preset="tiny",
+    )
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     split = split_ids(corpus.ids, cfg.align.heldout, cfg.align.val_fraction, cfg.run.seed)
     tokenizer = plan._tokenizer(cfg)
@@ -90,8 +103,11 @@ def align_phases(tmp_path, **align) -> tuple[dict, dict]:
     def tokens(ids: list[str], lang: str) -> int:
         return plan.count_tokens(cfg, corpus.subset(ids).texts[lang], tokenizer)
 
-    counts = {"split": split, "english": tokens(split.train, "en") / len(split.train),
-              "held": {lang: tokens(split.heldout, lang) for lang in ("en", "hi")}}
+    counts = {
+        "split": split,
+        "english": tokens(split.train, "en") / len(split.train),
+        "held": {lang: tokens(split.heldout, lang) for lang in ("en", "hi")},
+    }
     return phases, counts
 
 
