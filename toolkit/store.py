@@ -595,66 +595,81 @@ def _write_consolidated(h5: h5py.File, parts: list[PartSource], layers: list[int
     nnz = sum((size.nnz for size in sizes), np.zeros(len(layers), dtype=np.int64))
     stored = [stat for stat in STORED if all(stat in size.stats for size in sizes)]
     resid_width = next((size.resid_width for size in sizes if size.resid_width), None)
+    groups = list(_groups(parts, CONSOLIDATION_BUFFER))
+    # One group (a small corpus): each dataset is created with its data, half of HDF5's cost of creating it
+    # and then writing it.
+    whole = _rows([_read_part(part, layers) for part in groups[0]], layers, stored, resid_width is not None,
+                  (0, 0, np.zeros(len(layers), dtype=np.int64))) if len(groups) == 1 else {}
 
-    def make(group: h5py.Group, name: str, dtype, n: int, width: int | None = None) -> h5py.Dataset:
+    def make(group: h5py.Group, name: str, key: str, dtype, n: int, width: int | None = None) -> h5py.Dataset:
         shape = (n,) if width is None else (n, width)
+        data = whole[key][1] if key in whole else None
         if n == 0:  # a layer whose SAE fired on nothing: HDF5 cannot chunk an empty dataset
             return group.create_dataset(name, shape=shape, dtype=dtype)
         rows = max(1, min(n, 65536 // (width or 1)))  # ~64k values per chunk, never more rows than exist
         chunks = (rows,) if width is None else (rows, width)
         checksum = h5py.check_string_dtype(np.dtype(dtype)) is None  # HDF5 cannot checksum variable-length data
-        return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fletcher32=checksum)
+        return group.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks, fletcher32=checksum)
 
     # Datasets are made in their group's handle: a path through groups costs h5py a lookup per dataset.
     sentences, tokens = h5.create_group("sentences"), h5.create_group("tokens")
     out = {
-        "ids": make(sentences, "id", h5py.string_dtype(), n_sent),
-        "offsets": make(sentences, "token_offsets", np.int64, n_sent + 1),
-        "token_ids": make(tokens, "id", np.int32, n_tok),
-        "positions": make(tokens, "position", np.int32, n_tok),
+        "ids": make(sentences, "id", "ids", h5py.string_dtype(), n_sent),
+        "offsets": make(sentences, "token_offsets", "offsets", np.int64, n_sent + 1),
+        "token_ids": make(tokens, "id", "token_ids", np.int32, n_tok),
+        "positions": make(tokens, "position", "positions", np.int32, n_tok),
     }
     for k, layer in enumerate(layers):
         group = h5.create_group(f"layers/{layer}")
         codes = group.create_group("codes")
-        out[f"{layer}/indptr"] = make(codes, "indptr", np.int64, n_tok + 1)
-        out[f"{layer}/indices"] = make(codes, "indices", np.int32, int(nnz[k]))
-        out[f"{layer}/values"] = make(codes, "values", code_dtype, int(nnz[k]))
+        for name, dtype, n in (("indptr", np.int64, n_tok + 1), ("indices", np.int32, int(nnz[k])),
+                               ("values", code_dtype, int(nnz[k]))):
+            out[f"{layer}/{name}"] = make(codes, name, f"{layer}/{name}", dtype, n)
         stats = group.create_group("stats") if stored else None
         for stat in stored:
-            out[f"{layer}/{stat}"] = make(stats, stat, np.float32, n_sent)
+            out[f"{layer}/{stat}"] = make(stats, stat, f"{layer}/{stat}", np.float32, n_sent)
         if resid_width:
-            out[f"{layer}/resid"] = make(group, "resid", np.float32, n_tok, resid_width)
+            out[f"{layer}/resid"] = make(group, "resid", f"{layer}/resid", np.float32, n_tok, resid_width)
     if not parts:  # each group writes its first offset and row pointer: with none, they are written here
         out["offsets"][0] = 0
         for layer in layers:
             out[f"{layer}/indptr"][0] = 0
-    s = t = 0
-    z_nnz = np.zeros(len(layers), dtype=np.int64)
-    for group in _groups(parts, CONSOLIDATION_BUFFER):
+    at = (0, 0, np.zeros(len(layers), dtype=np.int64))  # sentences, tokens and codes per layer written so far
+    for group in groups if not whole else []:
         if failed:
             raise failed[0]
-        loaded = [_read_part(part, layers) for part in group]
-        lengths = np.concatenate([p.lengths for p in loaded])
-        ds, dt = len(lengths), int(lengths.sum())
-        out["ids"][s:s + ds] = np.concatenate([p.sentence_ids for p in loaded]).astype(object)
-        out["offsets"][s:s + ds + 1] = t + np.r_[0, np.cumsum(lengths)]
-        out["token_ids"][t:t + dt] = np.concatenate([p.token_ids for p in loaded])
-        out["positions"][t:t + dt] = np.concatenate([p.positions for p in loaded])
-        for k, layer in enumerate(layers):
-            # each part's row pointers continue from the codes of the parts before it
-            before = z_nnz[k] + np.r_[0, np.cumsum([p.nnz[k] for p in loaded])]
-            out[f"{layer}/indptr"][t:t + dt + 1] = np.concatenate(
-                [before[:1], *(start + p.indptr[k, 1:] for start, p in zip(before, loaded))])
-            for name in ("indices", "values"):
-                out[f"{layer}/{name}"][before[0]:before[-1]] = np.concatenate([p.codes(k, name) for p in loaded])
-            for stat in stored:
-                out[f"{layer}/{stat}"][s:s + ds] = np.concatenate([p.stats[stat][k] for p in loaded])
-            if resid_width:
-                out[f"{layer}/resid"][t:t + dt] = np.concatenate([p.resid[k] for p in loaded])
-            z_nnz[k] = before[-1]
-        s, t = s + ds, t + dt
+        rows = _rows([_read_part(part, layers) for part in group], layers, stored, resid_width is not None, at)
+        for key, (start, values) in rows.items():
+            out[key][start:start + len(values)] = values
+        at = (at[0] + len(rows["ids"][1]), at[1] + len(rows["token_ids"][1]),
+              np.array([rows[f"{layer}/indices"][0] + len(rows[f"{layer}/indices"][1]) for layer in layers]))
     h5.attrs["n_sentences"] = n_sent
     h5.attrs["n_tokens"] = n_tok
+
+
+def _rows(loaded: list[_Part], layers: list[int], stored: list[str], resid: bool,
+          at: tuple[int, int, np.ndarray]) -> dict[str, tuple[int, np.ndarray]]:
+    """A group of parts as each dataset's next rows, {key: (first row, rows)}, after `at` (the sentences, tokens
+    and codes per layer before the group)."""
+    s, t, z = at
+    lengths = np.concatenate([p.lengths for p in loaded])
+    out = {"ids": (s, np.concatenate([p.sentence_ids for p in loaded]).astype(object)),
+           "offsets": (s, t + np.r_[0, np.cumsum(lengths)]),
+           "token_ids": (t, np.concatenate([p.token_ids for p in loaded])),
+           "positions": (t, np.concatenate([p.positions for p in loaded]))}
+    for k, layer in enumerate(layers):
+        # each part's row pointers continue from the codes of the parts before it
+        before = z[k] + np.r_[0, np.cumsum([p.nnz[k] for p in loaded])]
+        pointers = [before[:1], *(start + p.indptr[k, 1:] for start, p in zip(before, loaded))]
+        out[f"{layer}/indptr"] = (t, np.concatenate(pointers))
+        for name in ("indices", "values"):
+            out[f"{layer}/{name}"] = (int(before[0]), np.concatenate([p.codes(k, name) for p in loaded]))
+        for stat in stored:
+            out[f"{layer}/{stat}"] = (s, np.concatenate([p.stats[stat][k] for p in loaded]))
+        if resid:
+            out[f"{layer}/resid"] = (t, np.concatenate([p.resid[k] for p in loaded]))
+    return out
+
 
 def _cast_codes(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Cast code values, keeping active features non-zero: a value below float16's smallest
