@@ -213,7 +213,7 @@ class ActivationWriter:
             if not self.complete:
                 parts: list[PartSource] = [*self._part_files()]
                 if last is not None:
-                    parts.append(_as_part(_part_arrays(last, self.layers, self.code_dtype)))
+                    parts.append(_as_part(_part_arrays(last, self.layers, self.code_dtype), self.layers))
                 self._reserve = self._check_space(parts)
                 with staged(self.path) as tmp:  # per-process staging name: only a whole file is renamed
                     self._consolidate(tmp, parts, attrs, layer_attrs)
@@ -427,10 +427,11 @@ def verify(path: Path) -> None:
 
 def _part_arrays(batch: Batch, layers: list[int], code_dtype: np.dtype) -> dict[str, np.ndarray]:
     """A batch as the members of its part file: every member costs a read when the parts are consolidated, so
-    each layer's arrays are concatenated (codes) or stacked (the rest) in layer order, a dozen members in all.
+    each layer's arrays are concatenated (codes) or stacked (the rest) in layer order, ten members in all.
 
     sentence_ids, lengths (S,); token_ids, positions (T,); nnz (L,) codes per layer; indptr (L, T+1); indices,
-    values (sum of nnz,); stat_names (K,) and stats (K, L, S) float32; resid (L, T, d_model) only with save_resid.
+    values (sum of nnz,); stat_names (K,) and stats (K, L, S) float32. With save_resid also `{layer}/resid`
+    (T, d_model) per layer: stacking them would copy a batch's residuals, whose read dwarfs a member's cost.
     """
     lengths = np.asarray(batch.lengths, dtype=np.int64)
     token_ids = np.asarray(batch.token_ids, dtype=np.int32)
@@ -458,7 +459,7 @@ def _part_arrays(batch: Batch, layers: list[int], code_dtype: np.dtype) -> dict[
                           dtype=np.float32).reshape(len(stats), len(layers), len(lengths)),
     }
     if all(lb.resid is not None for lb in per_layer):
-        arrays["resid"] = np.stack([np.asarray(lb.resid, dtype=np.float32) for lb in per_layer])
+        arrays |= {f"{layer}/resid": np.asarray(lb.resid, dtype=np.float32) for layer, lb in zip(layers, per_layer)}
     return arrays
 
 
@@ -485,16 +486,16 @@ class _Part:
     indices: np.ndarray
     values: np.ndarray
     stats: dict[str, np.ndarray]  # name -> (L, S)
-    resid: np.ndarray | None
+    resid: list[np.ndarray] | None  # per layer, (T, d_model)
 
     @property
     def nbytes(self) -> int:
         arrays = [self.sentence_ids, self.lengths, self.token_ids, self.positions, self.nnz, self.indptr, self.indices,
-                  self.values, *self.stats.values(), *([] if self.resid is None else [self.resid])]
+                  self.values, *self.stats.values(), *(self.resid or [])]
         return sum(a.nbytes for a in arrays)
 
     def size(self) -> _PartSize:
-        return _PartSize(self.lengths, self.nnz, list(self.stats), None if self.resid is None else self.resid.shape[-1])
+        return _PartSize(self.lengths, self.nnz, list(self.stats), self.resid[0].shape[-1] if self.resid else None)
 
     def codes(self, k: int, name: str) -> np.ndarray:
         """The `name` ("indices" or "values") of the k-th layer's codes."""
@@ -524,9 +525,10 @@ def _part_size(source: PartSource, layers: list[int]) -> _PartSize:
         return source.size()
     with np.load(source) as z:
         if _is_per_layer(z):
-            stats, resid = [s for s in STORED if f"{layers[0]}/{s}" in z.files], f"{layers[0]}/resid"
+            stats = [s for s in STORED if f"{layers[0]}/{s}" in z.files]
         else:
-            stats, resid = z["stat_names"].tolist(), "resid"
+            stats = z["stat_names"].tolist()
+        resid = f"{layers[0]}/resid"
         width = _member_shape(z, resid)[-1] if resid in z.files else None
         return _PartSize(z["lengths"], z["nnz"], stats, width)
 
@@ -538,14 +540,15 @@ def _read_part(source: PartSource, layers: list[int]) -> _Part:
         arrays = {name: z[name] for name in z.files}
         if _is_per_layer(z):
             arrays = _from_per_layer(arrays, layers)
-    return _as_part(arrays)
+    return _as_part(arrays, layers)
 
 
-def _as_part(arrays: dict[str, np.ndarray]) -> _Part:
+def _as_part(arrays: dict[str, np.ndarray], layers: list[int]) -> _Part:
     """A part from its members (`_part_arrays`)."""
     arrays = dict(arrays)
     names = arrays.pop("stat_names").tolist()
-    return _Part(stats=dict(zip(names, arrays.pop("stats"))), resid=arrays.pop("resid", None), **arrays)
+    resid = [arrays.pop(f"{layer}/resid") for layer in layers] if f"{layers[0]}/resid" in arrays else None
+    return _Part(stats=dict(zip(names, arrays.pop("stats"))), resid=resid, **arrays)
 
 
 def _source_bytes(source: PartSource) -> int:
@@ -563,8 +566,8 @@ def _from_per_layer(arrays: dict[str, np.ndarray], layers: list[int]) -> dict[st
             "values": np.concatenate(stacked("values")), "stat_names": np.asarray(stats, dtype=np.str_),
             "stats": np.array([stacked(stat) for stat in stats], dtype=np.float32).reshape(
                 len(stats), len(layers), len(out["lengths"]))}
-    if f"{layers[0]}/resid" in arrays:
-        out["resid"] = np.stack(stacked("resid"))
+    if f"{layers[0]}/resid" in arrays:  # the same members in both layouts
+        out |= {f"{layer}/resid": arrays[f"{layer}/resid"] for layer in layers}
     return out
 
 
@@ -652,23 +655,28 @@ def _rows(loaded: list[_Part], layers: list[int], stored: list[str], resid: bool
     """A group of parts as each dataset's next rows, {key: (first row, rows)}, after `at` (the sentences, tokens
     and codes per layer before the group)."""
     s, t, z = at
-    lengths = np.concatenate([p.lengths for p in loaded])
-    out = {"ids": (s, np.concatenate([p.sentence_ids for p in loaded]).astype(object)),
+    lengths = _joined([p.lengths for p in loaded])
+    out = {"ids": (s, _joined([p.sentence_ids for p in loaded]).astype(object)),
            "offsets": (s, t + np.r_[0, np.cumsum(lengths)]),
-           "token_ids": (t, np.concatenate([p.token_ids for p in loaded])),
-           "positions": (t, np.concatenate([p.positions for p in loaded]))}
+           "token_ids": (t, _joined([p.token_ids for p in loaded])),
+           "positions": (t, _joined([p.positions for p in loaded]))}
     for k, layer in enumerate(layers):
         # each part's row pointers continue from the codes of the parts before it
         before = z[k] + np.r_[0, np.cumsum([p.nnz[k] for p in loaded])]
         pointers = [before[:1], *(start + p.indptr[k, 1:] for start, p in zip(before, loaded))]
-        out[f"{layer}/indptr"] = (t, np.concatenate(pointers))
+        out[f"{layer}/indptr"] = (t, _joined(pointers))
         for name in ("indices", "values"):
-            out[f"{layer}/{name}"] = (int(before[0]), np.concatenate([p.codes(k, name) for p in loaded]))
+            out[f"{layer}/{name}"] = (int(before[0]), _joined([p.codes(k, name) for p in loaded]))
         for stat in stored:
-            out[f"{layer}/{stat}"] = (s, np.concatenate([p.stats[stat][k] for p in loaded]))
+            out[f"{layer}/{stat}"] = (s, _joined([p.stats[stat][k] for p in loaded]))
         if resid:
-            out[f"{layer}/resid"] = (t, np.concatenate([p.resid[k] for p in loaded]))
+            out[f"{layer}/resid"] = (t, _joined([p.resid[k] for p in loaded]))
     return out
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays end to end; a single one as it is (a part larger than the buffer is a group of its own: no copy)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def _cast_codes(values: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -364,14 +364,15 @@ def test_parts_in_the_earlier_per_layer_layout_consolidate_into_the_same_file(tm
         assert all(f.has_stat(i, stat) for i in LAYERS for stat in STORED)
 
 
-def test_a_part_holds_one_member_per_array_whatever_the_layers(tmp_path):
+def test_a_part_holds_one_member_per_array_whatever_the_layers_but_residuals(tmp_path):
     writer = ActivationWriter(tmp_path / "hi.h5", IDENTITY, LAYERS)
     writer.write_batch(CONTROL_BATCHES[0])
     with np.load(writer.parts / "part-000000.npz") as z:
+        # residuals (--save-resid) stay one member per layer: stacking them would copy a batch's worth
         assert sorted(z.files) == sorted(["sentence_ids", "lengths", "token_ids", "positions", "nnz", "indptr",
-                                          "indices", "values", "stat_names", "stats", "resid"])
+                                          "indices", "values", "stat_names", "stats", "0/resid", "3/resid"])
         assert z["stat_names"].tolist() == list(STORED) and z["stats"].shape == (len(STORED), len(LAYERS), 2)
-        assert z["indptr"].shape == (len(LAYERS), 6) and z["resid"].shape == (len(LAYERS), 5, D_MODEL)
+        assert z["indptr"].shape == (len(LAYERS), 6) and z["3/resid"].shape == (5, D_MODEL)
     writer.close()
 
 
