@@ -65,8 +65,12 @@ def _tokenizer(cfg: Config):
 
 
 def show(cfg: Config, stage: str, console: Console) -> None:
-    console.print(Panel(Syntax(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "yaml"),
-                        title=f"resolved config ({stage}, preset {cfg.run.preset})"))
+    console.print(
+        Panel(
+            Syntax(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "yaml"),
+            title=f"resolved config ({stage}, preset {cfg.run.preset})",
+        )
+    )
     if stage == "evaluate":
         show_estimate(console, *evaluate_plan(cfg))
     if stage != "pipeline" and (stage not in stages.job_stages() or not stages.get(stage).reads_corpus):
@@ -101,15 +105,21 @@ def show_extract_table(cfg: Config, console: Console) -> None:
         total_tokens += tokens
         total_bytes += disk or 0
         table.add_row(lang, f"{len(texts):,}", shown, str(cfg.extract.shards), human_bytes(disk))
-    table.add_row("[bold]total", f"{len(texts) * len(langs):,}", f"{total_tokens:,}",
-                  str(cfg.extract.shards * len(langs)), human_bytes(total_bytes if per_token else None))
+    table.add_row(
+        "[bold]total",
+        f"{len(texts) * len(langs):,}",
+        f"{total_tokens:,}",
+        str(cfg.extract.shards * len(langs)),
+        human_bytes(total_bytes if per_token else None),
+    )
     console.print(table)
     facts = [
         f"model: {cfg.model.name} ({n_layers or '?'} layers, width {d_model or '?'})",
         f"layers: {layers if layers is not None else cfg.run.layers}",
         f"SAEs: {cfg.sae.source}" + (f" (release {cfg.sae.release})" if cfg.sae.release else ""),
-        f"bytes per token: {per_token:,} (assuming L0 {ASSUMED_L0} per layer)" if per_token else
-        "bytes per token: unknown until the model config is on disk",
+        f"bytes per token: {per_token:,} (assuming L0 {ASSUMED_L0} per layer)"
+        if per_token
+        else "bytes per token: unknown until the model config is on disk",
         f"batches of at most {cfg.extract.batch_tokens:,} padded tokens; executor {cfg.run.executor}",
         f"output: {RunDir(cfg.run_dir).activations}",
     ]
@@ -180,8 +190,10 @@ def show_estimate(console: Console, title: str, lines: list[str], seconds: float
     if seconds is None:
         lines = [*lines, "estimated wall time: unknown until the model is on disk (its first run assembles it)"]
     else:
-        lines = [*lines, f"[bold]estimated wall time: {human_seconds(seconds)}[/] on this machine "
-                         f"({calibration.METHOD})"]
+        lines = [
+            *lines,
+            f"[bold]estimated wall time: {human_seconds(seconds)}[/] on this machine ({calibration.METHOD})",
+        ]
     console.print(Panel("\n".join(lines), title=title, title_align="left"))
 
 
@@ -226,16 +238,26 @@ def extract_plan(cfg: Config, stage: str) -> Plan:
     trains = SAESource.parse(cfg.sae.source).kind in ("train", "auto") or stage == "train-saes"
     if trains and tokenizer is not None:
         train_on = corpus if not cfg.sae.train_corpus else corpora.load(cfg.sae.train_corpus, cfg.lang_codes, 0)
-        available = sum(s.n_tokens for s in sae_training.training_sample(
-            train_on, cfg.sae.train_mix, tokenizer, 2**62, cfg.extract.max_length))
+        available = sum(
+            s.n_tokens
+            for s in sae_training.training_sample(train_on, cfg.sae.train_mix, tokenizer, 2**62, cfg.extract.max_length)
+        )
         size = sae_training.sizes(cfg.sae, available)
-        held = sum(count_tokens(cfg, train_on.subset([i for i in train_on.ids if is_heldout(i)] or train_on.ids[:1])
-                                .texts[lang], tokenizer) for lang in train_on.langs)
-        lines.append(f"SAE training ({cfg.sae.arch}, {cfg.sae.budget} budget, mix {cfg.sae.train_mix}): "
-                     f"{size.distinct:,} tokens per layer from one shared forward pass, {size.samples:,} training "
-                     f"samples per layer, width {size.width:,}, {len(layers)} layers; quality measured on "
-                     f"{held:,} held-out tokens" + ("" if cfg.sae.source == "train" or stage == "train-saes" else
-                                                     " (when the hub's SAEs cannot be had)"))
+        held = sum(
+            count_tokens(
+                cfg,
+                train_on.subset([i for i in train_on.ids if is_heldout(i)] or train_on.ids[:1]).texts[lang],
+                tokenizer,
+            )
+            for lang in train_on.langs
+        )
+        lines.append(
+            f"SAE training ({cfg.sae.arch}, {cfg.sae.budget} budget, mix {cfg.sae.train_mix}): "
+            f"{size.distinct:,} tokens per layer from one shared forward pass, {size.samples:,} training "
+            f"samples per layer, width {size.width:,}, {len(layers)} layers; quality measured on "
+            f"{held:,} held-out tokens"
+            + ("" if cfg.sae.source == "train" or stage == "train-saes" else " (when the hub's SAEs cannot be had)")
+        )
         if rates:  # extract shares its own forward pass with the training (toolkit.capture.shared_forward)
             passes = (size.distinct + held) / rates.decoder_tps if stage == "train-saes" else 0.0
             workers = sae_training.training_workers(models.resolve_device(cfg.model.device), len(layers))
@@ -274,8 +296,10 @@ def align_plan(cfg: Config) -> Plan:
     if rates is None:
         return "plan: align", lines, None
     phases = align_phases(cfg, rates, tokenizer, corpus, split, targets)
-    lines += ["time by phase, from this machine's calibrated rates:",
-              *(f"  {phase.name}: {human_seconds(phase.seconds)}, {phase.method}" for phase in phases)]
+    lines += [
+        "time by phase, from this machine's calibrated rates:",
+        *(f"  {phase.name}: {human_seconds(phase.seconds)}, {phase.method}" for phase in phases),
+    ]
     return "plan: align", lines, sum(phase.seconds for phase in phases)
 
 
@@ -321,8 +345,9 @@ def align_phases(cfg: Config, rates: Rates, tokenizer, corpus: Corpus, split: Sp
         per_use = english / rates.head_tps if keep and not summary else 0.0  # base logits of English, each use
         read += sentences
         summarised, recomputed = summarised or summary, recomputed or bool(per_use)
-        reference += extraction(sentences * english, term_layers) + (2 * sentences * english / rates.head_tps
-                                                                    if summary else 0.0)
+        reference += extraction(sentences * english, term_layers) + (
+            2 * sentences * english / rates.head_tps if summary else 0.0
+        )
         for lang in unit:
             step = pairs * ((_mean_tokens(cfg, train.texts[lang], tokenizer) + english) / rates.train_tps + per_use)
             training += step * (a.steps + 2 * norm_steps)  # three backward passes, about two steps' worth
@@ -334,24 +359,34 @@ def align_phases(cfg: Config, rates: Rates, tokenizer, corpus: Corpus, split: Sp
         """Every language's extraction and bits per byte (the model with its LM head), and the SAE fidelity of
         the `quality` languages (another pass through decoder and SAEs)."""
         return sum(extraction(n, measured) + n / rates.lm_tps for n in held_tokens.values()) + sum(
-            extraction(held_tokens.get(lang, 0), measured) for lang in quality)
+            extraction(held_tokens.get(lang, 0), measured) for lang in quality
+        )
 
     kl = 2 * held_tokens.get(REFERENCE, 0) / rates.lm_tps  # the adapted and base logits of English
     before_after = measurement([*targets, REFERENCE]) + sum(measurement([*u, REFERENCE]) + kl for u in units)
     return [
         Phase("load", load, f"libraries, model and {len(set(measured) | set(aligned))} SAEs, each load timed once"),
-        Phase("English reference", reference,
-              f"{read:,.0f} English training and validation sentences through the base model and the term's "
-              f"{len(term_layers)} SAEs" + (", with the KL's summaries (2 LM-head products a token)"
-                                            if summarised else "")),
-        Phase("training", training,
-              f"{a.steps} steps x {len(units)} adapter(s) x {pairs} pairs at the forward+backward rate, {norm_steps} "
-              "of them with gradient norms (3 more backward passes)"
-              + (", English base logits each use at the LM-head rate" if recomputed else "")),
+        Phase(
+            "English reference",
+            reference,
+            f"{read:,.0f} English training and validation sentences through the base model and the term's "
+            f"{len(term_layers)} SAEs"
+            + (", with the KL's summaries (2 LM-head products a token)" if summarised else ""),
+        ),
+        Phase(
+            "training",
+            training,
+            f"{a.steps} steps x {len(units)} adapter(s) x {pairs} pairs at the forward+backward rate, {norm_steps} "
+            "of them with gradient norms (3 more backward passes)"
+            + (", English base logits each use at the LM-head rate" if recomputed else ""),
+        ),
         Phase("validation", validation, f"{validations} x {len(split.val)} pairs through the model with its LM head"),
-        Phase("before/after", before_after,
-              f"{sum(held_tokens.values()):,} held-out tokens, base model and {len(units)} adapter(s): extraction, "
-              "bits per byte with the LM head, SAE fidelity of targets and English, English KL"),
+        Phase(
+            "before/after",
+            before_after,
+            f"{sum(held_tokens.values()):,} held-out tokens, base model and {len(units)} adapter(s): extraction, "
+            "bits per byte with the LM head, SAE fidelity of targets and English, English KL",
+        ),
     ]
 
 
@@ -376,8 +411,11 @@ def evaluate_plan(cfg: Config) -> Plan:
         items += n
         tokens += n * (_mean_tokens(cfg, sample, tokenizer) if sample else 0)
     n_langs = len(cfg.lang_codes)
-    lines.insert(0, f"items: {items:,} in all = {', '.join(benches)} x {n_langs} languages "
-                    f"({cfg.eval.limit or 'all'} per task and language) x {models} model(s)")
+    lines.insert(
+        0,
+        f"items: {items:,} in all = {', '.join(benches)} x {n_langs} languages "
+        f"({cfg.eval.limit or 'all'} per task and language) x {models} model(s)",
+    )
     bpb = cfg.eval.bpb_sentences * n_langs
     lines.append(f"bits per byte: {cfg.eval.bpb_sentences} held-out sentences x {n_langs} languages per model")
     rates = _rates(cfg, tokenizer)
@@ -387,8 +425,7 @@ def evaluate_plan(cfg: Config) -> Plan:
     sentence = _mean_tokens(cfg, [t for lang in cfg.lang_codes for t in corpus.texts[lang]], tokenizer)
     # each context is scored once and the LM head runs only where a choice is scored; bits per byte need it everywhere
     seconds = models * (tokens / rates.decoder_tps + bpb * sentence / rates.lm_tps)
-    lines.append("time: each item's text (question and choices) once through the model; bits per byte with its "
-                 "LM head")
+    lines.append("time: each item's text (question and choices) once through the model; bits per byte with its LM head")
     return "plan: evaluate", lines, seconds
 
 

@@ -162,8 +162,9 @@ class ActivationWriter:
         old = recorded_identity(self.path)
         if old is not None and not same_identity(old, self.identity):
             where = f"{self.path} was written" if self.path.exists() else f"{self.parts} holds a partial extraction"
-            raise StoreError(f"{where} with a different configuration "
-                             f"({identity_diff(portable(old), self.identity)}); {hint}")
+            raise StoreError(
+                f"{where} with a different configuration ({identity_diff(portable(old), self.identity)}); {hint}"
+            )
 
     @property
     def complete(self) -> bool:
@@ -232,8 +233,9 @@ class ActivationWriter:
         need = int(sum(_source_bytes(p) for p in parts) * 1.05) + CONSOLIDATION_SLACK + n_datasets * DATASET_OVERHEAD
         free = shutil.disk_usage(self.path.parent).free
         if free < need:
-            raise OSError(errno.ENOSPC, f"consolidating needs about {need:,} bytes and {free:,} are free",
-                          str(self.path))
+            raise OSError(
+                errno.ENOSPC, f"consolidating needs about {need:,} bytes and {free:,} are free", str(self.path)
+            )
         return need
 
     def _consolidate(
@@ -264,8 +266,14 @@ class ActivationWriter:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
 
-    def _fill(self, h5: h5py.File, parts: list[PartSource], attrs: dict, layer_attrs: dict[int, dict] | None,
-              failed: list[BaseException]) -> None:
+    def _fill(
+        self,
+        h5: h5py.File,
+        parts: list[PartSource],
+        attrs: dict,
+        layer_attrs: dict[int, dict] | None,
+        failed: list[BaseException],
+    ) -> None:
         _write_consolidated(h5, parts, self.layers, self.code_dtype, failed)
         for key, value in {**attrs, **self.identity}.items():
             h5.attrs[key] = _attr(value)
@@ -455,8 +463,9 @@ def _part_arrays(batch: Batch, layers: list[int], code_dtype: np.dtype) -> dict[
         "indices": np.concatenate([np.asarray(lb.indices, dtype=np.int32) for lb in per_layer]),
         "values": np.concatenate([_cast_codes(lb.values, code_dtype) for lb in per_layer]),
         "stat_names": np.asarray(stats, dtype=np.str_),
-        "stats": np.array([[getattr(lb, stat) for lb in per_layer] for stat in stats],
-                          dtype=np.float32).reshape(len(stats), len(layers), len(lengths)),
+        "stats": np.array([[getattr(lb, stat) for lb in per_layer] for stat in stats], dtype=np.float32).reshape(
+            len(stats), len(layers), len(lengths)
+        ),
     }
     if all(lb.resid is not None for lb in per_layer):
         arrays |= {f"{layer}/resid": np.asarray(lb.resid, dtype=np.float32) for layer, lb in zip(layers, per_layer)}
@@ -490,8 +499,18 @@ class _Part:
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.sentence_ids, self.lengths, self.token_ids, self.positions, self.nnz, self.indptr, self.indices,
-                  self.values, *self.stats.values(), *(self.resid or [])]
+        arrays = [
+            self.sentence_ids,
+            self.lengths,
+            self.token_ids,
+            self.positions,
+            self.nnz,
+            self.indptr,
+            self.indices,
+            self.values,
+            *self.stats.values(),
+            *(self.resid or []),
+        ]
         return sum(a.nbytes for a in arrays)
 
     def size(self) -> _PartSize:
@@ -500,7 +519,7 @@ class _Part:
     def codes(self, k: int, name: str) -> np.ndarray:
         """The `name` ("indices" or "values") of the k-th layer's codes."""
         start = int(self.nnz[:k].sum())
-        return getattr(self, name)[start:start + int(self.nnz[k])]
+        return getattr(self, name)[start : start + int(self.nnz[k])]
 
 
 PartSource = Path | _Part  # a committed part file, or the last batch handed to `finalize` from memory
@@ -557,15 +576,21 @@ def _source_bytes(source: PartSource) -> int:
 
 def _from_per_layer(arrays: dict[str, np.ndarray], layers: list[int]) -> dict[str, np.ndarray]:
     """A part of the earlier layout (`_is_per_layer`) in the layout of `_part_arrays`."""
+
     def stacked(name: str) -> list[np.ndarray]:
         return [arrays[f"{layer}/{name}"] for layer in layers]
 
     stats = [stat for stat in STORED if f"{layers[0]}/{stat}" in arrays]
     out = {name: arrays[name] for name in ("sentence_ids", "lengths", "token_ids", "positions", "nnz")}
-    out |= {"indptr": np.stack(stacked("indptr")), "indices": np.concatenate(stacked("indices")),
-            "values": np.concatenate(stacked("values")), "stat_names": np.asarray(stats, dtype=np.str_),
-            "stats": np.array([stacked(stat) for stat in stats], dtype=np.float32).reshape(
-                len(stats), len(layers), len(out["lengths"]))}
+    out |= {
+        "indptr": np.stack(stacked("indptr")),
+        "indices": np.concatenate(stacked("indices")),
+        "values": np.concatenate(stacked("values")),
+        "stat_names": np.asarray(stats, dtype=np.str_),
+        "stats": np.array([stacked(stat) for stat in stats], dtype=np.float32).reshape(
+            len(stats), len(layers), len(out["lengths"])
+        ),
+    }
     if f"{layers[0]}/resid" in arrays:  # the same members in both layouts
         out |= {f"{layer}/resid": arrays[f"{layer}/resid"] for layer in layers}
     return out
@@ -586,8 +611,9 @@ def _groups(parts: list[PartSource], budget: int) -> Iterator[list[PartSource]]:
         yield group
 
 
-def _write_consolidated(h5: h5py.File, parts: list[PartSource], layers: list[int], code_dtype: np.dtype,
-                        failed: list[BaseException]) -> None:
+def _write_consolidated(
+    h5: h5py.File, parts: list[PartSource], layers: list[int], code_dtype: np.dtype, failed: list[BaseException]
+) -> None:
     """Stream the parts into `h5`, `CONSOLIDATION_BUFFER` bytes of parts at a time, one write per dataset and
     group (each write and each dataset cost HDF5 a fixed time that dominated a small corpus); stops at the next
     group once a destructor has failed (`_destructor_errors`)."""
@@ -601,8 +627,17 @@ def _write_consolidated(h5: h5py.File, parts: list[PartSource], layers: list[int
     groups = list(_groups(parts, CONSOLIDATION_BUFFER))
     # One group (a small corpus): each dataset is created with its data, half of HDF5's cost of creating it
     # and then writing it.
-    whole = _rows([_read_part(part, layers) for part in groups[0]], layers, stored, resid_width is not None,
-                  (0, 0, np.zeros(len(layers), dtype=np.int64))) if len(groups) == 1 else {}
+    whole = (
+        _rows(
+            [_read_part(part, layers) for part in groups[0]],
+            layers,
+            stored,
+            resid_width is not None,
+            (0, 0, np.zeros(len(layers), dtype=np.int64)),
+        )
+        if len(groups) == 1
+        else {}
+    )
 
     def make(group: h5py.Group, name: str, key: str, dtype, n: int, width: int | None = None) -> h5py.Dataset:
         shape = (n,) if width is None else (n, width)
@@ -625,8 +660,11 @@ def _write_consolidated(h5: h5py.File, parts: list[PartSource], layers: list[int
     for k, layer in enumerate(layers):
         group = h5.create_group(f"layers/{layer}")
         codes = group.create_group("codes")
-        for name, dtype, n in (("indptr", np.int64, n_tok + 1), ("indices", np.int32, int(nnz[k])),
-                               ("values", code_dtype, int(nnz[k]))):
+        for name, dtype, n in (
+            ("indptr", np.int64, n_tok + 1),
+            ("indices", np.int32, int(nnz[k])),
+            ("values", code_dtype, int(nnz[k])),
+        ):
             out[f"{layer}/{name}"] = make(codes, name, f"{layer}/{name}", dtype, n)
         stats = group.create_group("stats") if stored else None
         for stat in stored:
@@ -643,23 +681,29 @@ def _write_consolidated(h5: h5py.File, parts: list[PartSource], layers: list[int
             raise failed[0]
         rows = _rows([_read_part(part, layers) for part in group], layers, stored, resid_width is not None, at)
         for key, (start, values) in rows.items():
-            out[key][start:start + len(values)] = values
-        at = (at[0] + len(rows["ids"][1]), at[1] + len(rows["token_ids"][1]),
-              np.array([rows[f"{layer}/indices"][0] + len(rows[f"{layer}/indices"][1]) for layer in layers]))
+            out[key][start : start + len(values)] = values
+        at = (
+            at[0] + len(rows["ids"][1]),
+            at[1] + len(rows["token_ids"][1]),
+            np.array([rows[f"{layer}/indices"][0] + len(rows[f"{layer}/indices"][1]) for layer in layers]),
+        )
     h5.attrs["n_sentences"] = n_sent
     h5.attrs["n_tokens"] = n_tok
 
 
-def _rows(loaded: list[_Part], layers: list[int], stored: list[str], resid: bool,
-          at: tuple[int, int, np.ndarray]) -> dict[str, tuple[int, np.ndarray]]:
+def _rows(
+    loaded: list[_Part], layers: list[int], stored: list[str], resid: bool, at: tuple[int, int, np.ndarray]
+) -> dict[str, tuple[int, np.ndarray]]:
     """A group of parts as each dataset's next rows, {key: (first row, rows)}, after `at` (the sentences, tokens
     and codes per layer before the group)."""
     s, t, z = at
     lengths = _joined([p.lengths for p in loaded])
-    out = {"ids": (s, _joined([p.sentence_ids for p in loaded]).astype(object)),
-           "offsets": (s, t + np.r_[0, np.cumsum(lengths)]),
-           "token_ids": (t, _joined([p.token_ids for p in loaded])),
-           "positions": (t, _joined([p.positions for p in loaded]))}
+    out = {
+        "ids": (s, _joined([p.sentence_ids for p in loaded]).astype(object)),
+        "offsets": (s, t + np.r_[0, np.cumsum(lengths)]),
+        "token_ids": (t, _joined([p.token_ids for p in loaded])),
+        "positions": (t, _joined([p.positions for p in loaded])),
+    }
     for k, layer in enumerate(layers):
         # each part's row pointers continue from the codes of the parts before it
         before = z[k] + np.r_[0, np.cumsum([p.nnz[k] for p in loaded])]
@@ -759,8 +803,10 @@ class ActivationFile:
         except H5_ERRORS as exc:
             raise StoreError(f"{self.path}: its attributes cannot be read ({_first_line(exc)}); {REBUILD}") from None
         if attrs.get("format") != FORMAT:
-            raise StoreError(f"{self.path} is not a lingogap activation file; move it away, or delete it and "
-                             "rerun extract to rebuild it")
+            raise StoreError(
+                f"{self.path} is not a lingogap activation file; move it away, or delete it and "
+                "rerun extract to rebuild it"
+            )
         version = _int_attr(attrs, "layout_version")
         if version is None:
             raise StoreError(f"{self.path}: its layout_version {attrs.get('layout_version')!r} is damaged; {REBUILD}")
@@ -861,8 +907,9 @@ class ActivationFile:
         try:
             self._h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
         except H5_ERRORS as exc:
-            raise StoreError(f"{self.path} is corrupt: its groups cannot be listed ({_first_line(exc)}); "
-                             f"{REBUILD}") from None
+            raise StoreError(
+                f"{self.path} is corrupt: its groups cannot be listed ({_first_line(exc)}); {REBUILD}"
+            ) from None
         for name in names:
             n = self._h5[name].shape[0] if self._h5[name].shape else 0
             for start in range(0, max(n, 1), block):
@@ -876,8 +923,7 @@ class ActivationFile:
                 raise StoreError(f"{self.path} has no dataset {name!r}") from None
             raise StoreError(f"{self.path} is corrupt: opening {name} failed ({_first_line(exc)}); {REBUILD}") from None
         except H5_ERRORS as exc:  # fletcher32 checksum, a truncated chunk, damaged metadata
-            raise StoreError(f"{self.path} is corrupt: reading {name} failed ({_first_line(exc)}); "
-                             f"{REBUILD}") from None
+            raise StoreError(f"{self.path} is corrupt: reading {name} failed ({_first_line(exc)}); {REBUILD}") from None
 
     @property
     def attrs(self) -> dict:
@@ -916,8 +962,10 @@ class ActivationFile:
         if stat not in STORED:
             raise StoreError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
         if not self.has_stat(layer, stat):
-            raise StoreError(f"{self.path} holds no {stat!r} (layout version {self._h5.attrs.get('layout_version')}, "
-                             "written before the controls existed); rerun extract with --overwrite to measure it")
+            raise StoreError(
+                f"{self.path} holds no {stat!r} (layout version {self._h5.attrs.get('layout_version')}, "
+                "written before the controls existed); rerun extract with --overwrite to measure it"
+            )
         return self._read(f"layers/{layer}/stats/{stat}").astype(np.float64)
 
     def has_stat(self, layer: int, stat: str) -> bool:
@@ -955,7 +1003,7 @@ class ActivationFile:
             stop = max(stop, start + 1)
             rows = self.resid(layer, slice(offsets[start], offsets[stop]))
             sums = np.add.reduceat(rows, offsets[start:stop] - offsets[start], axis=0)
-            pooled.append(sums / np.diff(offsets[start:stop + 1])[:, None])
+            pooled.append(sums / np.diff(offsets[start : stop + 1])[:, None])
             start = stop
         return np.concatenate(pooled) if pooled else np.zeros((0, 0), dtype=np.float32)
 
