@@ -94,34 +94,51 @@ def fixed_mmap_threshold(size: int = 4 << 20, keep: int = 64 << 20) -> bool:
 def shard_ids(ids: list[str], shard: int, n_shards: int) -> list[str]:
     """Contiguous blocks of ids, so shard files of one language concatenate in corpus order."""
     bounds = np.linspace(0, len(ids), n_shards + 1).round().astype(int)
-    return ids[bounds[shard]:bounds[shard + 1]]
+    return ids[bounds[shard] : bounds[shard + 1]]
 
 
-def base_identity(job: Extraction, lm: models.LoadedModel, corpus: Corpus, unit: ExtractionUnit,
-                  layers: list[int]) -> dict:
+def base_identity(
+    job: Extraction, lm: models.LoadedModel, corpus: Corpus, unit: ExtractionUnit, layers: list[int]
+) -> dict:
     """The identity known before any SAE is loaded or trained: a mismatch there is refused first."""
     opts = job.options
     return {
-        "language": unit.lang, "shard": unit.shard, "n_shards": unit.n_shards,
-        "corpus_name": corpus.name, "corpus_hash": corpus.lang_hash(unit.lang), "n_corpus": len(corpus.ids),
-        "model_id": lm.model_id, "model_revision": lm.revision, "preset": job.preset,
-        "adapter": job.adapter, "compute_dtype": str(lm.dtype).removeprefix("torch."),
-        "d_model": lm.d_model, "layers": layers, "hook_point": HOOK_TEMPLATE,
-        "code_dtype": opts.code_dtype, "max_length": opts.max_length,
-        "batch_tokens": opts.batch_tokens, "save_resid": opts.save_resid,
+        "language": unit.lang,
+        "shard": unit.shard,
+        "n_shards": unit.n_shards,
+        "corpus_name": corpus.name,
+        "corpus_hash": corpus.lang_hash(unit.lang),
+        "n_corpus": len(corpus.ids),
+        "model_id": lm.model_id,
+        "model_revision": lm.revision,
+        "preset": job.preset,
+        "adapter": job.adapter,
+        "compute_dtype": str(lm.dtype).removeprefix("torch."),
+        "d_model": lm.d_model,
+        "layers": layers,
+        "hook_point": HOOK_TEMPLATE,
+        "code_dtype": opts.code_dtype,
+        "max_length": opts.max_length,
+        "batch_tokens": opts.batch_tokens,
+        "save_resid": opts.save_resid,
     }
 
 
-def identity(job: Extraction, lm: models.LoadedModel, saes: SAESet, corpus: Corpus, unit: ExtractionUnit,
-             layers: list[int]) -> dict:
+def identity(
+    job: Extraction, lm: models.LoadedModel, saes: SAESet, corpus: Corpus, unit: ExtractionUnit, layers: list[int]
+) -> dict:
     """What makes a file this extraction's: a writer refuses to resume a file with another identity.
 
     It holds what determines the numbers, never where the run folder lives (a copied run resumes).
     """
-    return portable({
-        **base_identity(job, lm, corpus, unit, layers),
-        "sae_source": saes.source, "sae_ids": saes.ids, "d_sae": [saes.layers[i].d_sae for i in layers],
-    })
+    return portable(
+        {
+            **base_identity(job, lm, corpus, unit, layers),
+            "sae_source": saes.source,
+            "sae_ids": saes.ids,
+            "d_sae": [saes.layers[i].d_sae for i in layers],
+        }
+    )
 
 
 @contextmanager
@@ -129,12 +146,24 @@ def no_progress(lang: str, total: int, completed: int) -> Iterator[Advance]:
     yield lambda sentences, rate: None
 
 
-def extract_unit(job: Extraction, lm: models.LoadedModel, saes: SAESet, corpus: Corpus,
-                 unit: ExtractionUnit, layers: list[int], progress: ProgressFactory = no_progress) -> Summary:
+def extract_unit(
+    job: Extraction,
+    lm: models.LoadedModel,
+    saes: SAESet,
+    corpus: Corpus,
+    unit: ExtractionUnit,
+    layers: list[int],
+    progress: ProgressFactory = no_progress,
+) -> Summary:
     """Extract one unit into `job.folder`, resuming from its committed parts; skip a finished file."""
     path = job.path(unit)
-    with ActivationWriter(path, identity(job, lm, saes, corpus, unit, layers), layers,
-                          job.options.code_dtype, overwrite=job.options.overwrite) as writer:
+    with ActivationWriter(
+        path,
+        identity(job, lm, saes, corpus, unit, layers),
+        layers,
+        job.options.code_dtype,
+        overwrite=job.options.overwrite,
+    ) as writer:
         if writer.complete:  # and read back once: a damaged file is refused with the fix
             return summary_of(path, skipped=True)
         sentences = unit_sentences(corpus, unit)
@@ -154,9 +183,15 @@ def batch_plan(sentences: list[tuple[str, str]], tokenizer, opts: ExtractConfig)
     return list(iter_batches(sentences, tokenizer, opts.batch_tokens, opts.max_length))
 
 
-def _extract_into(writer: ActivationWriter, opts: ExtractConfig, lm: models.LoadedModel, saes: SAESet,
-                  sentences: list[tuple[str, str]], layers: list[int],
-                  progress: Callable[[int, int], AbstractContextManager[Advance]]) -> Summary:
+def _extract_into(
+    writer: ActivationWriter,
+    opts: ExtractConfig,
+    lm: models.LoadedModel,
+    saes: SAESet,
+    sentences: list[tuple[str, str]],
+    layers: list[int],
+    progress: Callable[[int, int], AbstractContextManager[Advance]],
+) -> Summary:
     """Encode the sentences' batches not yet committed to `writer`, then finalize it with the set's record."""
     # The plan depends only on the text and the config, so a resumed run skips exactly the batches
     # already committed and its file equals an uninterrupted run's.
@@ -169,38 +204,62 @@ def _extract_into(writer: ActivationWriter, opts: ExtractConfig, lm: models.Load
     started = time.perf_counter()
     n_tokens = sum(b.n_real - len(b.sentence_ids) for b in batches[committed:])
     with progress(len(sentences), len(done_ids)) as advance:
-        _encode_and_write(lm, saes, batches[committed:], layers, opts.save_resid, writer, advance)
+        last = _encode_and_write(lm, saes, batches[committed:], layers, opts.save_resid, writer, advance)
     seconds = time.perf_counter() - started
     writer.finalize(
-        {"lingogap_version": __version__, "seconds": seconds, "sae_quality": saes.quality(),
-         "tokens_per_second": n_tokens / max(seconds, 1e-9), "n_truncated": truncated,
-         "sae_recipe": saes.recipe},
-        {i: {"sae_id": saes.layers[i].sae_id, "d_sae": saes.layers[i].d_sae, "fve": saes.layers[i].fve,
-             "l0": saes.layers[i].l0, "mean_source": saes.layers[i].mean_source} for i in layers},
+        {
+            "lingogap_version": __version__,
+            "seconds": seconds,
+            "sae_quality": saes.quality(),
+            "tokens_per_second": n_tokens / max(seconds, 1e-9),
+            "n_truncated": truncated,
+            "sae_recipe": saes.recipe,
+        },
+        {
+            i: {
+                "sae_id": saes.layers[i].sae_id,
+                "d_sae": saes.layers[i].d_sae,
+                "fve": saes.layers[i].fve,
+                "l0": saes.layers[i].l0,
+                "mean_source": saes.layers[i].mean_source,
+            }
+            for i in layers
+        },
+        last=last,
     )
     return summary_of(writer.path, seconds=seconds)
 
 
-def _encode_and_write(lm: models.LoadedModel, saes: SAESet, batches: list[TokenBatch],
-                      layers: list[int], save_resid: bool, writer: ActivationWriter, advance: Advance) -> None:
+def _encode_and_write(
+    lm: models.LoadedModel,
+    saes: SAESet,
+    batches: list[TokenBatch],
+    layers: list[int],
+    save_resid: bool,
+    writer: ActivationWriter,
+    advance: Advance,
+) -> Batch | None:
+    """Encode `batches` and commit each as a part but the last, which is returned for `finalize` to take from memory."""
     started = time.perf_counter()  # for the rate `advance` reports
     # Batch k is written (and fsynced) by one I/O thread while batch k+1 is computed; parts stay in order.
+    last = None
     with ThreadPoolExecutor(1, thread_name_prefix="hdf5-parts") as io:
         done_tokens = 0
         writing = None
-        for batch in batches:
+        for k, batch in enumerate(batches):
             encoded = encode_batch(lm, saes, batch, layers, save_resid)
             if writing is not None:
                 writing.result()
-            writing = io.submit(writer.write_batch, encoded)
+            if k == len(batches) - 1:
+                last = encoded
+            else:
+                writing = io.submit(writer.write_batch, encoded)
             done_tokens += batch.n_real - len(batch.sentence_ids)
             advance(len(batch.sentence_ids), done_tokens / max(time.perf_counter() - started, 1e-9))
-        if writing is not None:
-            writing.result()
+    return last
 
 
-def encode_batch(lm: models.LoadedModel, saes: SAESet, batch: TokenBatch, layers: list[int],
-                 save_resid: bool) -> Batch:
+def encode_batch(lm: models.LoadedModel, saes: SAESet, batch: TokenBatch, layers: list[int], save_resid: bool) -> Batch:
     """One forward pass; each layer's residual is encoded by its SAE inside the hook and dropped."""
     keep = batch.keep
     lengths = keep.sum(1)
@@ -233,12 +292,17 @@ def encode_batch(lm: models.LoadedModel, saes: SAESet, batch: TokenBatch, layers
         measured = controls(layer_sae, x, rows, cols, values)
         sums = {k: per_sentence_sum(v, owner) for k, v in measured.items()}
         out.layers[layer] = LayerBatch(
-            indptr=indptr.numpy(), indices=cols.cpu().numpy(), values=values.cpu().numpy(),
-            mass=mass.cpu().numpy(), l0=l0.cpu().numpy(), max=peak.cpu().numpy(),
+            indptr=indptr.numpy(),
+            indices=cols.cpu().numpy(),
+            values=values.cpu().numpy(),
+            mass=mass.cpu().numpy(),
+            l0=l0.cpu().numpy(),
+            max=peak.cpu().numpy(),
             resid=x.float().cpu().numpy() if save_resid else None,
             resid_norm=(sums["norm"] / per_sentence).cpu().numpy(),
             recon_err=(sums["ratio"] / per_sentence).cpu().numpy(),
-            sq_err=sums["err"].cpu().numpy(), sq_dev=sums["dev"].cpu().numpy(),
+            sq_err=sums["err"].cpu().numpy(),
+            sq_dev=sums["dev"].cpu().numpy(),
         )
 
     with torch.inference_mode(), ResidualCapture(lm, layers, sink) as cap:
@@ -246,8 +310,9 @@ def encode_batch(lm: models.LoadedModel, saes: SAESet, batch: TokenBatch, layers
     return out
 
 
-def controls(layer_sae: LayerSAE, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-              values: torch.Tensor) -> dict[str, torch.Tensor]:
+def controls(
+    layer_sae: LayerSAE, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-token SAE-free control and SAE error: |x|, |x - x_hat|^2, |x - x_bar|^2 and their ratio (1 - FVE)."""
     if layer_sae.mean is None:
         raise ValueError(f"the SAE of layer {layer_sae.layer} has no mean activation (x_bar) for its error")
@@ -260,9 +325,16 @@ def controls(layer_sae: LayerSAE, x: torch.Tensor, rows: torch.Tensor, cols: tor
 def summary_of(path: Path, seconds: float | None = None, skipped: bool = False) -> Summary:
     """A finished file's summary; `seconds` from its attributes unless this run measured them."""
     with ActivationFile(path) as f:
-        layers = f.layers
-        l0 = float(np.mean([f.stats(i, "l0").mean() for i in layers])) if f.n_sentences else float("nan")
-        truncated = f.attrs.get("n_truncated")
-        return Summary(f.language, f.n_sentences, int(f.attrs["n_tokens"]),
-                       float(f.attrs.get("seconds", 0.0)) if seconds is None else seconds, path, l0, skipped,
-                       None if truncated is None else int(truncated))
+        attrs = f.attrs  # read once: each read converts every attribute
+        l0 = float(np.mean([f.stats(i, "l0").mean() for i in f.layers])) if f.n_sentences else float("nan")
+        truncated = attrs.get("n_truncated")
+        return Summary(
+            f.language,
+            f.n_sentences,
+            int(attrs["n_tokens"]),
+            float(attrs.get("seconds", 0.0)) if seconds is None else seconds,
+            path,
+            l0,
+            skipped,
+            None if truncated is None else int(truncated),
+        )

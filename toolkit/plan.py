@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import yaml
 from rich.console import Console
@@ -18,21 +19,35 @@ from toolkit.config import Config, cache_dir
 from toolkit.layers import parse_layers
 from toolkit.rundir import RunDir
 
+if TYPE_CHECKING:
+    from toolkit.align.data import Split
+    from toolkit.calibration import Rates
+    from toolkit.corpus import Corpus
+
 KNOWN_LAYERS = {"embedded": (18, 640), "tiny": (26, 64), "google/gemma-2-2b": (26, 2304)}
 ASSUMED_L0 = 64  # for the disk estimate before any SAE is measured
 
 
-def model_shape(cfg: Config) -> tuple[int, int] | None:
-    """(layers, width) from a local config.json or the known presets; None when only the hub knows."""
+def model_config(cfg: Config) -> dict | None:
+    """The model's config.json when it is on disk (a local folder, the assembled embedded or the built tiny model)."""
     name = cfg.model.name
     candidates = [Path(name) / "config.json"]
-    if name == "embedded":
-        candidates.append(cache_dir() / "models" / "gemma-3-270m-1.0.0" / "config.json")
-    for path in candidates:
-        if path.is_file():
-            c = json.loads(path.read_text())
-            return c["num_hidden_layers"], c["hidden_size"]
-    return KNOWN_LAYERS.get(name)
+    if name in ("embedded", "tiny"):
+        built = "gemma-3-270m-1.0.0" if name == "embedded" else "tiny-gemma2-v1"
+        candidates.append(cache_dir() / "models" / built / "config.json")
+    return next((json.loads(path.read_text()) for path in candidates if path.is_file()), None)
+
+
+def model_shape(cfg: Config) -> tuple[int, int] | None:
+    """(layers, width) from a local config.json or the known presets; None when only the hub knows."""
+    c = model_config(cfg)
+    return (c["num_hidden_layers"], c["hidden_size"]) if c else KNOWN_LAYERS.get(cfg.model.name)
+
+
+def linear_head(cfg: Config) -> bool:
+    """Whether the LM head's logits are a plain product (no soft-capping, as Gemma 2 has): alignment can then
+    summarise the base side of its English KL (`toolkit.align.objective.EnglishReference`)."""
+    return not (model_config(cfg) or {}).get("final_logit_softcapping")
 
 
 def _tokenizer(cfg: Config):
@@ -50,8 +65,12 @@ def _tokenizer(cfg: Config):
 
 
 def show(cfg: Config, stage: str, console: Console) -> None:
-    console.print(Panel(Syntax(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "yaml"),
-                        title=f"resolved config ({stage}, preset {cfg.run.preset})"))
+    console.print(
+        Panel(
+            Syntax(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "yaml"),
+            title=f"resolved config ({stage}, preset {cfg.run.preset})",
+        )
+    )
     if stage == "evaluate":
         show_estimate(console, *evaluate_plan(cfg))
     if stage != "pipeline" and (stage not in stages.job_stages() or not stages.get(stage).reads_corpus):
@@ -86,15 +105,21 @@ def show_extract_table(cfg: Config, console: Console) -> None:
         total_tokens += tokens
         total_bytes += disk or 0
         table.add_row(lang, f"{len(texts):,}", shown, str(cfg.extract.shards), human_bytes(disk))
-    table.add_row("[bold]total", f"{len(texts) * len(langs):,}", f"{total_tokens:,}",
-                  str(cfg.extract.shards * len(langs)), human_bytes(total_bytes if per_token else None))
+    table.add_row(
+        "[bold]total",
+        f"{len(texts) * len(langs):,}",
+        f"{total_tokens:,}",
+        str(cfg.extract.shards * len(langs)),
+        human_bytes(total_bytes if per_token else None),
+    )
     console.print(table)
     facts = [
         f"model: {cfg.model.name} ({n_layers or '?'} layers, width {d_model or '?'})",
         f"layers: {layers if layers is not None else cfg.run.layers}",
         f"SAEs: {cfg.sae.source}" + (f" (release {cfg.sae.release})" if cfg.sae.release else ""),
-        f"bytes per token: {per_token:,} (assuming L0 {ASSUMED_L0} per layer)" if per_token else
-        "bytes per token: unknown until the model config is on disk",
+        f"bytes per token: {per_token:,} (assuming L0 {ASSUMED_L0} per layer)"
+        if per_token
+        else "bytes per token: unknown until the model config is on disk",
         f"batches of at most {cfg.extract.batch_tokens:,} padded tokens; executor {cfg.run.executor}",
         f"output: {RunDir(cfg.run_dir).activations}",
     ]
@@ -165,8 +190,10 @@ def show_estimate(console: Console, title: str, lines: list[str], seconds: float
     if seconds is None:
         lines = [*lines, "estimated wall time: unknown until the model is on disk (its first run assembles it)"]
     else:
-        lines = [*lines, f"[bold]estimated wall time: {human_seconds(seconds)}[/] on this machine "
-                         f"({calibration.METHOD})"]
+        lines = [
+            *lines,
+            f"[bold]estimated wall time: {human_seconds(seconds)}[/] on this machine ({calibration.METHOD})",
+        ]
     console.print(Panel("\n".join(lines), title=title, title_align="left"))
 
 
@@ -211,16 +238,26 @@ def extract_plan(cfg: Config, stage: str) -> Plan:
     trains = SAESource.parse(cfg.sae.source).kind in ("train", "auto") or stage == "train-saes"
     if trains and tokenizer is not None:
         train_on = corpus if not cfg.sae.train_corpus else corpora.load(cfg.sae.train_corpus, cfg.lang_codes, 0)
-        available = sum(s.n_tokens for s in sae_training.training_sample(
-            train_on, cfg.sae.train_mix, tokenizer, 2**62, cfg.extract.max_length))
+        available = sum(
+            s.n_tokens
+            for s in sae_training.training_sample(train_on, cfg.sae.train_mix, tokenizer, 2**62, cfg.extract.max_length)
+        )
         size = sae_training.sizes(cfg.sae, available)
-        held = sum(count_tokens(cfg, train_on.subset([i for i in train_on.ids if is_heldout(i)] or train_on.ids[:1])
-                                .texts[lang], tokenizer) for lang in train_on.langs)
-        lines.append(f"SAE training ({cfg.sae.arch}, {cfg.sae.budget} budget, mix {cfg.sae.train_mix}): "
-                     f"{size.distinct:,} tokens per layer from one shared forward pass, {size.samples:,} training "
-                     f"samples per layer, width {size.width:,}, {len(layers)} layers; quality measured on "
-                     f"{held:,} held-out tokens" + ("" if cfg.sae.source == "train" or stage == "train-saes" else
-                                                     " (when the hub's SAEs cannot be had)"))
+        held = sum(
+            count_tokens(
+                cfg,
+                train_on.subset([i for i in train_on.ids if is_heldout(i)] or train_on.ids[:1]).texts[lang],
+                tokenizer,
+            )
+            for lang in train_on.langs
+        )
+        lines.append(
+            f"SAE training ({cfg.sae.arch}, {cfg.sae.budget} budget, mix {cfg.sae.train_mix}): "
+            f"{size.distinct:,} tokens per layer from one shared forward pass, {size.samples:,} training "
+            f"samples per layer, width {size.width:,}, {len(layers)} layers; quality measured on "
+            f"{held:,} held-out tokens"
+            + ("" if cfg.sae.source == "train" or stage == "train-saes" else " (when the hub's SAEs cannot be had)")
+        )
         if rates:  # extract shares its own forward pass with the training (toolkit.capture.shared_forward)
             passes = (size.distinct + held) / rates.decoder_tps if stage == "train-saes" else 0.0
             workers = sae_training.training_workers(models.resolve_device(cfg.model.device), len(layers))
@@ -258,24 +295,99 @@ def align_plan(cfg: Config) -> Plan:
     rates = _rates(cfg, tokenizer)
     if rates is None:
         return "plan: align", lines, None
-    shape = model_shape(cfg)
-    layers = parse_layers(cfg.run.layers, shape[0])
-    train_ids = corpus.subset(split.train)
-    held = corpus.subset(split.heldout)
-    english = _mean_tokens(cfg, train_ids.texts[REFERENCE], tokenizer)
-    adapters = 1 if a.joint else len(targets)
-    seconds = 0.0
-    for target in targets:
-        pair = _mean_tokens(cfg, train_ids.texts[target], tokenizer) + english
-        # a step: forward + backward over the target and English sentences, the base model's English forward (KL)
-        seconds += a.steps * pairs_per_step * (pair / rates.train_tps + english / rates.lm_tps) / (
-            len(targets) if a.joint else 1)
-    measured = sum(count_tokens(cfg, held.texts[lang], tokenizer) for lang in cfg.lang_codes)
-    per_pass = measured * (1 / rates.decoder_tps + len(layers) * sae_width(cfg) * rates.encode_s)
-    seconds += per_pass * (1 + adapters)  # the base model once per run, then each adapter
-    lines.append(f"time: {a.steps:,} steps x {adapters} adapter(s) at the calibrated forward+backward rate, plus "
-                 f"{1 + adapters} extraction(s) of {measured:,} held-out tokens")
-    return "plan: align", lines, seconds
+    phases = align_phases(cfg, rates, tokenizer, corpus, split, targets)
+    lines += [
+        "time by phase, from this machine's calibrated rates:",
+        *(f"  {phase.name}: {human_seconds(phase.seconds)}, {phase.method}" for phase in phases),
+    ]
+    return "plan: align", lines, sum(phase.seconds for phase in phases)
+
+
+class Phase(NamedTuple):
+    name: str
+    seconds: float
+    method: str  # what is counted, at which calibrated rate
+
+
+def align_phases(cfg: Config, rates: Rates, tokenizer, corpus: Corpus, split: Split, targets: list[str]) -> list[Phase]:
+    """The align job's phases, as `jobs/align.py` runs them: load the model and SAEs; per adapter, the base model's
+    English reference (`EnglishReference.fill`), the training steps and validations; the held-out measurement of the
+    base model (once) and of each adapter (`toolkit.align.metrics.before_after`)."""
+    from toolkit.align.objective import SUMMARY_USES, make_term, reference_uses
+    from toolkit.languages import REFERENCE
+
+    a = cfg.align
+    n_layers = model_shape(cfg)[0]
+    measured, aligned = parse_layers(cfg.run.layers, n_layers), parse_layers(a.align_layers, n_layers)
+    width = sae_width(cfg)
+    units = [targets] if a.joint else [[t] for t in targets]
+    pairs = a.batch_size * a.grad_accum  # per target language and step
+    train, val, held = (corpus.subset(ids) for ids in (split.train, split.val, split.heldout))
+
+    def extraction(tokens: float, layers: list[int]) -> float:  # the decoder, then each layer's SAE encode
+        return tokens * (1 / rates.decoder_tps + len(layers) * width * rates.encode_s)
+
+    load = rates.startup_s + rates.load_s + len(set(measured) | set(aligned)) * rates.sae_load_s
+    english = _mean_tokens(cfg, train.texts[REFERENCE], tokenizer)
+    val_english = _mean_tokens(cfg, val.texts[REFERENCE], tokenizer)
+    term_layers = aligned if make_term(a.objective).uses_saes else []
+    checkpoints = set(range(a.checkpoint_every, a.steps + 1, a.checkpoint_every))
+    validations = len(checkpoints | {a.steps}) if split.val else 0
+    norm_steps = len(checkpoints | {1})  # the trainer's three extra backward passes for gradient norms
+    reference = training = validation = 0.0
+    read, summarised, recomputed = 0.0, False, False
+    for unit in units:
+        # each target draws its own epoch permutations of the training ids (`batch_ids`); English is shared
+        n, drawn = len(split.train), min(a.steps * pairs, len(split.train))
+        sentences = n * (1 - (1 - drawn / n) ** len(unit)) + len(split.val)
+        keep = a.lambda_keep > 0
+        summary = keep and reference_uses(a, n, len(unit)) >= SUMMARY_USES and linear_head(cfg)
+        per_use = english / rates.head_tps if keep and not summary else 0.0  # base logits of English, each use
+        read += sentences
+        summarised, recomputed = summarised or summary, recomputed or bool(per_use)
+        reference += extraction(sentences * english, term_layers) + (
+            2 * sentences * english / rates.head_tps if summary else 0.0
+        )
+        for lang in unit:
+            step = pairs * ((_mean_tokens(cfg, train.texts[lang], tokenizer) + english) / rates.train_tps + per_use)
+            training += step * (a.steps + 2 * norm_steps)  # three backward passes, about two steps' worth
+            pair = (_mean_tokens(cfg, val.texts[lang], tokenizer) + val_english) / rates.lm_tps
+            validation += validations * len(split.val) * (pair + (val_english / rates.head_tps if per_use else 0.0))
+    held_tokens = {lang: count_tokens(cfg, held.texts[lang], tokenizer) for lang in cfg.lang_codes}
+
+    def measurement(quality: list[str]) -> float:
+        """Every language's extraction and bits per byte (the model with its LM head), and the SAE fidelity of
+        the `quality` languages (another pass through decoder and SAEs)."""
+        return sum(extraction(n, measured) + n / rates.lm_tps for n in held_tokens.values()) + sum(
+            extraction(held_tokens.get(lang, 0), measured) for lang in quality
+        )
+
+    kl = 2 * held_tokens.get(REFERENCE, 0) / rates.lm_tps  # the adapted and base logits of English
+    before_after = measurement([*targets, REFERENCE]) + sum(measurement([*u, REFERENCE]) + kl for u in units)
+    return [
+        Phase("load", load, f"libraries, model and {len(set(measured) | set(aligned))} SAEs, each load timed once"),
+        Phase(
+            "English reference",
+            reference,
+            f"{read:,.0f} English training and validation sentences through the base model and the term's "
+            f"{len(term_layers)} SAEs"
+            + (", with the KL's summaries (2 LM-head products a token)" if summarised else ""),
+        ),
+        Phase(
+            "training",
+            training,
+            f"{a.steps} steps x {len(units)} adapter(s) x {pairs} pairs at the forward+backward rate, {norm_steps} "
+            "of them with gradient norms (3 more backward passes)"
+            + (", English base logits each use at the LM-head rate" if recomputed else ""),
+        ),
+        Phase("validation", validation, f"{validations} x {len(split.val)} pairs through the model with its LM head"),
+        Phase(
+            "before/after",
+            before_after,
+            f"{sum(held_tokens.values()):,} held-out tokens, base model and {len(units)} adapter(s): extraction, "
+            "bits per byte with the LM head, SAE fidelity of targets and English, English KL",
+        ),
+    ]
 
 
 def evaluate_plan(cfg: Config) -> Plan:
@@ -299,8 +411,11 @@ def evaluate_plan(cfg: Config) -> Plan:
         items += n
         tokens += n * (_mean_tokens(cfg, sample, tokenizer) if sample else 0)
     n_langs = len(cfg.lang_codes)
-    lines.insert(0, f"items: {items:,} in all = {', '.join(benches)} x {n_langs} languages "
-                    f"({cfg.eval.limit or 'all'} per task and language) x {models} model(s)")
+    lines.insert(
+        0,
+        f"items: {items:,} in all = {', '.join(benches)} x {n_langs} languages "
+        f"({cfg.eval.limit or 'all'} per task and language) x {models} model(s)",
+    )
     bpb = cfg.eval.bpb_sentences * n_langs
     lines.append(f"bits per byte: {cfg.eval.bpb_sentences} held-out sentences x {n_langs} languages per model")
     rates = _rates(cfg, tokenizer)
@@ -310,8 +425,7 @@ def evaluate_plan(cfg: Config) -> Plan:
     sentence = _mean_tokens(cfg, [t for lang in cfg.lang_codes for t in corpus.texts[lang]], tokenizer)
     # each context is scored once and the LM head runs only where a choice is scored; bits per byte need it everywhere
     seconds = models * (tokens / rates.decoder_tps + bpb * sentence / rates.lm_tps)
-    lines.append("time: each item's text (question and choices) once through the model; bits per byte with its "
-                 "LM head")
+    lines.append("time: each item's text (question and choices) once through the model; bits per byte with its LM head")
     return "plan: evaluate", lines, seconds
 
 

@@ -49,6 +49,9 @@ CONSOLIDATION_SLACK = 64 << 10  # HDF5 metadata beyond the parts' own bytes (+5 
 # HDF5's object header and chunk index per dataset: measured 2.3 KB beyond the 5 % (26 layers, 264 datasets).
 DATASET_OVERHEAD = 4 << 10
 FALLOC_FL_KEEP_SIZE = 1  # linux/falloc.h
+# Parts are consolidated this many bytes at a time: one HDF5 write per dataset and group of parts (a small corpus
+# is one group), and the memory it takes stays bounded whatever the corpus.
+CONSOLIDATION_BUFFER = 8 << 20
 
 
 class StoreError(UserError):
@@ -130,10 +133,6 @@ class ActivationWriter:
         if self.complete:
             verify(self.path)
             return
-        self.parts.mkdir(exist_ok=True)
-        stamp = self.parts / "fingerprint.json"
-        if not stamp.exists():
-            atomic_write(stamp, json.dumps({"fingerprint": self.fingerprint, **self.identity}, indent=1))
         self._n_parts = len(self._part_files())
 
     def __enter__(self) -> ActivationWriter:
@@ -163,8 +162,9 @@ class ActivationWriter:
         old = recorded_identity(self.path)
         if old is not None and not same_identity(old, self.identity):
             where = f"{self.path} was written" if self.path.exists() else f"{self.parts} holds a partial extraction"
-            raise StoreError(f"{where} with a different configuration "
-                             f"({identity_diff(portable(old), self.identity)}); {hint}")
+            raise StoreError(
+                f"{where} with a different configuration ({identity_diff(portable(old), self.identity)}); {hint}"
+            )
 
     @property
     def complete(self) -> bool:
@@ -190,30 +190,13 @@ class ActivationWriter:
         return done
 
     def write_batch(self, batch: Batch) -> None:
-        arrays = {
-            "sentence_ids": np.asarray(batch.sentence_ids, dtype=np.str_),
-            "lengths": np.asarray(batch.lengths, dtype=np.int64),
-            "token_ids": np.asarray(batch.token_ids, dtype=np.int32),
-            "positions": np.asarray(batch.positions, dtype=np.int32),
-        }
-        if int(arrays["lengths"].sum()) != len(arrays["token_ids"]):
-            raise ValueError("batch lengths do not add up to the number of tokens")
-        arrays["nnz"] = np.array([len(batch.layers[i].indices) for i in self.layers], dtype=np.int64)
-        for layer in self.layers:
-            lb = batch.layers[layer]
-            if self.code_dtype == np.float16 and lb.values.size and float(np.abs(lb.values).max()) > FLOAT16_MAX:
-                raise StoreError(
-                    f"layer {layer}: an SAE activation of {float(np.abs(lb.values).max()):.4g} overflows "
-                    "float16; rerun with --code-dtype float32"
-                )
-            arrays[f"{layer}/indptr"] = np.asarray(lb.indptr, dtype=np.int64)
-            arrays[f"{layer}/indices"] = np.asarray(lb.indices, dtype=np.int32)
-            arrays[f"{layer}/values"] = _cast_codes(lb.values, self.code_dtype)
-            for stat in STORED:
-                if getattr(lb, stat) is not None:
-                    arrays[f"{layer}/{stat}"] = np.asarray(getattr(lb, stat), dtype=np.float32)
-            if lb.resid is not None:
-                arrays[f"{layer}/resid"] = np.asarray(lb.resid, dtype=np.float32)
+        """Commit one batch as one part file (layout: `_part_arrays`)."""
+        arrays = _part_arrays(batch, self.layers, self.code_dtype)
+        # The folder and its identity stamp come with the first part: a file made from memory alone has neither.
+        stamp = self.parts / "fingerprint.json"
+        if not stamp.exists():
+            self.parts.mkdir(exist_ok=True)
+            atomic_write(stamp, json.dumps({"fingerprint": self.fingerprint, **self.identity}, indent=1))
         final = self.parts / f"part-{self._n_parts:06d}.npz"
         with staged(final) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -221,11 +204,17 @@ class ActivationWriter:
             os.fsync(fh.fileno())
         self._n_parts += 1
 
-    def finalize(self, attrs: dict, layer_attrs: dict[int, dict] | None = None) -> Path:
-        """Consolidate the parts into the final file (atomically), remove them and give up the lock."""
+    def finalize(self, attrs: dict, layer_attrs: dict[int, dict] | None = None, last: Batch | None = None) -> Path:
+        """Consolidate the parts, then `last`, into the final file (atomically), remove them and give up the lock.
+
+        `last` is the unit's last batch, handed over from memory: writing it as a part only to read it back cost a
+        small corpus a write, an fsync and an unlink per file. A kill meanwhile loses that batch, as one during its
+        computation would."""
         try:
             if not self.complete:
-                parts = self._part_files()
+                parts: list[PartSource] = [*self._part_files()]
+                if last is not None:
+                    parts.append(_as_part(_part_arrays(last, self.layers, self.code_dtype), self.layers))
                 self._reserve = self._check_space(parts)
                 with staged(self.path) as tmp:  # per-process staging name: only a whole file is renamed
                     self._consolidate(tmp, parts, attrs, layer_attrs)
@@ -236,19 +225,22 @@ class ActivationWriter:
             self.close()
         return self.path
 
-    def _check_space(self, parts: list[Path]) -> int:
+    def _check_space(self, parts: list[PartSource]) -> int:
         """The bytes the consolidated file needs, about as many as its (uncompressed) parts plus HDF5's metadata;
         refused now if they are not free. HDF5 meets a full disk in its cache flushes and object destructors
         (chained errors, once a segfault), so it is not let near one: `_write_file` reserves these bytes."""
         n_datasets = 4 + len(self.layers) * (3 + len(STORED) + 1)
-        need = int(sum(p.stat().st_size for p in parts) * 1.05) + CONSOLIDATION_SLACK + n_datasets * DATASET_OVERHEAD
+        need = int(sum(_source_bytes(p) for p in parts) * 1.05) + CONSOLIDATION_SLACK + n_datasets * DATASET_OVERHEAD
         free = shutil.disk_usage(self.path.parent).free
         if free < need:
-            raise OSError(errno.ENOSPC, f"consolidating needs about {need:,} bytes and {free:,} are free",
-                          str(self.path))
+            raise OSError(
+                errno.ENOSPC, f"consolidating needs about {need:,} bytes and {free:,} are free", str(self.path)
+            )
         return need
 
-    def _consolidate(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
+    def _consolidate(
+        self, tmp: Path, parts: list[PartSource], attrs: dict, layer_attrs: dict[int, dict] | None
+    ) -> None:
         try:
             self._write_file(tmp, parts, attrs, layer_attrs)
         except (RuntimeError, OSError) as exc:  # HDF5 words a full disk in its message only
@@ -256,7 +248,7 @@ class ActivationWriter:
                 raise OSError(errno.ENOSPC, "no space left on device", str(self.path)) from None
             raise
 
-    def _write_file(self, tmp: Path, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
+    def _write_file(self, tmp: Path, parts: list[PartSource], attrs: dict, layer_attrs: dict[int, dict] | None) -> None:
         h5 = h5py.File(tmp, "w", locking=HDF5_LOCKING)
         with _destructor_errors() as failed:
             try:
@@ -274,8 +266,14 @@ class ActivationWriter:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
 
-    def _fill(self, h5: h5py.File, parts: list[Path], attrs: dict, layer_attrs: dict[int, dict] | None,
-              failed: list[BaseException]) -> None:
+    def _fill(
+        self,
+        h5: h5py.File,
+        parts: list[PartSource],
+        attrs: dict,
+        layer_attrs: dict[int, dict] | None,
+        failed: list[BaseException],
+    ) -> None:
         _write_consolidated(h5, parts, self.layers, self.code_dtype, failed)
         for key, value in {**attrs, **self.identity}.items():
             h5.attrs[key] = _attr(value)
@@ -415,7 +413,10 @@ def _signature(path: Path) -> dict:
 
 
 def mark_verified(path: Path) -> None:
-    atomic_write(verified_path(path), json.dumps(_signature(path)))
+    # Staged but not fsynced: it only saves a read-back, so losing it in a crash costs one more read of the file,
+    # while an fsync here waited on the filesystem's journal at the end of every file.
+    with staged(verified_path(path)) as tmp:
+        tmp.write_text(json.dumps(_signature(path)))
 
 
 def verify(path: Path) -> None:
@@ -432,75 +433,294 @@ def verify(path: Path) -> None:
     mark_verified(path)
 
 
-def _write_consolidated(h5: h5py.File, parts: list[Path], layers: list[int], code_dtype: np.dtype,
-                        failed: list[BaseException]) -> None:
-    """Stream the parts into `h5`; stops at the next part once a destructor has failed (`_destructor_errors`)."""
-    # Sizes first (tiny arrays), so every dataset is created at its final shape with fitting chunks.
-    n_sent = n_tok = 0
-    nnz = np.zeros(len(layers), dtype=np.int64)
-    resid_width = None
-    stored = list(STORED)
-    for part in parts:
-        with np.load(part) as z:
-            stored = [stat for stat in stored if f"{layers[0]}/{stat}" in z.files]
-            n_sent += len(z["lengths"])
-            n_tok += int(z["lengths"].sum())
-            nnz += z["nnz"]
-            if f"{layers[0]}/resid" in z.files:
-                resid_width = z[f"{layers[0]}/resid"].shape[1]
+def _part_arrays(batch: Batch, layers: list[int], code_dtype: np.dtype) -> dict[str, np.ndarray]:
+    """A batch as the members of its part file: every member costs a read when the parts are consolidated, so
+    each layer's arrays are concatenated (codes) or stacked (the rest) in layer order, ten members in all.
 
-    def make(name: str, dtype, n: int, width: int | None = None) -> h5py.Dataset:
+    sentence_ids, lengths (S,); token_ids, positions (T,); nnz (L,) codes per layer; indptr (L, T+1); indices,
+    values (sum of nnz,); stat_names (K,) and stats (K, L, S) float32. With save_resid also `{layer}/resid`
+    (T, d_model) per layer: stacking them would copy a batch's residuals, whose read dwarfs a member's cost.
+    """
+    lengths = np.asarray(batch.lengths, dtype=np.int64)
+    token_ids = np.asarray(batch.token_ids, dtype=np.int32)
+    if int(lengths.sum()) != len(token_ids):
+        raise ValueError("batch lengths do not add up to the number of tokens")
+    per_layer = [batch.layers[i] for i in layers]
+    for layer, lb in zip(layers, per_layer):
+        if code_dtype == np.float16 and lb.values.size and float(np.abs(lb.values).max()) > FLOAT16_MAX:
+            raise StoreError(
+                f"layer {layer}: an SAE activation of {float(np.abs(lb.values).max()):.4g} overflows "
+                "float16; rerun with --code-dtype float32"
+            )
+    stats = [stat for stat in STORED if all(getattr(lb, stat) is not None for lb in per_layer)]
+    arrays = {
+        "sentence_ids": np.asarray(batch.sentence_ids, dtype=np.str_),
+        "lengths": lengths,
+        "token_ids": token_ids,
+        "positions": np.asarray(batch.positions, dtype=np.int32),
+        "nnz": np.array([len(lb.indices) for lb in per_layer], dtype=np.int64),
+        "indptr": np.stack([np.asarray(lb.indptr, dtype=np.int64) for lb in per_layer]),
+        "indices": np.concatenate([np.asarray(lb.indices, dtype=np.int32) for lb in per_layer]),
+        "values": np.concatenate([_cast_codes(lb.values, code_dtype) for lb in per_layer]),
+        "stat_names": np.asarray(stats, dtype=np.str_),
+        "stats": np.array([[getattr(lb, stat) for lb in per_layer] for stat in stats], dtype=np.float32).reshape(
+            len(stats), len(layers), len(lengths)
+        ),
+    }
+    if all(lb.resid is not None for lb in per_layer):
+        arrays |= {f"{layer}/resid": np.asarray(lb.resid, dtype=np.float32) for layer, lb in zip(layers, per_layer)}
+    return arrays
+
+
+@dataclass
+class _PartSize:
+    """What consolidation needs of a part before it creates the datasets: its small members only."""
+
+    lengths: np.ndarray
+    nnz: np.ndarray
+    stats: list[str]
+    resid_width: int | None
+
+
+@dataclass
+class _Part:
+    """A part's arrays in the layout `_part_arrays` writes, each member read once."""
+
+    sentence_ids: np.ndarray
+    lengths: np.ndarray
+    token_ids: np.ndarray
+    positions: np.ndarray
+    nnz: np.ndarray
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    stats: dict[str, np.ndarray]  # name -> (L, S)
+    resid: list[np.ndarray] | None  # per layer, (T, d_model)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [
+            self.sentence_ids,
+            self.lengths,
+            self.token_ids,
+            self.positions,
+            self.nnz,
+            self.indptr,
+            self.indices,
+            self.values,
+            *self.stats.values(),
+            *(self.resid or []),
+        ]
+        return sum(a.nbytes for a in arrays)
+
+    def size(self) -> _PartSize:
+        return _PartSize(self.lengths, self.nnz, list(self.stats), self.resid[0].shape[-1] if self.resid else None)
+
+    def codes(self, k: int, name: str) -> np.ndarray:
+        """The `name` ("indices" or "values") of the k-th layer's codes."""
+        start = int(self.nnz[:k].sum())
+        return getattr(self, name)[start : start + int(self.nnz[k])]
+
+
+PartSource = Path | _Part  # a committed part file, or the last batch handed to `finalize` from memory
+
+
+def _is_per_layer(z: np.lib.npyio.NpzFile) -> bool:
+    """A part in the earlier layout, one member per layer and array (`{layer}/indptr`, `{layer}/mass`...): a run
+    resumed by this version may find such parts in its folder, so they are read as well."""
+    return "indptr" not in z.files
+
+
+def _member_shape(z: np.lib.npyio.NpzFile, name: str) -> tuple[int, ...]:
+    """A member's shape from its .npy header, without reading its data."""
+    with z.zip.open(f"{name}.npy") as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return read(fh)[0]
+
+
+def _part_size(source: PartSource, layers: list[int]) -> _PartSize:
+    if isinstance(source, _Part):
+        return source.size()
+    with np.load(source) as z:
+        if _is_per_layer(z):
+            stats = [s for s in STORED if f"{layers[0]}/{s}" in z.files]
+        else:
+            stats = z["stat_names"].tolist()
+        resid = f"{layers[0]}/resid"
+        width = _member_shape(z, resid)[-1] if resid in z.files else None
+        return _PartSize(z["lengths"], z["nnz"], stats, width)
+
+
+def _read_part(source: PartSource, layers: list[int]) -> _Part:
+    if isinstance(source, _Part):
+        return source
+    with np.load(source) as z:
+        arrays = {name: z[name] for name in z.files}
+        if _is_per_layer(z):
+            arrays = _from_per_layer(arrays, layers)
+    return _as_part(arrays, layers)
+
+
+def _as_part(arrays: dict[str, np.ndarray], layers: list[int]) -> _Part:
+    """A part from its members (`_part_arrays`)."""
+    arrays = dict(arrays)
+    names = arrays.pop("stat_names").tolist()
+    resid = [arrays.pop(f"{layer}/resid") for layer in layers] if f"{layers[0]}/resid" in arrays else None
+    return _Part(stats=dict(zip(names, arrays.pop("stats"))), resid=resid, **arrays)
+
+
+def _source_bytes(source: PartSource) -> int:
+    return source.nbytes if isinstance(source, _Part) else source.stat().st_size
+
+
+def _from_per_layer(arrays: dict[str, np.ndarray], layers: list[int]) -> dict[str, np.ndarray]:
+    """A part of the earlier layout (`_is_per_layer`) in the layout of `_part_arrays`."""
+
+    def stacked(name: str) -> list[np.ndarray]:
+        return [arrays[f"{layer}/{name}"] for layer in layers]
+
+    stats = [stat for stat in STORED if f"{layers[0]}/{stat}" in arrays]
+    out = {name: arrays[name] for name in ("sentence_ids", "lengths", "token_ids", "positions", "nnz")}
+    out |= {
+        "indptr": np.stack(stacked("indptr")),
+        "indices": np.concatenate(stacked("indices")),
+        "values": np.concatenate(stacked("values")),
+        "stat_names": np.asarray(stats, dtype=np.str_),
+        "stats": np.array([stacked(stat) for stat in stats], dtype=np.float32).reshape(
+            len(stats), len(layers), len(out["lengths"])
+        ),
+    }
+    if f"{layers[0]}/resid" in arrays:  # the same members in both layouts
+        out |= {f"{layer}/resid": arrays[f"{layer}/resid"] for layer in layers}
+    return out
+
+
+def _groups(parts: list[PartSource], budget: int) -> Iterator[list[PartSource]]:
+    """Consecutive parts of at most `budget` bytes together (a larger part is a group of its own)."""
+    group: list[PartSource] = []
+    size = 0
+    for part in parts:
+        n = _source_bytes(part)
+        if group and size + n > budget:
+            yield group
+            group, size = [], 0
+        group.append(part)
+        size += n
+    if group:
+        yield group
+
+
+def _write_consolidated(
+    h5: h5py.File, parts: list[PartSource], layers: list[int], code_dtype: np.dtype, failed: list[BaseException]
+) -> None:
+    """Stream the parts into `h5`, `CONSOLIDATION_BUFFER` bytes of parts at a time, one write per dataset and
+    group (each write and each dataset cost HDF5 a fixed time that dominated a small corpus); stops at the next
+    group once a destructor has failed (`_destructor_errors`)."""
+    # Sizes first (small members), so every dataset is created at its final shape with fitting chunks.
+    sizes = [_part_size(part, layers) for part in parts]
+    n_sent = sum(len(size.lengths) for size in sizes)
+    n_tok = sum(int(size.lengths.sum()) for size in sizes)
+    nnz = sum((size.nnz for size in sizes), np.zeros(len(layers), dtype=np.int64))
+    stored = [stat for stat in STORED if all(stat in size.stats for size in sizes)]
+    resid_width = next((size.resid_width for size in sizes if size.resid_width), None)
+    groups = list(_groups(parts, CONSOLIDATION_BUFFER))
+    # One group (a small corpus): each dataset is created with its data, half of HDF5's cost of creating it
+    # and then writing it.
+    whole = (
+        _rows(
+            [_read_part(part, layers) for part in groups[0]],
+            layers,
+            stored,
+            resid_width is not None,
+            (0, 0, np.zeros(len(layers), dtype=np.int64)),
+        )
+        if len(groups) == 1
+        else {}
+    )
+
+    def make(group: h5py.Group, name: str, key: str, dtype, n: int, width: int | None = None) -> h5py.Dataset:
         shape = (n,) if width is None else (n, width)
+        data = whole[key][1] if key in whole else None
         if n == 0:  # a layer whose SAE fired on nothing: HDF5 cannot chunk an empty dataset
-            return h5.create_dataset(name, shape=shape, dtype=dtype)
+            return group.create_dataset(name, shape=shape, dtype=dtype)
         rows = max(1, min(n, 65536 // (width or 1)))  # ~64k values per chunk, never more rows than exist
         chunks = (rows,) if width is None else (rows, width)
         checksum = h5py.check_string_dtype(np.dtype(dtype)) is None  # HDF5 cannot checksum variable-length data
-        return h5.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fletcher32=checksum)
+        return group.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks, fletcher32=checksum)
 
+    # Datasets are made in their group's handle: a path through groups costs h5py a lookup per dataset.
+    sentences, tokens = h5.create_group("sentences"), h5.create_group("tokens")
     out = {
-        "ids": make("sentences/id", h5py.string_dtype(), n_sent),
-        "offsets": make("sentences/token_offsets", np.int64, n_sent + 1),
-        "token_ids": make("tokens/id", np.int32, n_tok),
-        "positions": make("tokens/position", np.int32, n_tok),
+        "ids": make(sentences, "id", "ids", h5py.string_dtype(), n_sent),
+        "offsets": make(sentences, "token_offsets", "offsets", np.int64, n_sent + 1),
+        "token_ids": make(tokens, "id", "token_ids", np.int32, n_tok),
+        "positions": make(tokens, "position", "positions", np.int32, n_tok),
     }
     for k, layer in enumerate(layers):
-        g = f"layers/{layer}"
-        out[f"{layer}/indptr"] = make(f"{g}/codes/indptr", np.int64, n_tok + 1)
-        out[f"{layer}/indices"] = make(f"{g}/codes/indices", np.int32, int(nnz[k]))
-        out[f"{layer}/values"] = make(f"{g}/codes/values", code_dtype, int(nnz[k]))
+        group = h5.create_group(f"layers/{layer}")
+        codes = group.create_group("codes")
+        for name, dtype, n in (
+            ("indptr", np.int64, n_tok + 1),
+            ("indices", np.int32, int(nnz[k])),
+            ("values", code_dtype, int(nnz[k])),
+        ):
+            out[f"{layer}/{name}"] = make(codes, name, f"{layer}/{name}", dtype, n)
+        stats = group.create_group("stats") if stored else None
         for stat in stored:
-            out[f"{layer}/{stat}"] = make(f"{g}/stats/{stat}", np.float32, n_sent)
+            out[f"{layer}/{stat}"] = make(stats, stat, f"{layer}/{stat}", np.float32, n_sent)
         if resid_width:
-            out[f"{layer}/resid"] = make(f"{g}/resid", np.float32, n_tok, resid_width)
-    out["offsets"][0] = 0
-    for layer in layers:
-        out[f"{layer}/indptr"][0] = 0
-    s = t = 0
-    z_nnz = np.zeros(len(layers), dtype=np.int64)
-    for part in parts:
+            out[f"{layer}/resid"] = make(group, "resid", f"{layer}/resid", np.float32, n_tok, resid_width)
+    if not parts:  # each group writes its first offset and row pointer: with none, they are written here
+        out["offsets"][0] = 0
+        for layer in layers:
+            out[f"{layer}/indptr"][0] = 0
+    at = (0, 0, np.zeros(len(layers), dtype=np.int64))  # sentences, tokens and codes per layer written so far
+    for group in groups if not whole else []:
         if failed:
             raise failed[0]
-        with np.load(part) as z:
-            lengths = z["lengths"]
-            ds, dt = len(lengths), int(lengths.sum())
-            out["ids"][s:s + ds] = z["sentence_ids"].astype(object)
-            out["offsets"][s + 1:s + ds + 1] = t + np.cumsum(lengths)
-            out["token_ids"][t:t + dt] = z["token_ids"]
-            out["positions"][t:t + dt] = z["positions"]
-            for k, layer in enumerate(layers):
-                n = int(z["nnz"][k])
-                out[f"{layer}/indptr"][t + 1:t + dt + 1] = z_nnz[k] + z[f"{layer}/indptr"][1:]
-                out[f"{layer}/indices"][z_nnz[k]:z_nnz[k] + n] = z[f"{layer}/indices"]
-                out[f"{layer}/values"][z_nnz[k]:z_nnz[k] + n] = z[f"{layer}/values"]
-                for stat in stored:
-                    out[f"{layer}/{stat}"][s:s + ds] = z[f"{layer}/{stat}"]
-                if resid_width:
-                    out[f"{layer}/resid"][t:t + dt] = z[f"{layer}/resid"]
-                z_nnz[k] += n
-            s, t = s + ds, t + dt
+        rows = _rows([_read_part(part, layers) for part in group], layers, stored, resid_width is not None, at)
+        for key, (start, values) in rows.items():
+            out[key][start : start + len(values)] = values
+        at = (
+            at[0] + len(rows["ids"][1]),
+            at[1] + len(rows["token_ids"][1]),
+            np.array([rows[f"{layer}/indices"][0] + len(rows[f"{layer}/indices"][1]) for layer in layers]),
+        )
     h5.attrs["n_sentences"] = n_sent
     h5.attrs["n_tokens"] = n_tok
+
+
+def _rows(
+    loaded: list[_Part], layers: list[int], stored: list[str], resid: bool, at: tuple[int, int, np.ndarray]
+) -> dict[str, tuple[int, np.ndarray]]:
+    """A group of parts as each dataset's next rows, {key: (first row, rows)}, after `at` (the sentences, tokens
+    and codes per layer before the group)."""
+    s, t, z = at
+    lengths = _joined([p.lengths for p in loaded])
+    out = {
+        "ids": (s, _joined([p.sentence_ids for p in loaded]).astype(object)),
+        "offsets": (s, t + np.r_[0, np.cumsum(lengths)]),
+        "token_ids": (t, _joined([p.token_ids for p in loaded])),
+        "positions": (t, _joined([p.positions for p in loaded])),
+    }
+    for k, layer in enumerate(layers):
+        # each part's row pointers continue from the codes of the parts before it
+        before = z[k] + np.r_[0, np.cumsum([p.nnz[k] for p in loaded])]
+        pointers = [before[:1], *(start + p.indptr[k, 1:] for start, p in zip(before, loaded))]
+        out[f"{layer}/indptr"] = (t, _joined(pointers))
+        for name in ("indices", "values"):
+            out[f"{layer}/{name}"] = (int(before[0]), _joined([p.codes(k, name) for p in loaded]))
+        for stat in stored:
+            out[f"{layer}/{stat}"] = (s, _joined([p.stats[stat][k] for p in loaded]))
+        if resid:
+            out[f"{layer}/resid"] = (t, _joined([p.resid[k] for p in loaded]))
+    return out
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays end to end; a single one as it is (a part larger than the buffer is a group of its own: no copy)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def _cast_codes(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -583,8 +803,10 @@ class ActivationFile:
         except H5_ERRORS as exc:
             raise StoreError(f"{self.path}: its attributes cannot be read ({_first_line(exc)}); {REBUILD}") from None
         if attrs.get("format") != FORMAT:
-            raise StoreError(f"{self.path} is not a lingogap activation file; move it away, or delete it and "
-                             "rerun extract to rebuild it")
+            raise StoreError(
+                f"{self.path} is not a lingogap activation file; move it away, or delete it and "
+                "rerun extract to rebuild it"
+            )
         version = _int_attr(attrs, "layout_version")
         if version is None:
             raise StoreError(f"{self.path}: its layout_version {attrs.get('layout_version')!r} is damaged; {REBUILD}")
@@ -685,8 +907,9 @@ class ActivationFile:
         try:
             self._h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
         except H5_ERRORS as exc:
-            raise StoreError(f"{self.path} is corrupt: its groups cannot be listed ({_first_line(exc)}); "
-                             f"{REBUILD}") from None
+            raise StoreError(
+                f"{self.path} is corrupt: its groups cannot be listed ({_first_line(exc)}); {REBUILD}"
+            ) from None
         for name in names:
             n = self._h5[name].shape[0] if self._h5[name].shape else 0
             for start in range(0, max(n, 1), block):
@@ -700,8 +923,7 @@ class ActivationFile:
                 raise StoreError(f"{self.path} has no dataset {name!r}") from None
             raise StoreError(f"{self.path} is corrupt: opening {name} failed ({_first_line(exc)}); {REBUILD}") from None
         except H5_ERRORS as exc:  # fletcher32 checksum, a truncated chunk, damaged metadata
-            raise StoreError(f"{self.path} is corrupt: reading {name} failed ({_first_line(exc)}); "
-                             f"{REBUILD}") from None
+            raise StoreError(f"{self.path} is corrupt: reading {name} failed ({_first_line(exc)}); {REBUILD}") from None
 
     @property
     def attrs(self) -> dict:
@@ -740,8 +962,10 @@ class ActivationFile:
         if stat not in STORED:
             raise StoreError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
         if not self.has_stat(layer, stat):
-            raise StoreError(f"{self.path} holds no {stat!r} (layout version {self._h5.attrs.get('layout_version')}, "
-                             "written before the controls existed); rerun extract with --overwrite to measure it")
+            raise StoreError(
+                f"{self.path} holds no {stat!r} (layout version {self._h5.attrs.get('layout_version')}, "
+                "written before the controls existed); rerun extract with --overwrite to measure it"
+            )
         return self._read(f"layers/{layer}/stats/{stat}").astype(np.float64)
 
     def has_stat(self, layer: int, stat: str) -> bool:
@@ -779,7 +1003,7 @@ class ActivationFile:
             stop = max(stop, start + 1)
             rows = self.resid(layer, slice(offsets[start], offsets[stop]))
             sums = np.add.reduceat(rows, offsets[start:stop] - offsets[start], axis=0)
-            pooled.append(sums / np.diff(offsets[start:stop + 1])[:, None])
+            pooled.append(sums / np.diff(offsets[start : stop + 1])[:, None])
             start = stop
         return np.concatenate(pooled) if pooled else np.zeros((0, 0), dtype=np.float32)
 

@@ -16,6 +16,7 @@ from tests.unit.analysis_fixtures import write_activations
 from toolkit.store import (
     FORMAT,
     LAYOUT_VERSION,
+    STORED,
     ActivationFile,
     ActivationWriter,
     Batch,
@@ -26,24 +27,44 @@ from toolkit.store import (
 
 LAYERS = [0, 3]
 D_MODEL = 4
-IDENTITY = {"language": "hi", "shard": 0, "n_shards": 1, "model_id": "test/model", "layers": LAYERS,
-            "sae_ids": ["a", "b"], "d_sae": [8, 8], "code_dtype": "float16"}
+IDENTITY = {
+    "language": "hi",
+    "shard": 0,
+    "n_shards": 1,
+    "model_id": "test/model",
+    "layers": LAYERS,
+    "sae_ids": ["a", "b"],
+    "d_sae": [8, 8],
+    "code_dtype": "float16",
+}
 
 
-def make_batch(ids: list[str], lengths: list[int], seed: int, resid: bool = True) -> Batch:
-    """A batch with random CSR codes (1-3 features per token), statistics and residuals."""
+def make_batch(ids: list[str], lengths: list[int], seed: int, resid: bool = True, controls: bool = False) -> Batch:
+    """A batch with random CSR codes (1-3 features per token), statistics, residuals and (with `controls`) the
+    controls and fidelity sums."""
     rng = np.random.default_rng(seed)
     n_tok = sum(lengths)
-    batch = Batch(ids, np.array(lengths), rng.integers(5, 100, n_tok).astype(np.int32),
-                  np.concatenate([np.arange(1, n + 1) for n in lengths]).astype(np.int32))
+    batch = Batch(
+        ids,
+        np.array(lengths),
+        rng.integers(5, 100, n_tok).astype(np.int32),
+        np.concatenate([np.arange(1, n + 1) for n in lengths]).astype(np.int32),
+    )
     for layer in LAYERS:
         per_token = rng.integers(1, 4, n_tok)
         indptr = np.r_[0, np.cumsum(per_token)]
         batch.layers[layer] = LayerBatch(
-            indptr=indptr, indices=rng.integers(0, 8, indptr[-1]).astype(np.int32),
+            indptr=indptr,
+            indices=rng.integers(0, 8, indptr[-1]).astype(np.int32),
             values=rng.uniform(0.5, 4, indptr[-1]).astype(np.float32),
-            mass=rng.uniform(0, 1, len(ids)), l0=rng.uniform(0, 1, len(ids)), max=rng.uniform(0, 1, len(ids)),
-            resid=rng.normal(size=(n_tok, D_MODEL)).astype(np.float32) if resid else None)
+            mass=rng.uniform(0, 1, len(ids)),
+            l0=rng.uniform(0, 1, len(ids)),
+            max=rng.uniform(0, 1, len(ids)),
+            resid=rng.normal(size=(n_tok, D_MODEL)).astype(np.float32) if resid else None,
+        )
+        if controls:
+            for stat in STORED[3:]:
+                setattr(batch.layers[layer], stat, rng.uniform(0, 1, len(ids)))
     return batch
 
 
@@ -58,19 +79,25 @@ def write(path, batches=BATCHES, identity=IDENTITY, **kwargs):
     return writer
 
 
-
-
 def test_names_shapes_dtypes_and_attributes_follow_the_documented_layout(tmp_path):
     path = tmp_path / "hi.h5"
     write(path)
     S, T = 5, 12
     nnz = {i: sum(int(b.layers[i].indptr[-1]) for b in BATCHES) for i in LAYERS}
-    expected = {"sentences/id": ((S,), None), "sentences/token_offsets": ((S + 1,), np.int64),
-                "tokens/id": ((T,), np.int32), "tokens/position": ((T,), np.int32)}
+    expected = {
+        "sentences/id": ((S,), None),
+        "sentences/token_offsets": ((S + 1,), np.int64),
+        "tokens/id": ((T,), np.int32),
+        "tokens/position": ((T,), np.int32),
+    }
     for i in LAYERS:
         g = f"layers/{i}"
-        expected |= {f"{g}/codes/indptr": ((T + 1,), np.int64), f"{g}/codes/indices": ((nnz[i],), np.int32),
-                     f"{g}/codes/values": ((nnz[i],), np.float16), f"{g}/resid": ((T, D_MODEL), np.float32)}
+        expected |= {
+            f"{g}/codes/indptr": ((T + 1,), np.int64),
+            f"{g}/codes/indices": ((nnz[i],), np.int32),
+            f"{g}/codes/values": ((nnz[i],), np.float16),
+            f"{g}/resid": ((T, D_MODEL), np.float32),
+        }
         expected |= {f"{g}/stats/{s}": ((S,), np.float32) for s in ("mass", "l0", "max")}
     with h5py.File(path, "r") as h5:
         found = []
@@ -104,12 +131,14 @@ def test_round_trip_reads_back_what_was_written(tmp_path):
         for i in LAYERS:
             indptr, indices, values = f.codes(i)
             assert indices.tolist() == np.concatenate([b.layers[i].indices for b in BATCHES]).tolist()
-            np.testing.assert_array_equal(values, np.concatenate([b.layers[i].values for b in BATCHES])
-                                          .astype(np.float16))
+            np.testing.assert_array_equal(
+                values, np.concatenate([b.layers[i].values for b in BATCHES]).astype(np.float16)
+            )
             assert indptr[-1] == len(indices) and (np.diff(indptr) >= 1).all()
             for stat in ("mass", "l0", "max"):
                 np.testing.assert_array_equal(
-                    f.stats(i, stat), np.concatenate([getattr(b.layers[i], stat) for b in BATCHES]).astype(np.float32))
+                    f.stats(i, stat), np.concatenate([getattr(b.layers[i], stat) for b in BATCHES]).astype(np.float32)
+                )
             assert f.has_resid(i)
             np.testing.assert_array_equal(f.resid(i), np.concatenate([b.layers[i].resid for b in BATCHES]))
 
@@ -271,8 +300,13 @@ def test_a_disk_filled_after_the_space_check_is_one_enospc_without_h5py_noise(tm
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
     try:
-        out = subprocess.run([sys.executable, "-c", NO_RESERVATION, str(disk), mode], capture_output=True, text=True,
-                             cwd=Path(__file__).parents[2], timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", NO_RESERVATION, str(disk), mode],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parents[2],
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-3000:]  # no segfault at exit
         assert out.stderr == "", out.stderr[-3000:]  # no "Exception ignored", no HDF5 traceback
         assert out.stdout.startswith("refused 28"), out.stdout
@@ -300,3 +334,125 @@ def test_a_file_this_process_wrote_opens_without_a_second_layout_check_and_a_lat
         h5["tokens/position"] = np.zeros(3, dtype=np.int32)
     with pytest.raises(StoreError, match=r"tokens/position has shape \(3,\)"):  # the whole check again
         ActivationFile(path)
+
+
+def per_layer_part(batch: Batch) -> dict[str, np.ndarray]:
+    """A part's members as earlier versions wrote them, one per layer and array (`{layer}/indptr`, `{layer}/mass`)."""
+    arrays = {
+        "sentence_ids": np.asarray(batch.sentence_ids, dtype=np.str_),
+        "lengths": np.asarray(batch.lengths, dtype=np.int64),
+        "token_ids": batch.token_ids.astype(np.int32),
+        "positions": batch.positions.astype(np.int32),
+        "nnz": np.array([len(batch.layers[i].indices) for i in LAYERS], dtype=np.int64),
+    }
+    for layer in LAYERS:
+        lb = batch.layers[layer]
+        arrays |= {
+            f"{layer}/indptr": lb.indptr.astype(np.int64),
+            f"{layer}/indices": lb.indices.astype(np.int32),
+            f"{layer}/values": lb.values.astype(np.float16),
+        }
+        arrays |= {
+            f"{layer}/{stat}": np.asarray(getattr(lb, stat), dtype=np.float32)
+            for stat in STORED
+            if getattr(lb, stat) is not None
+        }
+        if lb.resid is not None:
+            arrays[f"{layer}/resid"] = lb.resid.astype(np.float32)
+    return arrays
+
+
+def described(path: Path) -> dict:
+    """Every dataset's dtype, shape, chunks, checksum and values, and every attribute but the timing (`seconds`)."""
+    out = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            out[name] = (obj.dtype.str, obj.shape, obj.chunks, obj.fletcher32, obj[()].tolist())
+        out[f"{name}@"] = {k: np.asarray(v).tolist() for k, v in obj.attrs.items()}
+
+    with h5py.File(path, "r") as h5:
+        h5.visititems(visit)
+        out["@"] = {k: np.asarray(v).tolist() for k, v in h5.attrs.items() if k != "seconds"}
+    return out
+
+
+CONTROL_BATCHES = [
+    make_batch(["s0", "s1"], [3, 2], 0, controls=True),
+    make_batch(["s2"], [4], 1, controls=True),
+    make_batch(["s3", "s4", "s5"], [1, 4, 2], 2, controls=True),
+]
+
+
+@pytest.mark.parametrize("earlier", [[0, 1, 2], [0]], ids=["all-parts-earlier", "resumed-across-versions"])
+def test_parts_in_the_earlier_per_layer_layout_consolidate_into_the_same_file(tmp_path, earlier):
+    """A run resumed by a newer version finds its parts folder as an earlier version left it."""
+    write(tmp_path / "ref" / "hi.h5", batches=CONTROL_BATCHES)
+    path = tmp_path / "hi.h5"
+    parts = tmp_path / "hi.h5.parts"  # as the earlier version left it: its stamp, then its parts
+    parts.mkdir()
+    (parts / "fingerprint.json").write_text(json.dumps({"fingerprint": fingerprint(IDENTITY), **IDENTITY}))
+    for k in earlier:
+        np.savez(parts / f"part-{k:06d}.npz", **per_layer_part(CONTROL_BATCHES[k]))
+    resumed = ActivationWriter(path, IDENTITY, LAYERS)
+    assert resumed.n_parts == len(earlier)
+    assert resumed.done_sentence_ids() == {s for k in earlier for s in CONTROL_BATCHES[k].sentence_ids}
+    for batch in CONTROL_BATCHES[len(earlier) :]:
+        resumed.write_batch(batch)
+    resumed.finalize({"seconds": 1.5, "lingogap_version": "test"}, {i: {"fve": 0.5, "l0": 2.0} for i in LAYERS})
+    assert described(path) == described(tmp_path / "ref" / "hi.h5")
+    with ActivationFile(path) as f:
+        assert all(f.has_stat(i, stat) for i in LAYERS for stat in STORED)
+
+
+def test_a_part_holds_one_member_per_array_whatever_the_layers_but_residuals(tmp_path):
+    writer = ActivationWriter(tmp_path / "hi.h5", IDENTITY, LAYERS)
+    writer.write_batch(CONTROL_BATCHES[0])
+    with np.load(writer.parts / "part-000000.npz") as z:
+        # residuals (--save-resid) stay one member per layer: stacking them would copy a batch's worth
+        assert sorted(z.files) == sorted(
+            [
+                "sentence_ids",
+                "lengths",
+                "token_ids",
+                "positions",
+                "nnz",
+                "indptr",
+                "indices",
+                "values",
+                "stat_names",
+                "stats",
+                "0/resid",
+                "3/resid",
+            ]
+        )
+        assert z["stat_names"].tolist() == list(STORED) and z["stats"].shape == (len(STORED), len(LAYERS), 2)
+        assert z["indptr"].shape == (len(LAYERS), 6) and z["3/resid"].shape == (5, D_MODEL)
+    writer.close()
+
+
+def test_parts_consolidated_one_at_a_time_or_all_together_make_the_same_file(tmp_path, monkeypatch):
+    from toolkit import store
+
+    write(tmp_path / "together" / "hi.h5", batches=CONTROL_BATCHES)
+    monkeypatch.setattr(store, "CONSOLIDATION_BUFFER", 1)  # every part a group of its own
+    write(tmp_path / "apart" / "hi.h5", batches=CONTROL_BATCHES)
+    assert described(tmp_path / "apart" / "hi.h5") == described(tmp_path / "together" / "hi.h5")
+
+
+def test_the_last_batch_handed_over_from_memory_makes_the_same_file_as_a_part(tmp_path):
+    write(tmp_path / "parts" / "hi.h5", batches=CONTROL_BATCHES)
+    writer = ActivationWriter(tmp_path / "hi.h5", IDENTITY, LAYERS)
+    for batch in CONTROL_BATCHES[:-1]:
+        writer.write_batch(batch)
+    writer.finalize(
+        {"seconds": 1.5, "lingogap_version": "test"},
+        {i: {"fve": 0.5, "l0": 2.0} for i in LAYERS},
+        last=CONTROL_BATCHES[-1],
+    )
+    assert described(tmp_path / "hi.h5") == described(tmp_path / "parts" / "hi.h5")
+    alone = ActivationWriter(tmp_path / "alone" / "hi.h5", IDENTITY, LAYERS)  # one batch: no part is ever written
+    alone.finalize({}, last=CONTROL_BATCHES[0])
+    assert sorted(p.name for p in (tmp_path / "alone").iterdir()) == ["hi.h5", "hi.h5.verified"]
+    with ActivationFile(tmp_path / "alone" / "hi.h5") as f:
+        assert f.sentence_ids == CONTROL_BATCHES[0].sentence_ids
