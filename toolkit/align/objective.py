@@ -181,12 +181,13 @@ class MassFit(Mass):
     """massfit: `mass`'s hinge plus FIT_WEIGHT x two terms that keep what the gain report guards, per layer
     mean_b [relu(M_en,b - M_T,b) / M_en,b + FIT_WEIGHT (relu(E_T,b - E^base_T,b) / E^base_T,b
                                                        + |M'_en,b - M_en,b| / M_en,b)], where
-    E = sum_t ||x_t - x^_t||^2 / sum_t ||x_t - x_bar||^2 over the sentence's tokens (1 - FVE of the sentence; x^ the
-    SAE's reconstruction from the codes, x_bar the SAE's mean activation), E^base_T the same sentence's under the
-    base model (one extra forward pass without gradient per step), and M'_en the English sentence's mass under the
-    adapter (read from the pass the KL term makes anyway). The target is to gain mass without leaving what the SAE
-    reconstructs and without raising English's own activation: the SAE-fit and retention guards measure the same
-    on held-out sentences."""
+    E = sum_t ||x_t - x^_t||^2 / sum_t ||x_t - mu||^2 over the sentence's tokens (x^ the SAE's reconstruction from the
+    codes, mu the batch's mean token of the same language and model: 1 - FVE about the sample's own mean, as the
+    SAE-fit guard measures it, so a shrinking spread of the target's tokens counts as much as a growing error),
+    E^base_T the same sentence's under the base model (one extra forward pass without gradient per step), and M'_en
+    the English sentence's mass under the adapter (read from the pass the KL term makes anyway). The target is to
+    gain mass without leaving what the SAE reconstructs and without raising English's own activation: the SAE-fit
+    and retention guards measure the same on held-out sentences."""
 
     name = "massfit"
     baseline = True
@@ -199,13 +200,10 @@ class MassFit(Mass):
         return mass_and_fit(sae, x, sae.encode(x))
 
     def loss(self, target: torch.Tensor, reference: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
-        mass, sse, var = target.unbind(1)
-        error = sse / var.clamp(min=EPS)
-        base_sse, base_var = base[:, 1], base[:, 2]
-        base_error = base_sse / base_var.clamp(min=EPS)
+        error, base_error = fit_error(target), fit_error(base)
         # relu: no gradient at parity, so a fresh adapter (E = E^base) descends `mass` alone
         fit = (F.relu(error - base_error) / base_error.clamp(min=EPS)).mean()
-        return _hinge(mass, reference[:, 0]) + FIT_WEIGHT * fit
+        return _hinge(target[:, 0], reference[:, 0]) + FIT_WEIGHT * fit
 
     def english(self, adapted: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         # |.| has gradient 0 at 0: a fresh adapter (English unchanged) descends `mass` alone here too
@@ -213,11 +211,19 @@ class MassFit(Mass):
 
 
 def mass_and_fit(sae: LayerSAE, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Per token (N, 3): the code mass, the squared reconstruction error and the squared distance from the SAE's
-    mean activation (their means over a sentence give its E; see `MassFit`)."""
-    mean = sae.mean.to(x) if sae.mean is not None else x.new_zeros(())
+    """Per token (N, 3 + d): the code mass, the squared reconstruction error, ||x||^2 and x itself; their means over
+    a sentence give its E (`fit_error`)."""
     error = ((x - sae.sae.decode(codes).to(x)) ** 2).sum(1)
-    return torch.stack([codes.sum(1), error, ((x - mean) ** 2).sum(1)], dim=1)
+    return torch.cat([codes.sum(1, keepdim=True), error[:, None], (x**2).sum(1, keepdim=True), x], dim=1)
+
+
+def fit_error(pooled: torch.Tensor) -> torch.Tensor:
+    """E per sentence (B,) from `mass_and_fit`'s sentence means: the mean squared error over the mean squared
+    distance from the batch's mean token mu (mean ||x - mu||^2 = mean ||x||^2 - 2 mu . x_bar_b + ||mu||^2)."""
+    sq, means = pooled[:, 2], pooled[:, 3:]
+    mu = means.mean(0, keepdim=True)
+    spread = sq - 2 * (means * mu).sum(1) + (mu**2).sum(1)
+    return pooled[:, 1] / spread.clamp(min=EPS)
 
 
 class Pre(AlignTerm):

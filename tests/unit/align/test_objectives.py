@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from toolkit import align
-from toolkit.align.objective import FIT_WEIGHT, mass_and_fit
+from toolkit.align.objective import FIT_WEIGHT, fit_error, mass_and_fit
 from toolkit.capture import ResidualCapture, hook_name, iter_batches
 from toolkit.errors import UserError
 from toolkit.sae_set import LayerSAE, SAESet
@@ -84,8 +84,8 @@ def _first_order(tiny, saes: SAESet, objective: str) -> tuple[float, float]:
 
 def _gradients(tiny, saes: SAESet, objective: str, started: bool = True) -> dict:
     """Over the LoRA parameters, on a fixed batch: the gradients of the align term, of the target's true mass
-    (see `_first_order`) and of its SAE reconstruction error E = sum_l sum_t ||x - x^||^2 / sum_t ||x - x_bar||^2
-    (1 - FVE, true codes); and the term's value. `started`: LoRA's B drawn at random, else zero (a fresh adapter,
+    (see `_first_order`) and of its SAE reconstruction error E summed over sentences and layers (massfit's, with
+    true codes); and the term's value. `started`: LoRA's B drawn at random, else zero (a fresh adapter,
     the base model's outputs)."""
     cfg, lm, _, corpus, split, _ = tiny
     layers = sorted(saes.layers)
@@ -111,7 +111,7 @@ def _gradients(tiny, saes: SAESet, objective: str, started: bool = True) -> dict
         g_mass = _flat(mass, params)
         fit = lambda s, x: mass_and_fit(s, x, s.encode(x))  # noqa: E731
         errors, _ = obj.forward_pass(model, target, layers, fit)
-        error = sum(errors[layer][:, 1].sum() / errors[layer][:, 2].sum() for layer in layers)
+        error = sum(fit_error(errors[layer]).sum() for layer in layers)
         en_adapted, _ = obj.forward_pass(model, english, layers, true_mass)
         with torch.no_grad(), model.disable_adapter():
             en_base, _ = obj.forward_pass(model, english, layers, true_mass, hidden=False)
