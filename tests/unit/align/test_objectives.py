@@ -3,6 +3,7 @@ does one descent step raise the target's SAE mass at the weighted layers, to fir
 the measured ones, the unwanted included (docs/alignment.md). And `none` is
 lambda_align = 0 exactly; `pre` refuses SAEs without pre-activations; an unknown objective is refused."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -92,13 +93,7 @@ def _gradients(tiny, saes: SAESet, objective: str, started: bool = True) -> dict
     weights = {"hi": {layer: 1.0 for layer in layers}}
     a = dataclasses.replace(cfg.align, objective=objective, lambda_keep=0.0)
     target, english = _pairs(lm, corpus, split.train[:6])
-    torch.manual_seed(3)
-    model = align.attach_lora(lm.model, a, lm.n_layers)
-    try:
-        for name, p in model.named_parameters():
-            if "lora_B" in name and started:  # a started adapter: with B = 0 the gradient reaches B only
-                torch.nn.init.normal_(p, std=0.02)
-        model.eval()
+    with _adapter(lm, a, seed=3, started=started) as model:
         peft_lm = dataclasses.replace(lm, model=model)
         params = [p for p in model.parameters() if p.requires_grad]
         obj = align.Objective(peft_lm, saes, weights, a)
@@ -118,6 +113,20 @@ def _gradients(tiny, saes: SAESet, objective: str, started: bool = True) -> dict
         en_drift = sum(((en_adapted[layer] - en_base[layer]).abs() / en_base[layer]).sum() for layer in layers)
         return {"align": g_loss, "mass": g_mass, "error": _flat(error, params), "loss": float(loss),
                 "english": _flat(en_drift, params)}
+
+
+@contextlib.contextmanager
+def _adapter(lm, a, seed: int, started: bool = True):
+    """The tiny model with a seeded LoRA adapter, evaluation mode; `started`: its B drawn at random (with B = 0, a
+    fresh adapter, the gradient reaches B only). The base model is restored afterwards."""
+    torch.manual_seed(seed)
+    model = align.attach_lora(lm.model, a, lm.n_layers)
+    try:
+        for name, p in model.named_parameters():
+            if "lora_B" in name and started:
+                torch.nn.init.normal_(p, std=0.02)
+        model.eval()
+        yield model
     finally:
         lm.model = model.unload()
 
@@ -202,19 +211,11 @@ def _losses(tiny, objective: str, lambda_align: float):
     cfg, lm, saes, corpus, split, layers = tiny
     a = dataclasses.replace(cfg.align, objective=objective, lambda_align=lambda_align)
     target, english = _pairs(lm, corpus, split.train[:4])
-    torch.manual_seed(5)
-    model = align.attach_lora(lm.model, a, lm.n_layers)
-    try:
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.02)
-        model.eval()
+    with _adapter(lm, a, seed=5) as model:
         obj = align.Objective(dataclasses.replace(lm, model=model), saes, {"hi": dict.fromkeys(layers, 1.0)}, a)
         losses = obj(model, target, english, "hi")
         grads = torch.autograd.grad(losses["total"], [p for p in model.parameters() if p.requires_grad])
         return losses, grads
-    finally:
-        lm.model = model.unload()
 
 
 @pytest.mark.parametrize("kind", ["jumprelu", "batchtopk"])
@@ -226,13 +227,7 @@ def test_massfit_adds_the_english_sentences_mass_change_under_the_adapter(tiny, 
     layers = sorted(saes.layers)
     a = dataclasses.replace(cfg.align, objective="massfit", lambda_keep=0.0)
     target, english = _pairs(lm, corpus, split.train[:4])
-    torch.manual_seed(3)
-    model = align.attach_lora(lm.model, a, lm.n_layers)
-    try:
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.02)
-        model.eval()
+    with _adapter(lm, a, seed=3) as model:
         params = [p for p in model.parameters() if p.requires_grad]
         obj = align.Objective(dataclasses.replace(lm, model=model), saes, {"hi": dict.fromkeys(layers, 1.0)}, a)
         with_english = obj(model, target, english, "hi")["align"]
@@ -247,8 +242,6 @@ def test_massfit_adds_the_english_sentences_mass_change_under_the_adapter(tiny, 
         torch.testing.assert_close(with_english - without, FIT_WEIGHT * drift, rtol=1e-4, atol=1e-6)
         added, change = _flat(with_english - without, params), _flat(drift, params)
         assert torch.nn.functional.cosine_similarity(-added, -change, dim=0) > 0.99
-    finally:
-        lm.model = model.unload()
 
 
 def test_none_equals_lambda_align_zero_exactly(tiny):
