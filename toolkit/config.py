@@ -141,9 +141,10 @@ class AlignConfig:
                             "for the MLP)")
     lora_layers: str = opt("all", "decoder layers that get adapters")
     align_layers: str = opt("all", "layers whose SAE codes enter the alignment loss")
-    lambda_align: float = opt(0.75, "weight of the alignment term (0.75: docs/alignment.md, \"The default\")")
-    lambda_keep: float = opt(1.0, "weight of KL(base || adapted) on English")
-    objective: str = opt("mass", "alignment term (toolkit/align/objective.py, docs/alignment.md): match (relative "
+    lambda_align: float = opt(1.0, "weight of the alignment term (docs/alignment.md, \"The default\")")
+    lambda_keep: float = opt(3.0, "weight of KL(base || adapted) on English (3: at 1, Hindi's CE alone moves English "
+                               "past the KL guard)")
+    objective: str = opt("massfit", "alignment term (toolkit/align/objective.py, docs/alignment.md): match (relative "
                          "squared error of pooled codes), cosine, masked (match on English's features, surrogate "
                          "gradient), mass (one-sided hinge on pooled SAE mass), massfit (mass plus terms that "
                          "keep the SAE's fit on the target and English's own mass), pre (hinge on pre-activations of "

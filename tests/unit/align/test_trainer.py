@@ -41,6 +41,17 @@ def test_loss_falls_and_every_term_is_finite(reference):
     assert len(set(metrics["rank_digests"])) == 1
 
 
+def test_the_default_objective_trains_with_every_term_finite(tiny, tmp_path):
+    from toolkit.config import AlignConfig
+
+    result = trainer(tiny, tmp_path / "hi", objective=AlignConfig().objective, steps=4).fit()
+    tiny[1].model = result.model.unload()  # the fixture's base model, for the tests after this one
+    steps = json.loads((tmp_path / "hi" / "metrics.json").read_text())["steps"]
+    assert steps[0]["align"] > 0 and steps[0]["keep"] == pytest.approx(0.0, abs=1e-6)
+    for record in steps:
+        assert all(math.isfinite(record[k]) for k in align.TERMS), record
+
+
 def test_adapter_round_trips_with_identical_outputs(tiny, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
