@@ -98,7 +98,7 @@ class AlignTerm:
     name = ""
     uses_saes = True  # `target` and `reference` read the layer's SAE
     needs_pre = False  # and its encoder's pre-activations
-    baseline = False  # `loss` also gets the target sentence's own `reference` statistics under the base model
+    baseline = False  # `loss` also gets the target sentence's own `base` statistics under the base model
     keeps_english = False  # `english` penalises the English sentence's `reference` statistics moving under the adapter
 
     def english(self, adapted: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -109,6 +109,10 @@ class AlignTerm:
 
     def reference(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
         return sae.encode(x)
+
+    def base(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
+        """The target sentence's statistics under the base model, where `baseline`."""
+        return self.reference(sae, x)
 
     def loss(self, target: torch.Tensor, reference: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -196,7 +200,8 @@ class MassFit(Mass):
     def target(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
         return mass_and_fit(sae, x, surrogate_codes(sae, x))
 
-    def reference(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
+    # English (the reference, and under the adapter for the English term) needs its mass alone: `Mass.reference`
+    def base(self, sae: LayerSAE, x: torch.Tensor) -> torch.Tensor:
         return mass_and_fit(sae, x, sae.encode(x))
 
     def loss(self, target: torch.Tensor, reference: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
@@ -344,7 +349,7 @@ class Objective:
             base = dict.fromkeys(layers)
             if self.term.baseline:  # the target sentence under the base model, without gradient
                 with torch.no_grad(), self.lm.model.disable_adapter():
-                    base, _ = self.forward_pass(self.lm.model, target, layers, self.term.reference, hidden=False)
+                    base, _ = self.forward_pass(self.lm.model, target, layers, self.term.base, hidden=False)
             align = sum(w[layer] * self.term.loss(stats[layer], en_stats[layer], base[layer]) for layer in layers)
             align += sum(w[layer] * self.term.english(en_adapted[layer], en_stats[layer]) for layer in en_adapted)
             align = align / len(self.weights[lang])
