@@ -44,7 +44,7 @@ def test_a_short_hindi_run_writes_finite_metrics_and_before_after(ntrex, tmp_pat
     quality = hi["sae_quality"]  # SAEs from 3,000 tokens may explain less than the mean does: FVE <= 1, finite
     assert quality["fve_after"].keys() == quality["fve_before"].keys() == set(map(str, hi["weighted_layers"]))
     assert all(math.isfinite(v) and v <= 1 for v in [*quality["fve_after"].values(), quality["fve_drop"]])
-    assert report["summary"]["objective"] == "mass" and isinstance(report["summary"]["guards_ok"], bool)
+    assert report["summary"]["objective"] == "massfit" and isinstance(report["summary"]["guards_ok"], bool)
     assert "grad_align" in metrics["steps"][0] and "grad_align" in metrics["steps"][1]  # first step, checkpoint
 
 
