@@ -17,7 +17,8 @@ from analysis import align_sweep
 from toolkit.rundir import RunDir
 from toolkit.submit import main
 
-pytestmark = pytest.mark.cluster
+# slow: 17-21 s alone, 33-36 s beside the rest of the suite (four job starts on the 2-CPU test cluster); .ci/run runs it
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 SLURM = ["--executor", "slurm", "--cluster", "testcluster"]
 TINY = ["--preset", "tiny", "--langs", "en,hi", "--max-sentences", "16", "--max-length", "32", "--layers", "0-25:12",
