@@ -12,7 +12,7 @@ from toolkit.rundir import RunDir
 
 
 @pytest.mark.integration
-@pytest.mark.slow  # 25-36 s beside the rest of the suite with the massfit default (a base pass per step); .ci/run runs it
+@pytest.mark.slow  # 25-36 s beside the rest of the suite with the massfit default; .ci/run runs it
 def test_a_short_hindi_run_writes_finite_metrics_and_before_after(ntrex, tmp_path):
     cfg = Config.build({
         "run": {"run": str(tmp_path), "langs": "hi", "corpus": f"ntrex:{ntrex}", "max_sentences": 15,
