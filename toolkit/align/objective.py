@@ -186,8 +186,8 @@ class MassFit(Mass):
     mean_b [relu(M_en,b - M_T,b) / M_en,b + FIT_WEIGHT (relu(E_T,b - E^base_T,b) / E^base_T,b
                                                        + |M'_en,b - M_en,b| / M_en,b)], where
     E = sum_t ||x_t - x^_t||^2 / sum_t ||x_t - mu||^2 over the sentence's tokens (x^ the SAE's reconstruction from the
-    codes, mu the batch's mean token of the same language and model: 1 - FVE about the sample's own mean, as the
-    SAE-fit guard measures it, so a shrinking spread of the target's tokens counts as much as a growing error),
+    codes, mu the mean of the batch's sentence means, same language and model: 1 - FVE about the sample's own mean,
+    as the SAE-fit guard measures it, so a shrinking spread of the target's tokens counts as much as a growing error),
     E^base_T the same sentence's under the base model (one extra forward pass without gradient per step), and M'_en
     the English sentence's mass under the adapter (read from the pass the KL term makes anyway). The target is to
     gain mass without leaving what the SAE reconstructs and without raising English's own activation: the SAE-fit
@@ -224,7 +224,8 @@ def mass_and_fit(sae: LayerSAE, x: torch.Tensor, codes: torch.Tensor) -> torch.T
 
 def fit_error(pooled: torch.Tensor) -> torch.Tensor:
     """E per sentence (B,) from `mass_and_fit`'s sentence means: the mean squared error over the mean squared
-    distance from the batch's mean token mu (mean ||x - mu||^2 = mean ||x||^2 - 2 mu . x_bar_b + ||mu||^2)."""
+    distance from mu, the mean of the batch's sentence means (mean ||x - mu||^2 = mean ||x||^2 - 2 mu . x_bar_b +
+    ||mu||^2)."""
     sq, means = pooled[:, 2], pooled[:, 3:]
     mu = means.mean(0, keepdim=True)
     spread = sq - 2 * (means * mu).sum(1) + (mu**2).sum(1)
