@@ -30,7 +30,7 @@ from toolkit.files import atomic_write, read_json
 from toolkit.rundir import SWEEP_SEP, RunDir, is_point
 from toolkit.sweep import default_values
 
-SETTINGS = ("objective", "lambda_align", "lambda_keep", "lr", "lora_targets", "lora_r", "seed")
+SETTINGS = ("objective", "lambda_align", "lambda_keep", "lr", "lora_targets", "lora_r", "align_layers", "seed")
 NUMBERS = (
     "closure_pct",
     "norm_adjusted_gain_pct",
@@ -42,6 +42,7 @@ NUMBERS = (
     "minutes",
 )
 OPTIONAL = ("norm_adjusted_closure_pct",)  # read when the summary has it
+UNRECORDED = ("align_layers",)  # settings older summaries lack: read as unknown (such a point is never the default)
 FIELDS = (*SETTINGS, *NUMBERS, "guards_ok")
 X_LABELS = {
     "norm_adjusted_closure_pct": "norm-adjusted gap closure (%; 100 = parity with English)",
@@ -102,7 +103,7 @@ def read_summary(path: Path) -> dict[str, Any] | None:
     if not isinstance(summary, dict):
         raise UserError(f"{path} has no summary block (made by an older align?); rerun the sweep to measure it")
     for key in FIELDS:
-        if key not in summary:
+        if key not in summary and key not in UNRECORDED:
             raise UserError(f"{path}: summary has no {key!r}; rerun the sweep to measure it again")
     for key in (*NUMBERS, *OPTIONAL):
         value = summary.get(key)

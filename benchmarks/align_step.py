@@ -22,7 +22,7 @@ from rich.table import Table
 from benchmarks.ladder import median_seconds
 from toolkit import align
 from toolkit.capture import TokenBatch
-from toolkit.config import Config, parse_layers
+from toolkit.config import Config, aligned_layers
 from toolkit.corpus import Corpus
 from toolkit.languages import REFERENCE
 from toolkit.models import LoadedModel
@@ -54,7 +54,7 @@ def align_step_ratio(cfg: Config, lm: LoadedModel, saes: SAESet, corpus: Corpus,
     as training does, from the uses per English sentence). `lm.model` is left as it came (LoRA removed).
     """
     a = cfg.align
-    layers = [layer for layer in parse_layers(a.align_layers, lm.n_layers) if layer in saes.layers]
+    layers = [layer for layer in aligned_layers(a.align_layers, lm.n_layers) if layer in saes.layers]
     split = align.split_ids(corpus.ids, a.heldout, a.val_fraction, cfg.run.seed)
     ids = align.batch_ids(split.train, 0, a.batch_size, cfg.run.seed, target)
     texts = {lang: dict(corpus.sentences(lang)) for lang in (target, REFERENCE)}
@@ -122,7 +122,7 @@ def main() -> None:
         cfg = Config.build(values, preset=args.preset)
         corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
         lm = models.load(cfg.model)
-        layers = parse_layers(cfg.align.align_layers, lm.n_layers)
+        layers = aligned_layers(cfg.align.align_layers, lm.n_layers)
         if args.sae == "jumprelu":
             sae_set = jumprelu_saes(lm, layers, args.sae_width, 64, calibration_batches(plan(cfg, lm, corpus)))
         else:

@@ -33,7 +33,7 @@ from toolkit import corpus as corpora
 from toolkit import saes as sae_sources
 from toolkit.align import metrics as am
 from toolkit.align.trainer import grad_text
-from toolkit.config import AlignConfig, Config, parse_layers
+from toolkit.config import AlignConfig, Config, aligned_layers, parse_layers
 from toolkit.corpus import Corpus
 from toolkit.files import write_json
 from toolkit.locks import WriterLock
@@ -63,7 +63,7 @@ def run(cfg: Config, task: Task | None = None) -> list[dict]:
     corpus = corpora.load(cfg.run.corpus, cfg.lang_codes, cfg.run.max_sentences)
     lm = models.load(cfg.model)
     measured = parse_layers(cfg.run.layers, lm.n_layers)
-    aligned = sorted({i for c, _ in points for i in parse_layers(c.align.align_layers, lm.n_layers)})
+    aligned = sorted({i for c, _ in points for i in aligned_layers(c.align.align_layers, lm.n_layers)})
     saes = sae_sources.load(cfg.sae_setup, lm, sorted(set(measured) | set(aligned)), corpus, RunDir(cfg.run_dir),
                             console, fresh=cfg.extract.overwrite)
     for objective in dict.fromkeys(c.align.objective for c, _ in points):  # pre needs pre-activations
@@ -136,7 +136,7 @@ def train(run: RunDir, inputs: align.AlignInputs, unit: align.AlignUnit, folder:
     if state and state.get("fingerprint") == fingerprint:
         weights, info = state["weights"], {}
     else:
-        aligned = parse_layers(unit.align.align_layers, inputs.lm.n_layers)
+        aligned = aligned_layers(unit.align.align_layers, inputs.lm.n_layers)
         gaps, sources = {}, {}
         for lang in unit.targets:
             gaps[lang], sources[lang] = align.layer_gaps(inputs, run, lang, aligned, unit.split)

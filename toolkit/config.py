@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import yaml
 
 from toolkit.errors import UserError
 from toolkit.evaluation.tasks import BENCHMARKS, parse_tasks
+from toolkit.layers import aligned_layers as aligned_layers  # re-exported like parse_layers
 from toolkit.layers import band_ranges
 from toolkit.layers import parse_layers as parse_layers  # re-exported: the jobs import it from here
 from toolkit.sae_source import SAESource
@@ -137,10 +139,12 @@ class AlignConfig:
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: int = opt(16, "LoRA alpha")
     lora_dropout: float = opt(0.05, "LoRA dropout")
-    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj", "modules to adapt (add gate_proj,up_proj,down_proj "
-                            "for the MLP)")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                            "modules to adapt (attention and MLP: attention alone closed half as much per bit of the "
+                            "target's next-token fit, docs/alignment.md)")
     lora_layers: str = opt("all", "decoder layers that get adapters")
-    align_layers: str = opt("all", "layers whose SAE codes enter the alignment loss")
+    align_layers: str = opt("auto", "layers whose SAE codes enter the alignment loss (auto: all but the last sixth, "
+                            "the output layers; or a layer spec such as all, 0-14)")
     lambda_align: float = opt(1.0, "weight of the alignment term (docs/alignment.md, \"The default\")")
     lambda_keep: float = opt(3.0, "weight of KL(base || adapted) on English (3: at 1, Hindi's CE alone moves English "
                                "past the KL guard)")
@@ -300,9 +304,9 @@ class Config:
                             f"({self.sae.trained_width()}, sae.width); lower --sae-target-l0 or raise --sae-width")
         _check_ranges(self)
         _check_run_path(self.run.run)
-        for name, spec in (("run.layers", self.run.layers), ("align.lora_layers", self.align.lora_layers),
-                           ("align.align_layers", self.align.align_layers)):
+        for name, spec in (("run.layers", self.run.layers), ("align.lora_layers", self.align.lora_layers)):
             _check_layer_syntax(name, spec)
+        _check_layer_syntax("align.align_layers", self.align.align_layers, aligned_layers)
         if self.align.zero_stage not in (0, 1, 2):
             raise UserError(f"align.zero_stage must be 0, 1 or 2 (got {self.align.zero_stage})")
         source = SAESource.parse(self.sae.source)
@@ -368,9 +372,9 @@ def _check_run_path(run: str) -> None:
             return
 
 
-def _check_layer_syntax(name: str, spec: str) -> None:
+def _check_layer_syntax(name: str, spec: str, parse: Callable[[str, int], list[int]] = parse_layers) -> None:
     try:
-        parse_layers(spec, _LAYER_SYNTAX_BOUND)
+        parse(spec, _LAYER_SYNTAX_BOUND)
     except UserError as exc:
         raise UserError(str(exc).replace("run.layers", name, 1)) from None
 

@@ -1,7 +1,8 @@
 """The layer-range grammar, one home: `--layers` selections and `--bands` ranges. torch-free.
 
 `all`, `0-5,12`, `0-25:2` (a range with a stride) and `::3` (a stride over all layers) select layers;
-bands are three inclusive ranges, early,middle,deep, such as `0-8,9-17,18-25`.
+`auto` (alignment only) is every layer but the output layers; bands are three inclusive ranges,
+early,middle,deep, such as `0-8,9-17,18-25`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import re
 from collections.abc import Sequence
 
 from toolkit.errors import UserError
+
+OUTPUT_SHARE = 6  # align_layers `auto` leaves out the last 1/OUTPUT_SHARE of the layers
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
@@ -24,6 +27,16 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     if bad:
         raise UserError(f"run.layers: layer(s) {bad} out of range; the model has layers 0-{n_layers - 1}")
     return sorted(chosen)
+
+
+def aligned_layers(spec: str, n_layers: int) -> list[int]:
+    """`align.align_layers`: `auto` is every layer but the last sixth (rounded, at least one; layers 0-14 of 18,
+    0-21 of 26), any other spec as `parse_layers` reads it. The last layers turn the residual stream into the
+    next token, in the target's own script; leaving them out of the alignment term halved Hindi's bits-per-byte
+    cost at the same closure over all layers (docs/alignment.md, "Where the adapter sits")."""
+    if spec.strip() != "auto":
+        return parse_layers(spec, n_layers)
+    return list(range(max(1, n_layers - max(1, round(n_layers / OUTPUT_SHARE)))))
 
 
 def _layer_part(part: str, n_layers: int) -> range:

@@ -16,7 +16,7 @@ from rich.table import Table
 from toolkit import corpus as corpora
 from toolkit import stages
 from toolkit.config import Config, cache_dir
-from toolkit.layers import parse_layers
+from toolkit.layers import aligned_layers, parse_layers
 from toolkit.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -318,7 +318,7 @@ def align_phases(cfg: Config, rates: Rates, tokenizer, corpus: Corpus, split: Sp
 
     a = cfg.align
     n_layers = model_shape(cfg)[0]
-    measured, aligned = parse_layers(cfg.run.layers, n_layers), parse_layers(a.align_layers, n_layers)
+    measured, aligned = parse_layers(cfg.run.layers, n_layers), aligned_layers(a.align_layers, n_layers)
     width = sae_width(cfg)
     units = [targets] if a.joint else [[t] for t in targets]
     pairs = a.batch_size * a.grad_accum  # per target language and step

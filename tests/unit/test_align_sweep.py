@@ -24,7 +24,8 @@ def synthetic_before_after(run: Path, name: str, **summary) -> Path:
     block = {
         "objective": getattr(DEFAULT, "objective", "match"), "lambda_align": DEFAULT.lambda_align,
         "lambda_keep": DEFAULT.lambda_keep, "lr": DEFAULT.lr, "lora_targets": DEFAULT.lora_targets,
-        "lora_r": DEFAULT.lora_r, "seed": 0, "closure_pct": None, "norm_adjusted_gain_pct": None, "gain_pct": None,
+        "lora_r": DEFAULT.lora_r, "align_layers": DEFAULT.align_layers, "seed": 0, "closure_pct": None,
+        "norm_adjusted_gain_pct": None, "gain_pct": None,
         "english_kl": None, "english_retention_pct": 100.0, "fve_drop": 0.01, "target_bpb": 3.2, "minutes": 0.2,
         "guards_ok": True,
     }  # fmt: skip

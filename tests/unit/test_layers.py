@@ -2,9 +2,10 @@
 
 import pytest
 
+from toolkit.config import Config
 from toolkit.config import parse_layers as from_config
 from toolkit.errors import UserError
-from toolkit.layers import band_ranges, parse_layers
+from toolkit.layers import aligned_layers, band_ranges, parse_layers
 
 
 @pytest.mark.parametrize(
@@ -20,6 +21,19 @@ def test_parse_layers(spec, n, expected):
 def test_parse_layers_errors(spec, message):
     with pytest.raises(UserError, match=message):
         parse_layers(spec, 26)
+
+
+@pytest.mark.parametrize("n, last", [(18, 14), (26, 21), (12, 9), (2, 0), (1, 0)])
+def test_auto_alignment_layers_leave_out_the_last_sixth(n, last):
+    assert aligned_layers("auto", n) == list(range(last + 1))
+    assert aligned_layers(" 0-2,5 ", n + 6) == parse_layers("0-2,5", n + 6)
+
+
+def test_auto_is_the_alignment_default_and_only_alignment_reads_it():
+    assert Config.build({}).align.align_layers == "auto"
+    assert Config.build({"align": {"align_layers": "all"}}).align.align_layers == "all"
+    with pytest.raises(UserError, match="run.layers: cannot parse 'auto'"):
+        Config.build({"run": {"layers": "auto"}})
 
 
 def test_the_config_re_exports_the_one_parser():

@@ -39,9 +39,9 @@ GUARD_BPB_SLACK = 0.01  # the target's bits per byte at most the `none` arm's + 
 OVERSHOOT_PCT = 100.0  # closure beyond parity with English
 N_BOOT = 1000
 LOGIT_TOKENS = 512  # positions per forward pass where full logits are kept (262k floats each on Gemma)
-SUMMARY_KEYS = ("objective", "lambda_align", "lambda_keep", "lr", "lora_targets", "lora_r", "seed", "closure_pct",
-                "norm_adjusted_gain_pct", "gain_pct", "english_kl", "english_retention_pct", "fve_drop", "target_bpb",
-                "minutes", "guards_ok")
+SUMMARY_KEYS = ("objective", "lambda_align", "lambda_keep", "lr", "lora_targets", "lora_r", "align_layers", "seed",
+                "closure_pct", "norm_adjusted_gain_pct", "gain_pct", "english_kl", "english_retention_pct", "fve_drop",
+                "target_bpb", "minutes", "guards_ok")
 
 DEFINITIONS = {
     "A": "mean over held-out sentences of the per-sentence mean (over tokens, BOS and padding excluded) of the "
@@ -392,7 +392,7 @@ def summarise(report: dict, spec: MeasureSpec, minutes: float) -> dict:
         return float(np.mean(values)) if values else None
 
     out = {"objective": a.objective, "lambda_align": a.lambda_align, "lambda_keep": a.lambda_keep, "lr": a.lr,
-           "lora_targets": a.lora_targets, "lora_r": a.lora_r, "seed": spec.seed,
+           "lora_targets": a.lora_targets, "lora_r": a.lora_r, "align_layers": a.align_layers, "seed": spec.seed,
            "closure_pct": avg(lambda r: r.get("closure_pct")),
            "norm_adjusted_gain_pct": avg(lambda r: r.get("norm_adjusted_gain_pct")),
            "gain_pct": avg(lambda r: r.get("gain_pct")),
