@@ -279,6 +279,7 @@ def gain_table(report: dict, lang: str) -> Table:
     row("gain %", _ci(t.get("gain_pct"), t.get("gain_pct_ci")), "gain_pct")
     row("closure %", _ci(t.get("closure_pct"), t.get("closure_pct_ci")) + (" overshoot" if t["overshoot"] else ""),
         "closure_pct", ".1f")
+    row("closure, every layer %", _num(t.get("closure_every_layer_pct"), ".1f"))
     row("norm-adj. gain %", _num(t.get("norm_adjusted_gain_pct"), "+.1f"), "norm_adjusted_gain_pct")
     row("resid norm %", _num(t.get("resid_norm_change_pct"), "+.1f"))
     row("EN KL", _num(t["english"].get("kl"), ".4f"))

@@ -51,7 +51,9 @@ DEFINITIONS = {
     "gain_pct": "100 * (A_after - A_before) / A_before per layer; gain_pct_mean averages the layers, "
                 "gain_pct_pooled is the gain of A summed over layers; the target's headline is the w-weighted mean",
     "closure_pct": "100 * sum_l w_l (A_T,after - A_T,before) / A_en,before / sum_l w_l (A_en,before - A_T,before) "
-                   "/ A_en,before: 100 = parity with base English, above 100 overshoot (flagged)",
+                   "/ A_en,before: 100 = parity with base English, above 100 overshoot (flagged); "
+                   "closure_every_layer_pct is it with w_l = 1 on every measured layer where the target is below "
+                   "English (the bands' closure over all of them: the layers align_layers leaves out included)",
     "norm_adjusted_gain_pct": "100 * (exp(dlog A - dlog N) - 1) per layer, N the mean residual norm per token "
                               "(the gain left once the residual stream's scale change is divided out), w-weighted; "
                               "norm_adjusted_closure_pct is the closure of A_after * N_before / N_after",
@@ -285,9 +287,10 @@ def target_report(before: dict, after: dict, lang: str, spec: MeasureSpec, none:
     w_all = spec.weights[lang]
     weighted = [i for i in spec.layers if w_all.get(i, 0) > 0]
     head = _numbers(b, a, en0, en1, weighted, np.array([w_all[i] for i in weighted]))
+    below = [i for i in spec.layers if np.mean(en0["mass"][str(i)]) > np.mean(b["mass"][str(i)])]
     bands = {}
     for name, band in default_bands(spec.layers).items():
-        gap_layers = [i for i in band if np.mean(en0["mass"][str(i)]) > np.mean(b["mass"][str(i)])]
+        gap_layers = [i for i in band if i in below]
         uniform = _numbers(b, a, en0, en1, band, np.ones(len(band)))
         closing = _numbers(b, a, en0, en1, gap_layers, np.ones(len(gap_layers))) if gap_layers else {}
         bands[name] = {"layers": band, "gain_pct": uniform.get("gain_pct"),
@@ -299,7 +302,8 @@ def target_report(before: dict, after: dict, lang: str, spec: MeasureSpec, none:
         english["kl"] = sum(kl["kl"]) / max(sum(kl["tokens"]), 1)
         per_sentence["english_kl"] = [k / max(n, 1) for k, n in zip(kl["kl"], kl["tokens"], strict=True)]
     per_sentence["target_bpb"] = [n / (math.log(2) * max(y, 1)) for n, y in zip(a["nll"], a["bytes"], strict=True)]
-    out = {"weighted_layers": weighted, **head, "english": english, "bands": bands,
+    every = _numbers(b, a, en0, en1, below, np.ones(len(below))).get("closure_pct") if below else None
+    out = {"weighted_layers": weighted, **head, "closure_every_layer_pct": every, "english": english, "bands": bands,
            "target_bpb_before": _bpb(b), "target_bpb": _bpb(a),
            "sae_quality": _quality(b, a, weighted, w_all), "feature_shares": _shares(b, a, en0, weighted, w_all),
            "per_sentence": {"ids": b["ids"], **per_sentence}}

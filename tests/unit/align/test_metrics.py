@@ -1,6 +1,7 @@
 """The gain report's arithmetic on measurements written by hand: closure, norm-adjusted gain, retention, shares,
 guards, and the difference from a none arm."""
 
+import dataclasses
 import math
 
 import pytest
@@ -90,6 +91,19 @@ def test_closure_gain_and_norm_adjustment_follow_their_definitions():
     assert not t["overshoot"] and t["vs_none"] is None
     low, high = t["closure_pct_ci"]
     assert low == pytest.approx(t["closure_pct"]) and high == pytest.approx(t["closure_pct"])  # no spread
+
+
+def test_closure_over_every_layer_below_english_counts_the_layers_the_term_left_out():
+    """align_layers `auto` leaves the output layers out of the weights: the headline closure is over the weighted
+    layers, closure_every_layer_pct over every layer where the target was below English, each layer weighing 1."""
+    before, after = _measurements({0: 5.0, 1: 1.5, 2: 4.0}, after_norm=1.25)
+    spec = dataclasses.replace(SPEC, weights={"hi": {0: 0.0, 1: 1.0, 2: 0.0}})  # layer 2 not aligned
+    t = am.compare(before, after, spec)["alignment"]["hi"]
+    assert t["weighted_layers"] == [1]
+    assert t["closure_pct"] == pytest.approx(100 * 0.25 / 0.5)
+    # layers 1 and 2 (layer 0 was above English): (0.25 + 0.5) of (0.5 + 0.5)
+    assert t["closure_every_layer_pct"] == pytest.approx(100 * (0.25 + 0.5) / (0.5 + 0.5))
+    assert am.compare(before, after, SPEC)["alignment"]["hi"]["closure_every_layer_pct"] == pytest.approx(75)
 
 
 def test_overshoot_is_flagged_and_guards_fail_by_name():
