@@ -321,6 +321,10 @@ def _destructor_errors() -> Iterator[list[BaseException]]:
         yield caught
     finally:
         sys.unraisablehook, sys.excepthook = previous_unraisable, previous_except
+    # an interrupt that landed in a destructor after the caller last looked (h5.close() and after) is still raised
+    interrupt = next((exc for exc in caught if isinstance(exc, KeyboardInterrupt)), None)
+    if interrupt is not None:
+        raise interrupt
 
 
 def _reserve(h5: h5py.File, size: int) -> None:
